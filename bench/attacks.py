@@ -1,0 +1,61 @@
+"""The attack plugin kind. An attack acts at one of three stages:
+
+- `Stage.TRAINING`: `poison()` changes the training set before the model is trained (BadNets);
+- `Stage.POST_TRAINING`: `tamper()` changes the trained model's weights (error injection);
+- `Stage.TEST_TIME`: only `evaluate()` acts, perturbing test inputs (PGD).
+
+Every attack implements `evaluate()`, which measures its own success on a (possibly defended)
+model, and lists the metrics it reports in `metrics`. `success_metric` names the one that the
+defense effectiveness rating (DER) is computed from.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from bench.context import RunContext
+from bench.data import DatasetSplits, ImageData
+from bench.plugin import Plugin
+
+
+class Stage(enum.Enum):
+    TRAINING = "training"
+    POST_TRAINING = "post_training"
+    TEST_TIME = "test_time"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric an attack reports: its key in the store, its leaderboard label, and whether a
+    higher value is better for the defender."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+
+
+class Attack(Plugin):
+    kind: ClassVar[str] = "attack"
+    stage: ClassVar[Stage] = Stage.TEST_TIME
+    metrics: ClassVar[tuple[Metric, ...]] = ()
+    success_metric: ClassVar[str | None] = None
+
+    def poison(self, train: ImageData, ctx: RunContext) -> tuple[ImageData, dict[str, Any]]:
+        """TRAINING stage: return the poisoned training set and the attack's state (tensors and
+        plain values, cached with the model). Put the indices of altered images under
+        "poisoned_indices" so that a bonafide set drawn from training data excludes them."""
+        return train, {}
+
+    def tamper(self, model: nn.Module, data: DatasetSplits, ctx: RunContext,
+               state: dict[str, Any]) -> dict[str, Any]:
+        """POST_TRAINING stage: modify `model` in place; return the (updated) state."""
+        return state
+
+    def evaluate(self, model: nn.Module, test: ImageData, ctx: RunContext,
+                 state: dict[str, Any]) -> dict[str, float]:
+        """Measure the attack on `model` over `test` (on the device); return {metric key: value}."""
+        raise NotImplementedError

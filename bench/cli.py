@@ -1,0 +1,113 @@
+"""The `bench` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from bench.errors import BenchError
+from bench.options import describe
+from bench.registry import load_plugins
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED_JOBS_BASE = 100  # exit status 100 + N when N jobs failed (N capped at 27)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="robustness-bench")
+def main():
+    """robustness-bench: run adversarial-robustness suites and publish leaderboards."""
+
+
+@main.command()
+@click.argument("suite_file", type=click.Path(path_type=Path))
+@click.option("--store", type=click.Path(path_type=Path), default=None,
+              help="SQLite result store (default: the suite's [suite].store, else results/<name>.db).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Override the suite's device (auto: CUDA when available).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where trained models are cached (default: $BENCH_CACHE_DIR/artifacts, "
+                   "else ~/.cache/robustness-bench/artifacts).")
+@click.option("--dry-run", is_flag=True, help="Print the jobs the suite expands to and exit.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
+def run(suite_file, store, device, cache_dir, dry_run, progress):
+    """Run every job of SUITE_FILE that is not yet in the store.
+
+    A suite expands into the cross product dataset x model x attack x defense x seed x
+    bonafide size. Results are stored as each job ends, so an interrupted run resumes where it
+    stopped. Exit status: 0 when every job succeeded, 2 for bad input (nothing is run or
+    written), 100 + N when N jobs failed (N capped at 27).
+    """
+    from bench.jobs import expand
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+    try:
+        registry = load_plugins()
+        suite = load_suite(suite_file, registry)
+        if dry_run:
+            jobs = expand(suite)
+            for i, job in enumerate(jobs, 1):
+                click.echo(f"{i:4d}  {job.key}  {job.describe()}")
+            click.echo(f"{len(jobs)} jobs; store: {store or suite.store_path}")
+            return
+        summary = run_suite(suite, registry, store_path=store, device=device, artifact_dir=cache_dir,
+                            show_progress=progress, echo=click.echo)
+    except BenchError as exc:
+        _fail(str(exc))
+    click.echo(f"{summary.succeeded} succeeded, {len(summary.failed)} failed, {summary.skipped} already done; "
+               f"results in {summary.store_path}")
+    if summary.failed:
+        sys.exit(EXIT_FAILED_JOBS_BASE + min(len(summary.failed), 27))
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--suite", default=None, help="Only this suite's results (a store may hold several).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Write the markdown here (e.g. leaderboard/NAME.md) instead of printing it.")
+def report(store, suite, output):
+    """Render leaderboard markdown from a result STORE."""
+    from bench.report import render_report
+    try:
+        text = render_report(store, suite)
+    except BenchError as exc:
+        _fail(str(exc))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.option("--options", "show_options", is_flag=True, help="Also list each plugin's options.")
+def plugins(show_options):
+    """List every discovered plugin: kind, name, package, version, description."""
+    registry = load_plugins()
+    rows = [[p.kind, p.name, p.package, p.version, p.description] for p in registry.all()]
+    click.echo(tabulate(rows, headers=["kind", "name", "package", "version", "description"]))
+    if show_options:
+        for p in registry.all():
+            opts = describe(p.cls.Options)
+            if not opts:
+                continue
+            click.echo(f"\n{p.kind} {p.name}:")
+            for o in opts:
+                default = getattr(o["default"], "value", o["default"])
+                lower = "> " if o["min_exclusive"] else ">= "
+                bounds = "".join([f", {lower}{o['min']}" if o["min"] is not None else "",
+                                  f", <= {o['max']}" if o["max"] is not None else ""])
+                click.echo(f"  {o['name']} ({o['type']}, default {default!r}{bounds}): {o['doc']}")
+    if registry.problems:
+        click.echo("\nPlugins that failed to load:", err=True)
+        for problem in registry.problems:
+            click.echo(f"  {problem.plugin} ({problem.package}): {problem.message}", err=True)

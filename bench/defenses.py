@@ -1,0 +1,24 @@
+"""The defense plugin kind. A defense receives the (possibly tampered) model and a small clean
+"bonafide" set, never the attack or its trigger, and returns a model (or a wrapped, possibly
+stochastic, predictor) that maps images in [0, 1] to logits."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from bench.context import DefenseContext
+from bench.data import ImageData
+from bench.plugin import Plugin
+
+
+class Defense(Plugin):
+    """Set `uses_bonafide = False` for a defense that ignores the bonafide set, so that a
+    swept `bonafide_size` does not repeat it."""
+
+    kind: ClassVar[str] = "defense"
+    uses_bonafide: ClassVar[bool] = True
+
+    def apply(self, model: nn.Module, bonafide: ImageData, ctx: DefenseContext) -> nn.Module:
+        raise NotImplementedError

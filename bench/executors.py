@@ -1,0 +1,24 @@
+"""How jobs are run. An executor takes jobs and yields (job, outcome) pairs as they end; the
+runner stores each outcome at once. The in-process executor runs them one after another; a
+cluster executor (one GPU per job) only has to call `execute_job` somewhere else, since a job
+is a function of its spec and the artifact cache."""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+from bench.jobs import Job
+from bench.pipeline import JobEnvironment, execute_job
+from bench.store import Outcome
+
+
+class Executor(Protocol):
+    def run(self, jobs: list[Job], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]: ...
+
+
+class InProcessExecutor:
+    """Runs jobs sequentially in this process (the default)."""
+
+    def run(self, jobs: list[Job], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]:
+        for job in jobs:
+            yield job, execute_job(job, env)

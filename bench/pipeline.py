@@ -1,0 +1,240 @@
+"""One job, start to end: load data, obtain the attacked model (trained once, then cached),
+split off the defender's bonafide set, measure before the defense, apply the defense, measure
+after. `run_job` is a function of the job and the artifact cache alone, so any executor (this
+process, a pool, a cluster) can run it."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import json
+import platform
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import bench
+from bench.attacks import Attack, Stage
+from bench.cache import ArtifactCache
+from bench.context import DefenseContext, RunContext
+from bench.data import DatasetSplits, ImageData
+from bench.errors import BenchError
+from bench.evaluation import clean_accuracy
+from bench.jobs import Job, content_hash
+from bench.metrics import defense_effectiveness_rating
+from bench.models import Classifier, InputShape
+from bench.registry import Registry
+from bench.store import Outcome
+from bench.training import train_classifier
+
+CLEAN_ACCURACY = {"label": "C-Acc", "higher_is_better": True}
+DER = {"label": "DER", "higher_is_better": True}
+
+
+@dataclass
+class JobEnvironment:
+    """What a job runs with besides its spec: the artifact cache, the device and the plugins."""
+
+    cache: ArtifactCache
+    device: torch.device
+    registry: Registry
+    show_progress: bool | None = None
+
+
+def execute_job(job: Job, env: JobEnvironment) -> Outcome:
+    """Run a job; a failure becomes a failed Outcome with the traceback, never an exception
+    (except an interrupt, which stops the run)."""
+    started = _now()
+    try:
+        outcome = run_job(job, env)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc()
+        outcome = Outcome(status="failed", error=f"{type(exc).__name__}: {exc}\n{detail}".strip(),
+                          device=str(env.device), versions=versions(job, env.registry))
+    outcome.started_at, outcome.finished_at = started, _now()
+    return outcome
+
+
+def run_job(job: Job, env: JobEnvironment) -> Outcome:
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str):
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        start = time.perf_counter()
+        yield
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        timings[name] = round(time.perf_counter() - start, 4)
+
+    attack: Attack = job.attack.instantiate()
+    defense = job.defense.instantiate()
+    with stage("data"):
+        splits = load_dataset(job, env.device)
+    ctx = make_context(job, env, splits)
+
+    with stage("train"):
+        model, attack_state, model_hit = attacked_model(job, job.seed, splits, env)
+    bonafide, evaluation = split_bonafide(splits, attack_state.get("poisoned_indices"),
+                                          job.bonafide_source, job.bonafide_size, job.seed)
+
+    def measure(predictor: nn.Module) -> dict[str, float]:
+        metrics = {"clean_acc": clean_accuracy(predictor, evaluation, ctx)}
+        metrics.update(attack.evaluate(predictor, evaluation, ctx, attack_state))
+        return metrics
+
+    with stage("evaluate_before"):
+        before_key = content_hash({"model": model_key(job, job.seed, env.registry), "attack": job.attack.config(),
+                                   "bonafide_source": job.bonafide_source, "seed": job.seed})
+        before, before_hit = env.cache.get_or_create("evaluations", before_key, lambda: measure(model))
+
+    defense_ctx = DefenseContext(**vars(ctx), recipe=job.recipe,
+                                 attacked_model_with_seed=lambda seed: attacked_model(job, seed, splits, env)[0])
+    with stage("defense"):
+        defended = defense.apply(copy.deepcopy(model), bonafide, defense_ctx)
+    with stage("evaluate"):
+        after = measure(defended)
+
+    metrics = dict(after)
+    metrics.update({f"{k}_before": v for k, v in before.items()})
+    info = {"clean_acc": CLEAN_ACCURACY}
+    info.update({m.key: {"label": m.label, "higher_is_better": m.higher_is_better} for m in attack.metrics})
+    success = attack.success_metric
+    if success and success in after and success in before:
+        metrics["der"] = defense_effectiveness_rating(before[success], after[success],
+                                                      before["clean_acc"], after["clean_acc"])
+        info["der"] = DER
+    return Outcome(
+        status="ok", metrics=metrics, metric_info=info, timings=timings,
+        series=defense_series(defended),
+        notes={"model_cache": "hit" if model_hit else "miss", "evaluation_cache": "hit" if before_hit else "miss",
+               "data_source": splits.source, "bonafide_images": len(bonafide), "evaluation_images": len(evaluation)},
+        device=_device_name(env.device), versions=versions(job, env.registry))
+
+
+def defense_series(defended: nn.Module) -> dict:
+    """Per-point results a defense attached to its model (e.g. metrics along a path), if any."""
+    series = getattr(defended, "series", None)
+    return series if isinstance(series, dict) else {}
+
+
+def make_context(job: Job, env: JobEnvironment, splits: DatasetSplits, seed: int | None = None) -> RunContext:
+    return RunContext(device=env.device, seed=job.seed if seed is None else seed,
+                      num_classes=splits.num_classes, eval_batch_size=job.eval_batch_size,
+                      horizontal_flip=job.dataset.cls.horizontal_flip, show_progress=env.show_progress)
+
+
+_loaded_datasets: dict[tuple[str, str], DatasetSplits] = {}
+
+
+def load_dataset(job: Job, device: torch.device) -> DatasetSplits:
+    """The dataset's splits on the device, decoded once per process and kept (two at most)."""
+    key = (json.dumps(job.dataset.config(), sort_keys=True), str(device))
+    if key not in _loaded_datasets:
+        if len(_loaded_datasets) >= 2:
+            _loaded_datasets.pop(next(iter(_loaded_datasets)))
+        cpu = job.dataset.instantiate().load()
+        _loaded_datasets[key] = DatasetSplits(cpu.train.to(device), cpu.test.to(device), cpu.num_classes,
+                                              cpu.mean, cpu.std, cpu.source)
+    return _loaded_datasets[key]
+
+
+def build_model(job: Job, splits: DatasetSplits) -> nn.Module:
+    _, channels, height, width = splits.train.x.shape
+    net = job.model.instantiate().build(InputShape(channels, height, width, splits.num_classes))
+    return Classifier(net, splits.mean, splits.std)
+
+
+def model_key(job: Job, seed: int, registry: Registry) -> str:
+    config = {**job.model_config(), "seed": seed}
+    providers = {kind: _provider(registry, kind, getattr(job, kind).name) for kind in ("dataset", "model", "attack")}
+    return content_hash({"config": config, "providers": providers, "bench": bench.__version__})
+
+
+def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironment) -> tuple[nn.Module, dict, bool]:
+    """The model trained (on poisoned data) and tampered with as the job's attack says, for
+    `seed`: built once and then read from the cache, by this and every later job."""
+    attack: Attack = job.attack.instantiate()
+    ctx = make_context(job, env, splits, seed)
+
+    def create() -> dict[str, Any]:
+        train, state = splits.train, {}
+        if attack.stage is Stage.TRAINING:
+            train, state = attack.poison(splits.train, ctx)
+        model = ctx.prepare(build_model(job, splits))
+        losses = train_classifier(model, train, job.recipe, ctx, flip=ctx.horizontal_flip,
+                                  desc=f"train {job.model.label} seed={seed}")
+        if attack.stage is Stage.POST_TRAINING:
+            state = attack.tamper(model, splits, ctx, state)
+        return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                "attack_state": _to_device(state, "cpu"), "train_losses": losses}
+
+    value, hit = env.cache.get_or_create("models", model_key(job, seed, env.registry), create)
+    model = build_model(job, splits)
+    model.load_state_dict(value["state_dict"])
+    model = ctx.prepare(model).eval()
+    return model, _to_device(value["attack_state"], env.device), hit
+
+
+def split_bonafide(splits: DatasetSplits, poisoned_indices: torch.Tensor | None, source: str,
+                   size: int, seed: int) -> tuple[ImageData, ImageData]:
+    """(bonafide set for the defender, evaluation set). `test_half`: a seeded half of the test
+    set is the defender's pool, the other half is evaluated. `train`: the pool is the training
+    images the attack left alone, and the whole test set is evaluated."""
+    generator = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:bonafide".encode()).hexdigest()[:15], 16))
+    if source == "test_half":
+        order = torch.randperm(len(splits.test), generator=generator)
+        half = len(order) // 2
+        pool, evaluation = order[:half], splits.test.subset(order[half:])
+        origin, base = "half of the test set", splits.test
+    else:
+        candidates = torch.ones(len(splits.train), dtype=torch.bool)
+        if poisoned_indices is not None:
+            candidates[poisoned_indices.cpu()] = False
+        pool = candidates.nonzero().squeeze(1)[torch.randperm(int(candidates.sum()), generator=generator)]
+        evaluation, origin, base = splits.test, "unpoisoned training images", splits.train
+    if size > len(pool):
+        raise BenchError(f"bonafide_size {size} is more than the {len(pool)} images available "
+                         f"({origin}); lower [suite].bonafide_size")
+    return base.subset(pool[:size]), evaluation
+
+
+def versions(job: Job, registry: Registry) -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "robustness-bench": bench.__version__}
+    for kind in ("dataset", "model", "attack", "defense"):
+        out[f"{kind}:{getattr(job, kind).name}"] = _provider(registry, kind, getattr(job, kind).name)
+    return out
+
+
+def _provider(registry: Registry, kind: str, name: str) -> str:
+    info = registry.get(kind, name)
+    return f"{info.package} {info.version}".strip()
+
+
+def _to_device(value: Any, device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,131 @@
+"""`bench report`: leaderboard markdown rebuilt from the result store alone, deterministically
+(the same store gives the same bytes): one table per (dataset, model, attack), one row per
+defense and bonafide size, each metric as mean +/- std over seeds, the best value in bold."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from bench.errors import BenchError
+from bench.store import ResultStore
+
+TIME = "defense_time"
+
+
+def render_report(store_path: str | Path, suite: str | None = None) -> str:
+    store_path = Path(store_path)
+    if not store_path.is_file():
+        raise BenchError(f"{store_path}: no such result store; run `bench run SUITE.toml` first")
+    with ResultStore(store_path) as store:
+        rows = store.rows(suite)
+    if not rows:
+        which = f" for suite '{suite}'" if suite else ""
+        raise BenchError(f"{store_path}: no results{which}")
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    lines = _header(rows, ok, failed, store_path)
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault((r["dataset_label"], r["model_label"], r["attack_label"]), []).append(r)
+    for (dataset, model, attack), members in sorted(groups.items()):
+        lines += ["", f"## {dataset} / {model} / {attack}", ""]
+        lines += _before_line(members) + [""]
+        lines.append(_table(members))
+    if failed:
+        lines += ["", "## Failed jobs", ""]
+        for r in sorted(failed, key=lambda r: (r["dataset_label"], r["model_label"], r["attack_label"],
+                                               r["defense_label"], r["bonafide_size"], r["seed"])):
+            first = (r["error"] or "").splitlines()[0] if r["error"] else ""
+            lines.append(f"- {r['dataset_label']} / {r['model_label']} / {r['attack_label']} / "
+                         f"{r['defense_label']} bonafide={r['bonafide_size']} seed={r['seed']}: {first}")
+    return "\n".join(lines) + "\n"
+
+
+def _header(rows, ok, failed, store_path) -> list[str]:
+    suites = sorted({r["suite"] for r in rows})
+    devices = sorted({r["device"] for r in ok})
+    versions = {}
+    for r in ok:
+        for key in ("robustness-bench", "torch", "python"):
+            versions.setdefault(key, set()).add(r["versions"].get(key, "?"))
+    sources = sorted({r["notes"].get("data_source", "?") for r in ok})
+    started = min(r["started_at"] for r in rows)
+    finished = max(r["finished_at"] for r in rows)
+    lines = [f"# Leaderboard: {', '.join(suites)}", "",
+             f"- Suite: {', '.join(suites)}; {len(rows)} jobs, {len(ok)} succeeded, {len(failed)} failed "
+             f"(store: `{store_path.name}`)",
+             f"- Device: {'; '.join(devices) or 'n/a'}",
+             "- Versions: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in versions.items()),
+             f"- Data: {'; '.join(sources)}",
+             f"- Run: {started[:10]} to {finished[:10]} (UTC)",
+             "- Cells: mean ± std over seeds, in percent; defense time in seconds (training the attacked "
+             "model is shared by all defenses and not counted); best in bold. "
+             "C-Acc: clean accuracy; ASR: attack success rate; RA: robust accuracy on triggered inputs; "
+             "DER: defense effectiveness rating (BackdoorBench)."]
+    return lines
+
+
+def _metric_columns(members: list[dict]) -> list[tuple[str, dict]]:
+    columns: dict[str, dict] = {}
+    for r in members:
+        for key, info in r["metric_info"].items():
+            columns.setdefault(key, info)
+    return list(columns.items())
+
+
+def _before_line(members: list[dict]) -> list[str]:
+    columns = _metric_columns(members)
+    parts = []
+    by_seed = {r["seed"]: r for r in members}
+    for key, info in columns:
+        values = [r["metrics"].get(f"{key}_before") for r in by_seed.values()]
+        values = [v for v in values if v is not None]
+        if values:
+            parts.append(f"{info['label']} {_cell(values, percent=True)}")
+    return [f"Attacked model, before any defense ({len(by_seed)} seeds): " + ", ".join(parts)] if parts else []
+
+
+def _table(members: list[dict]) -> str:
+    columns = _metric_columns(members)
+    frame = pd.DataFrame([{"defense": r["defense_label"], "bonafide": r["bonafide_size"], "seed": r["seed"],
+                           **{k: r["metrics"].get(k) for k, _ in columns}, TIME: r["timings"].get("defense", 0.0)}
+                          for r in members])
+    stats = frame.groupby(["defense", "bonafide"], sort=False).agg(["mean", "std", "count"])
+    order = sorted(stats.index, key=lambda i: (i[0] != "none", i[0], -i[1]))
+    stats = stats.loc[order]
+    specs = columns + [(TIME, {"label": "Defense time (s)", "higher_is_better": False})]
+    best = {}
+    for key, info in specs:
+        means = stats[(key, "mean")].dropna()
+        if len(means) > 1:
+            best[key] = means.max() if info["higher_is_better"] else means.min()
+    table = []
+    for (defense, bonafide), row in stats.iterrows():
+        cells = {"Defense": defense, "Bonafide": bonafide if bonafide else "-",
+                 "Seeds": int(row[(TIME, "count")])}
+        for key, info in specs:
+            mean, std = row[(key, "mean")], row[(key, "std")]
+            text = _format(mean, std, percent=key != TIME)
+            if key in best and not math.isnan(mean) and math.isclose(mean, best[key], rel_tol=0, abs_tol=1e-12):
+                text = f"**{text}**"
+            cells[info["label"]] = text
+        table.append(cells)
+    return pd.DataFrame(table).to_markdown(index=False, disable_numparse=True)
+
+
+def _cell(values: list[float], percent: bool) -> str:
+    series = pd.Series(values, dtype=float)
+    return _format(series.mean(), series.std(), percent)
+
+
+def _format(mean: float, std: float, percent: bool) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    scale = 100 if percent else 1
+    text = f"{mean * scale:.1f}" if percent else f"{mean * scale:.2f}"
+    if std is not None and not math.isnan(std):
+        text += f" ± {std * scale:.1f}" if percent else f" ± {std * scale:.2f}"
+    return text

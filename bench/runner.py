@@ -1,0 +1,67 @@
+"""`bench run`: expand a suite, skip the jobs already stored, run the rest, store each result
+as it ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.cache import ArtifactCache
+from bench.data import cache_dir
+from bench.errors import BenchError
+from bench.executors import Executor, InProcessExecutor
+from bench.jobs import Job, expand
+from bench.pipeline import JobEnvironment
+from bench.registry import Registry
+from bench.store import ResultStore
+from bench.suite import Suite
+
+
+@dataclass
+class RunSummary:
+    total: int
+    skipped: int
+    succeeded: int
+    failed: list[tuple[Job, str]]
+    store_path: Path
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise BenchError("device 'cuda' was asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    return torch.device(choice)
+
+
+def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = None, device: str | None = None,
+              artifact_dir: Path | None = None, executor: Executor | None = None,
+              show_progress: bool | None = None, echo: Callable[[str], None] = print) -> RunSummary:
+    jobs = expand(suite)
+    store_path = Path(store_path or suite.store_path)
+    torch_device = resolve_device(device or suite.settings.device.value)
+    env = JobEnvironment(cache=ArtifactCache(artifact_dir or cache_dir() / "artifacts"), device=torch_device,
+                         registry=registry, show_progress=show_progress)
+    with ResultStore(store_path) as store:
+        done = store.finished_keys()
+        todo = [job for job in jobs if job.key not in done]
+        echo(f"{suite.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already in {store_path}, "
+             f"{len(todo)} to run on {torch_device}")
+        failed, succeeded = [], 0
+        disable = None if show_progress is None else not show_progress
+        with tqdm(total=len(todo), desc="jobs", unit="job", disable=disable, dynamic_ncols=True) as bar:
+            for job, outcome in (executor or InProcessExecutor()).run(todo, env):
+                store.record(job, outcome)
+                if outcome.status == "ok":
+                    succeeded += 1
+                else:
+                    failed.append((job, outcome.error or ""))
+                    first_line = (outcome.error or "").splitlines()[0] if outcome.error else "unknown error"
+                    bar.write(f"FAILED {job.describe()}: {first_line}")
+                bar.update(1)
+    return RunSummary(len(jobs), len(jobs) - len(todo), succeeded, failed, store_path)

@@ -1,0 +1,225 @@
+"""Reading and validating a suite file.
+
+A suite is a TOML file:
+
+    [suite]
+    name = "quickstart"
+    seeds = [0, 1, 2]
+    bonafide_size = [100, 50]        # swept
+    store = "results/quickstart.db"
+
+    [training]                       # overrides of each model's training recipe
+    epochs = 8
+
+    [[datasets]]
+    name = "digits"
+
+    [[attacks]]
+    name = "badnets"
+    poison_rate = [0.05, 0.1]        # a list for a single-valued option is a sweep
+
+    [[exclude]]                      # drop jobs matching every key given
+    defense = "finetune"
+    bonafide_size = 50
+
+Everything is checked before anything runs; each error names the file, the key, the value and
+what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.errors import SuiteError, did_you_mean
+from bench.models import TrainRecipe
+from bench.options import check_value, is_scalar_option, option, parse_options, to_plain
+from bench.registry import Registry
+
+PLUGIN_TABLES = {"datasets": "dataset", "models": "model", "attacks": "attack", "defenses": "defense"}
+TOP_LEVEL_KEYS = ("suite", "training", *PLUGIN_TABLES, "exclude")
+EXCLUDE_KEYS = ("dataset", "model", "attack", "defense", "seed", "bonafide_size")
+
+
+class BonafideSource(enum.Enum):
+    """Where the defender's clean images come from."""
+
+    TEST_HALF = "test_half"  # half of the test set; results on the other half (MCR reference code)
+    TRAIN = "train"  # unpoisoned training images; results on the whole test set (BackdoorBench)
+
+
+class DeviceChoice(enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """The `[suite]` table."""
+
+    name: str = option("", "suite name, recorded with every result (default: the file name)")
+    seeds: list[int] = option([0], "random seeds; every job runs once per seed")
+    bonafide_size: list[int] = option([100], "clean images granted to each defense (a list is swept)", min=1)
+    bonafide_source: BonafideSource = option(BonafideSource.TEST_HALF, "where bonafide images come from")
+    store: str = option("", "SQLite file for results, relative to the working directory "
+                            "(default: results/<name>.db)")
+    device: DeviceChoice = option(DeviceChoice.AUTO, "auto (CUDA when available), cpu or cuda")
+    eval_batch_size: int = option(1024, "images per evaluation batch", min=1)
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One configured plugin of a suite: its kind, name, validated options and a label."""
+
+    kind: str
+    name: str
+    options: dict
+    label: str
+    cls: type = field(compare=False, repr=False)
+    parsed: Any = field(compare=False, repr=False, default=None)  # the Options instance
+
+    def instantiate(self):
+        """A fresh plugin instance with these options."""
+        return self.cls(self.parsed)
+
+    def config(self) -> dict:
+        return {"name": self.name, "options": self.options}
+
+
+@dataclass(frozen=True)
+class Suite:
+    path: Path
+    settings: SuiteSettings
+    training: dict  # validated overrides of TrainRecipe fields
+    plugins: dict  # table name -> list of PluginSpec (sweeps already expanded)
+    exclude: list
+
+    @property
+    def name(self) -> str:
+        return self.settings.name or self.path.stem
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.settings.store or f"results/{self.name}.db")
+
+
+def load_suite(path: str | Path, registry: Registry) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"{path}: no such suite file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteError(f"{path}: malformed TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"{path}: not UTF-8 text: {exc}") from None
+    return parse_suite(data, path, registry)
+
+
+def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise SuiteError(f"{path}: unknown table '{key}'{did_you_mean(key, TOP_LEVEL_KEYS)}; "
+                             f"valid: {', '.join(TOP_LEVEL_KEYS)}")
+    settings_table = _table(data, "suite", path)
+    for key in ("seeds", "bonafide_size"):
+        if isinstance(settings_table.get(key), int) and not isinstance(settings_table.get(key), bool):
+            settings_table[key] = [settings_table[key]]
+    settings = parse_options(SuiteSettings, settings_table, f"{path}: [suite]")
+    for key in ("seeds", "bonafide_size"):
+        values = getattr(settings, key)
+        if not values:
+            raise SuiteError(f"{path}: [suite].{key}: expected at least one value, got an empty list")
+        if len(set(values)) != len(values):
+            raise SuiteError(f"{path}: [suite].{key}: {values} repeats a value")
+
+    training = _table(data, "training", path)
+    recipe_fields = {f.name: f for f in dataclasses.fields(TrainRecipe)}
+    hints = typing.get_type_hints(TrainRecipe)
+    for key, value in training.items():
+        if key not in recipe_fields:
+            raise SuiteError(f"{path}: [training]: unknown key '{key}'{did_you_mean(key, list(recipe_fields))}; "
+                             f"valid keys: {', '.join(recipe_fields)}")
+        training[key] = check_value(value, hints[key], recipe_fields[key].metadata, f"{path}: [training].{key}")
+
+    plugins = {}
+    for table, kind in PLUGIN_TABLES.items():
+        entries = data.get(table)
+        if entries is None:
+            raise SuiteError(f"{path}: missing '{table}'; add at least one [[{table}]] table with a name, "
+                             f"e.g. name = \"{registry.names(kind)[0] if registry.names(kind) else '...'}\"")
+        if not isinstance(entries, list) or not entries:
+            raise SuiteError(f"{path}: '{table}' must be a non-empty array of tables ([[{table}]])")
+        specs = []
+        for index, entry in enumerate(entries):
+            specs.extend(_plugin_specs(entry, kind, f"{path}: {table}[{index}]", registry))
+        labels = [s.label for s in specs]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise SuiteError(f"{path}: {table}: '{label}' is configured twice with the same options; "
+                                 "remove one or give it a distinct label")
+        plugins[table] = specs
+
+    exclude = data.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
+        raise SuiteError(f"{path}: 'exclude' must be an array of tables ([[exclude]])")
+    for index, entry in enumerate(exclude):
+        for key, value in entry.items():
+            where = f"{path}: exclude[{index}].{key}"
+            if key not in EXCLUDE_KEYS:
+                raise SuiteError(f"{where}: unknown key{did_you_mean(key, EXCLUDE_KEYS)}; valid keys: "
+                                 + ", ".join(EXCLUDE_KEYS))
+            expected = int if key in ("seed", "bonafide_size") else str
+            check_value(value, expected, {}, where)
+    return Suite(path, settings, training, plugins, exclude)
+
+
+def _table(data: dict, key: str, path: Path) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise SuiteError(f"{path}: '{key}' must be a table ([{key}]), got {type(value).__name__}")
+    return dict(value)
+
+
+def _plugin_specs(entry: Any, kind: str, where: str, registry: Registry) -> list[PluginSpec]:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict):
+        raise SuiteError(f"{where}: expected a table with a 'name', got {entry!r}")
+    entry = dict(entry)
+    name = entry.pop("name", None)
+    if not isinstance(name, str):
+        raise SuiteError(f"{where}: missing 'name' (a string naming the {kind} plugin)")
+    label = entry.pop("label", None)
+    if label is not None and not isinstance(label, str):
+        raise SuiteError(f"{where}.label: expected a string, got {label!r}")
+    info = registry.get(kind, name, where)
+    where = f"{where} ('{name}')"
+    options_cls = info.cls.Options
+    fields = {f.name for f in dataclasses.fields(options_cls)}
+    sweeps = {k: v for k, v in entry.items()
+              if k in fields and isinstance(v, list) and is_scalar_option(options_cls, k)}
+    for key, values in sweeps.items():
+        if not values:
+            raise SuiteError(f"{where}.{key}: an empty list sweeps nothing; give at least one value")
+    specs = []
+    for combo in itertools.product(*sweeps.values()) if sweeps else [()]:
+        table = {**entry, **dict(zip(sweeps, combo))}
+        parsed = parse_options(options_cls, table, where)
+        options = to_plain(parsed)
+        defaults = to_plain(options_cls())
+        changed = {k: v for k, v in options.items() if v != defaults[k]}
+        spec_label = label or name
+        if sweeps or (label is None and changed):
+            shown = {k: options[k] for k in (sweeps or changed)}
+            spec_label += "(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items()) + ")"
+        specs.append(PluginSpec(kind, name, options, spec_label, info.cls, parsed))
+    return specs

@@ -1,0 +1,1 @@
+"""Built-in attacks, one per module."""

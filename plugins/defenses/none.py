@@ -1,0 +1,19 @@
+"""`none`: no defense; the row that shows the attacked model as it is."""
+
+from __future__ import annotations
+
+import bench
+
+
+class NoDefense(bench.Defense):
+    name = "none"
+    description = "No defense: evaluates the attacked model as it is"
+    uses_bonafide = False
+
+    def apply(self, model, bonafide, ctx):
+        return model
+
+
+@bench.hookimpl
+def register_defenses(register):
+    register(NoDefense)
