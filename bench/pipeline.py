@@ -103,6 +103,11 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         defended = defense.apply(copy.deepcopy(model), bonafide, defense_ctx)
     with stage("evaluate"):
         after = measure(defended)
+    series = defense_series(defended)
+    if hasattr(defended, "points_to_evaluate"):
+        with stage("evaluate_points"):
+            for name, coordinates, point_model in defended.points_to_evaluate():
+                series.setdefault(name, []).append({**coordinates, **measure(point_model)})
 
     metrics = dict(after)
     metrics.update({f"{k}_before": v for k, v in before.items()})
@@ -115,16 +120,21 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         info["der"] = DER
     return Outcome(
         status="ok", metrics=metrics, metric_info=info, timings=timings,
-        series=defense_series(defended),
+        series=series,
         notes={"model_cache": "hit" if model_hit else "miss", "evaluation_cache": "hit" if before_hit else "miss",
                "data_source": splits.source, "bonafide_images": len(bonafide), "evaluation_images": len(evaluation)},
         device=_device_name(env.device), versions=versions(job, env.registry))
 
 
 def defense_series(defended: nn.Module) -> dict:
-    """Per-point results a defense attached to its model (e.g. metrics along a path), if any."""
+    """Per-point results a defense attached to its model as `series` (name -> list of dicts of
+    plain numbers), if any. A defense that wants the attack measured at other points (e.g.
+    along a mode-connectivity path) gives its model a `points_to_evaluate()` method yielding
+    (series name, coordinates dict, model); the pipeline measures clean accuracy and the
+    attack's metrics at each point and stores them in that series, so the defense itself never
+    sees the attack."""
     series = getattr(defended, "series", None)
-    return series if isinstance(series, dict) else {}
+    return dict(series) if isinstance(series, dict) else {}
 
 
 def make_context(job: Job, env: JobEnvironment, splits: DatasetSplits, seed: int | None = None) -> RunContext:
