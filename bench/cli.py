@@ -111,3 +111,6 @@ def plugins(show_options):
         click.echo("\nPlugins that failed to load:", err=True)
         for problem in registry.problems:
             click.echo(f"  {problem.plugin} ({problem.package}): {problem.message}", err=True)
+
+if __name__ == "__main__":
+    main()

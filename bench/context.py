@@ -16,6 +16,11 @@ from tqdm.auto import tqdm
 from bench.models import TrainRecipe
 
 
+def derived_seed(seed: int, stream: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 @dataclass
 class RunContext:
     device: torch.device
@@ -28,8 +33,11 @@ class RunContext:
     def generator(self, stream: str) -> torch.Generator:
         """A generator on the job's device, seeded from the job seed and a stream name, so each
         stage draws the same numbers whatever ran before it (exact resume)."""
-        digest = hashlib.sha256(f"{self.seed}:{stream}".encode()).digest()
-        return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, stream))
+
+    def seed_global_rng(self, stream: str) -> None:
+        """Seed torch's global generators (weight initialisation, dropout) for one stage."""
+        torch.manual_seed(derived_seed(self.seed, stream))
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None):
         disable = None if self.show_progress is None else not self.show_progress

@@ -99,6 +99,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
 
     defense_ctx = DefenseContext(**vars(ctx), recipe=job.recipe,
                                  attacked_model_with_seed=lambda seed: attacked_model(job, seed, splits, env)[0])
+    defense_ctx.seed_global_rng("defense")
     with stage("defense"):
         defended = defense.apply(copy.deepcopy(model), bonafide, defense_ctx)
     with stage("evaluate"):
@@ -177,6 +178,7 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
     ctx = make_context(job, env, splits, seed)
 
     def create() -> dict[str, Any]:
+        ctx.seed_global_rng("model")
         train, state = splits.train, {}
         if attack.stage is Stage.TRAINING:
             train, state = attack.poison(splits.train, ctx)

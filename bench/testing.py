@@ -1,0 +1,64 @@
+"""Helpers for testing plugins the way the built-ins are tested: write a small suite, run it
+on the CPU, read the stored rows.
+
+    from bench.testing import write_suite, run_suite_file
+
+    def test_my_defense(tmp_path):
+        suite = write_suite(tmp_path / "suite.toml", defenses=["none", {"name": "my_defense"}])
+        rows = run_suite_file(suite, tmp_path)
+        assert all(r["status"] == "ok" for r in rows)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.registry import Registry, load_plugins
+from bench.store import ResultStore
+
+TINY_MODEL = {"name": "small_cnn", "width": 8}
+TINY_ATTACK = {"name": "badnets", "poison_rate": 0.1, "trigger_size": 2}
+
+
+def write_suite(path: str | Path, *, datasets: list = ("digits",), models: list = (TINY_MODEL,),
+                attacks: list = (TINY_ATTACK,), defenses: list = ("none",), seeds: list[int] = (0,),
+                bonafide_size: int | list[int] = 50, training: dict | None = None,
+                store: str | Path | None = None, exclude: list[dict] = (), **settings: Any) -> Path:
+    """Write a suite file for a tiny CPU run (2 epochs unless `training` says otherwise)."""
+    path = Path(path)
+    suite = {"name": path.stem, "seeds": list(seeds), "bonafide_size": bonafide_size, "device": "cpu", **settings}
+    if store is not None:
+        suite["store"] = str(store)
+    tables = {"suite": suite, "training": training if training is not None else {"epochs": 2}}
+    lines = []
+    for name, table in tables.items():
+        lines += [f"[{name}]", *_key_values(table), ""]
+    for name, entries in (("datasets", datasets), ("models", models), ("attacks", attacks),
+                          ("defenses", defenses), ("exclude", exclude)):
+        for entry in entries:
+            entry = {"name": entry} if isinstance(entry, str) else entry
+            lines += [f"[[{name}]]", *_key_values(entry), ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _key_values(table: dict) -> list[str]:
+    # JSON literals of strings, numbers, booleans and flat lists are valid TOML.
+    return [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+
+
+def run_suite_file(suite_path: str | Path, workdir: str | Path, registry: Registry | None = None,
+                   **run_options: Any) -> list[dict]:
+    """Run a suite on the CPU with the store and model cache under `workdir`; return the rows."""
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    registry = registry or load_plugins()
+    workdir = Path(workdir)
+    store = workdir / "results.db"
+    run_suite(load_suite(suite_path, registry), registry, store_path=store, device="cpu",
+              artifact_dir=workdir / "artifacts", show_progress=False, echo=lambda _: None, **run_options)
+    with ResultStore(store) as results:
+        return results.rows()

@@ -1,0 +1,87 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from click.testing import CliRunner
+
+from bench.cli import main
+from bench.store import ResultStore
+from bench.testing import run_suite_file, write_suite
+
+
+def test_attacked_model_is_trained_once_for_all_defenses(tmp_path):
+    suite = write_suite(tmp_path / "s.toml", defenses=["none", "finetune", {"name": "finetune", "epochs": 1}])
+    rows = run_suite_file(suite, tmp_path)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert sorted(r["notes"]["model_cache"] for r in rows) == ["hit", "hit", "miss"]
+    assert len(list((tmp_path / "artifacts" / "models").glob("*.pt"))) == 1
+    # a later run of another suite with the same attacked model reuses it too
+    other = write_suite(tmp_path / "other.toml", defenses=[{"name": "finetune", "lr": 0.02}])
+    (row,) = [r for r in run_suite_file(other, tmp_path) if r["suite"] == "other"]
+    assert row["notes"]["model_cache"] == "hit"
+
+
+def test_rerun_skips_finished_jobs(tmp_path):
+    suite = write_suite(tmp_path / "s.toml", defenses=["none", "finetune"])
+    first = {r["job_key"]: r["finished_at"] for r in run_suite_file(suite, tmp_path)}
+    time.sleep(1.1)
+    second = {r["job_key"]: r["finished_at"] for r in run_suite_file(suite, tmp_path)}
+    assert first == second
+
+
+def test_failing_job_is_recorded_and_the_rest_goes_on(tmp_path):
+    # digits' defender pool is half of 539 test images: 400 bonafide images cannot be granted
+    suite = write_suite(tmp_path / "s.toml", defenses=["none", "finetune"], bonafide_size=400,
+                        store=tmp_path / "r.db")
+    result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    assert result.exit_code == 101, result.output  # 100 + one failed job
+    assert "1 succeeded, 1 failed" in result.output
+    with ResultStore(tmp_path / "r.db") as store:
+        rows = {r["defense"]: r for r in store.rows()}
+    assert rows["none"]["status"] == "ok"
+    assert rows["finetune"]["status"] == "failed"
+    assert "bonafide_size 400 is more than the 269 images available" in rows["finetune"]["error"]
+
+
+def _ok_rows(db):
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("SELECT count(*) FROM results WHERE status = 'ok'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_resume_after_kill_minus_nine_matches_an_uninterrupted_run(tmp_path):
+    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", "finetune"], bonafide_size=40)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "cache-a"),
+               "--store", str(tmp_path / "killed.db"), "--no-progress"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _ok_rows(tmp_path / "killed.db") < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with ResultStore(tmp_path / "killed.db") as store:
+        before = {r["job_key"]: r for r in store.rows()}
+    assert 2 <= len(before) < 6
+
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    with sqlite3.connect(tmp_path / "killed.db") as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with ResultStore(tmp_path / "killed.db") as store:
+        resumed = {r["job_key"]: r for r in store.rows()}
+    assert len(resumed) == 6
+    for key, row in before.items():  # finished jobs were not redone
+        assert resumed[key]["finished_at"] == row["finished_at"]
+
+    clean = [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "cache-b"),
+             "--store", str(tmp_path / "clean.db"), "--no-progress"]
+    subprocess.run(clean, env=env, check=True, capture_output=True)
+    with ResultStore(tmp_path / "clean.db") as store:
+        uninterrupted = {r["job_key"]: r["metrics"] for r in store.rows()}
+    assert {k: r["metrics"] for k, r in resumed.items()} == uninterrupted
