@@ -1,0 +1,43 @@
+"""A complete third-party defense for robustness-bench: median smoothing of the inputs
+(feature squeezing, Xu et al. 2018). Installed with pip, it is discovered through the
+`robustness_bench` entry-point group like the built-ins."""
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import nn
+
+import bench
+
+
+class MedianFiltered(nn.Module):
+    """Applies a k x k median filter to every image before the model."""
+
+    def __init__(self, model: nn.Module, kernel: int):
+        super().__init__()
+        self.model, self.kernel = model, kernel
+
+    def forward(self, x):
+        pad = self.kernel // 2
+        patches = F.pad(x, (pad, pad, pad, pad), mode="reflect").unfold(2, self.kernel, 1).unfold(3, self.kernel, 1)
+        return self.model(patches.flatten(-2).median(dim=-1).values)
+
+
+class MedianFilter(bench.Defense):
+    name = "median_filter"
+    description = "Median-filter the inputs before the model (feature squeezing)"
+    uses_bonafide = False
+
+    @dataclass(frozen=True)
+    class Options:
+        kernel: int = bench.option(3, "side of the (odd) filter window, in pixels", min=1)
+
+    def apply(self, model, bonafide, ctx):
+        if self.options.kernel % 2 == 0:
+            raise bench.BenchError(f"median_filter: kernel must be odd, got {self.options.kernel}")
+        return MedianFiltered(model, self.options.kernel)
+
+
+@bench.hookimpl
+def register_defenses(register):
+    register(MedianFilter)

@@ -1,0 +1,116 @@
+"""Plugin discovery: the built-ins, a third-party package installed with pip, broken plugins."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bench.registry import ENTRY_POINT_GROUP, build_registry
+from bench.testing import write_suite
+import importlib.metadata
+
+BUILT_INS = {
+    "dataset": {"digits", "cifar10"}, "model": {"small_cnn", "preact_resnet18"},
+    "attack": {"badnets"}, "defense": {"none", "finetune"},
+}
+EXAMPLE = Path(__file__).parent.parent / "examples" / "bench-median-filter"
+
+
+def test_built_ins_load_through_the_entry_point_group(registry):
+    for kind, names in BUILT_INS.items():
+        assert names <= set(registry.names(kind))
+        for name in names:
+            assert registry.get(kind, name).package == "robustness-bench"
+    assert not [p for p in registry.problems if p.package == "robustness-bench"]
+
+
+def fake_distribution(site: Path, package: str, modules: dict[str, str], entry_points: dict[str, str]) -> None:
+    """A distribution as pip would leave it: modules plus a .dist-info with entry points."""
+    for name, source in modules.items():
+        (site / f"{name}.py").write_text(textwrap.dedent(source))
+    info = site / f"{package.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}\n")
+
+
+@pytest.fixture
+def broken_site(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "broken-import", {"broken_import": "import not_a_module_anywhere\n"},
+                      {"broken_import": "broken_import"})
+    fake_distribution(tmp_path, "dupe-defense", {"dupe_defense": """
+        import bench
+
+        class Impostor(bench.Defense):
+            name = "finetune"
+            description = "claims a taken name"
+
+        class Fine(bench.Defense):
+            name = "dupe_ok"
+            description = "a well-behaved defense from the same package"
+
+        @bench.hookimpl
+        def register_defenses(register):
+            register(Impostor)
+            register(Fine)
+        """}, {"dupe_defense": "dupe_defense"})
+    fake_distribution(tmp_path, "typo-hook", {"typo_hook": """
+        import bench
+
+        @bench.hookimpl
+        def register_defence(register):
+            pass
+        """}, {"typo_hook": "typo_hook"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_broken_plugins_are_reported_by_name_and_the_others_load(broken_site):
+    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    problems = {p.plugin: p for p in registry.problems}
+    assert "No module named 'not_a_module_anywhere'" in problems["broken_import"].message
+    assert problems["broken_import"].package == "broken-import"
+    duplicate = problems["dupe_defense"].message
+    assert "defense 'finetune' from dupe-defense" in duplicate and "from robustness-bench" in duplicate
+    assert registry.get("defense", "finetune").package == "robustness-bench"  # the first one is kept
+    assert registry.get("defense", "dupe_ok").package == "dupe-defense"
+    assert "register_defence" in problems["typo_hook"].message
+    for kind, names in BUILT_INS.items():
+        assert names <= set(registry.names(kind))
+
+
+def test_load_plugins_switch_limits_what_loads(broken_site, monkeypatch):
+    monkeypatch.setenv("BENCH_LOAD_PLUGINS", "digits,none")
+    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    assert registry.names("dataset") == ["digits"] and registry.names("defense") == ["none"]
+    assert registry.problems == []
+
+
+def test_bench_plugins_lists_problems_without_failing(broken_site):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken_site), *sys.path])}
+    result = subprocess.run([sys.executable, "-m", "bench.cli", "plugins"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "badnets" in result.stdout and "dupe_ok" in result.stdout
+    assert "broken_import (broken-import): failed to load" in result.stderr
+
+
+def test_third_party_package_installed_with_pip_is_discovered_and_runs(tmp_path):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(EXAMPLE)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    listing = subprocess.run([sys.executable, "-m", "bench.cli", "plugins"], env=env, capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    line = next(l for l in listing.stdout.splitlines() if "median_filter" in l)
+    assert "defense" in line and "bench-median-filter" in line and "0.1.0" in line
+
+    suite = write_suite(tmp_path / "third.toml", defenses=["none", {"name": "median_filter", "kernel": 3}],
+                        store=tmp_path / "r.db")
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "c")],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 succeeded, 0 failed" in run.stdout

@@ -1,0 +1,62 @@
+from types import SimpleNamespace
+
+from click.testing import CliRunner
+
+from bench.cli import main
+from bench.report import render_report
+from bench.store import Outcome, ResultStore
+
+INFO = {"clean_acc": {"label": "C-Acc", "higher_is_better": True},
+        "asr": {"label": "ASR", "higher_is_better": False},
+        "der": {"label": "DER", "higher_is_better": True}}
+
+
+def fake_job(defense, seed, bonafide):
+    spec = lambda name: SimpleNamespace(name=name, label=name, config=lambda: {"name": name})
+    return SimpleNamespace(key=f"{defense}-{seed}-{bonafide}", suite="demo", dataset=spec("digits"),
+                           model=spec("small_cnn"), attack=spec("badnets"), defense=spec(defense), seed=seed,
+                           bonafide_size=bonafide, config=lambda: {"defense": defense, "seed": seed})
+
+
+def fill(store_path):
+    results = {("none", 0): (0.90, 1.00), ("none", 1): (0.92, 0.98),
+               ("finetune", 0): (0.88, 0.20), ("finetune", 1): (0.86, 0.30)}
+    with ResultStore(store_path) as store:
+        for (defense, seed), (acc, asr) in results.items():
+            metrics = {"clean_acc": acc, "asr": asr, "clean_acc_before": 0.9 + 0.02 * seed,
+                       "asr_before": 1.0 - 0.02 * seed, "der": 0.5}
+            store.record(fake_job(defense, seed, 0 if defense == "none" else 100), Outcome(
+                status="ok", metrics=metrics, metric_info=INFO, timings={"defense": 1.0 + seed},
+                device="cpu (test)", versions={"robustness-bench": "0.1.0", "torch": "2", "python": "3.11"},
+                notes={"data_source": "test data"}, started_at="2026-11-23T10:00:00", finished_at="2026-11-23T10:01:00"))
+        store.record(fake_job("finetune", 2, 100), Outcome(status="failed", error="RuntimeError: boom\ntrace",
+                                                            started_at="2026-11-23T10:02:00", finished_at="2026-11-23T10:03:00"))
+
+
+def test_report_shows_mean_and_std_over_seeds_and_marks_the_best(tmp_path):
+    fill(tmp_path / "r.db")
+    text = render_report(tmp_path / "r.db")
+    assert "## digits / small_cnn / badnets" in text
+    none_row = next(l for l in text.splitlines() if l.startswith("| none"))
+    ft_row = next(l for l in text.splitlines() if l.startswith("| finetune"))
+    assert "**91.0 ± 1.4**" in none_row  # best clean accuracy, mean and sample std over 2 seeds
+    assert "99.0 ± 1.4" in none_row and "**" not in none_row.split("|")[5]
+    assert "**25.0 ± 7.1**" in ft_row  # lowest ASR is best
+    assert "| 100 " in ft_row and "| -" in none_row
+    assert "4 jobs" not in text and "5 jobs, 4 succeeded, 1 failed" in text
+    assert "finetune bonafide=100 seed=2: RuntimeError: boom" in text
+    assert "Attacked model, before any defense (2 seeds): C-Acc 91.0 ± 1.4, ASR 99.0 ± 1.4" in text
+
+
+def test_report_is_deterministic_and_cli_writes_the_file(tmp_path):
+    fill(tmp_path / "r.db")
+    out = tmp_path / "board" / "demo.md"
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == render_report(tmp_path / "r.db")
+
+
+def test_report_on_a_missing_store_is_a_one_line_error(tmp_path):
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "none.db")])
+    assert result.exit_code == 2
+    assert "none.db: no such result store" in result.output
