@@ -1,0 +1,38 @@
+"""The README is part of the interface: its commands, plugins and hooks must match the code."""
+
+from pathlib import Path
+
+from bench import hookspecs
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+TEST_COMMAND = "pip install -e '.[test]' && pytest"
+
+
+def test_ci_runs_the_readme_test_command():
+    assert TEST_COMMAND in README
+    assert TEST_COMMAND in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_quickstart_suite_exists():
+    assert "bench run suites/quickstart.toml" in README
+    assert (ROOT / "suites" / "quickstart.toml").is_file()
+
+
+def test_every_builtin_plugin_is_documented(registry):
+    for info in registry.all():
+        if info.package == "robustness-bench":
+            assert f"`{info.name}`" in README, f"{info.kind} {info.name} is missing from README.md"
+
+
+def test_every_hook_is_documented():
+    hooks = [name for name in dir(hookspecs) if name.startswith("register_")]
+    assert len(hooks) == 4
+    for name in hooks:
+        assert name in README and getattr(hookspecs, name).__doc__
+
+
+def test_readme_example_plugin_matches_the_shipped_example():
+    source = (ROOT / "examples" / "bench-median-filter" / "bench_median_filter.py").read_text()
+    start = source.index("class MedianFiltered")
+    assert source[start:].strip() in README
