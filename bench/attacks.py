@@ -44,6 +44,10 @@ class Attack(Plugin):
     metrics: ClassVar[tuple[Metric, ...]] = ()
     success_metric: ClassVar[str | None] = None
 
+    def check_dataset(self, splits: DatasetSplits) -> None:
+        """Called before a suite runs, once per dataset: raise `BenchError` if the options cannot
+        work with this dataset (a target class it lacks, a trigger larger than its images)."""
+
     def poison(self, train: ImageData, ctx: RunContext) -> tuple[ImageData, dict[str, Any]]:
         """TRAINING stage: return the poisoned training set and the attack's state (tensors and
         plain values, cached with the model). Put the indices of altered images under

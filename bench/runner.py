@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from bench.cache import ArtifactCache
 from bench.data import cache_dir
-from bench.errors import BenchError
+from bench.errors import BenchError, SuiteError
 from bench.executors import Executor, InProcessExecutor
 from bench.jobs import Job, expand
-from bench.pipeline import JobEnvironment
+from bench.pipeline import JobEnvironment, load_dataset
 from bench.registry import Registry
 from bench.store import ResultStore
 from bench.suite import Suite
@@ -39,6 +39,27 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
+    """Problems that only the data reveals, found before anything is written: missing files,
+    options a dataset cannot satisfy, a bonafide budget larger than the defender's pool."""
+    checked = set()
+    for job in jobs:
+        try:
+            splits = load_dataset(job, env.device)
+            if (job.dataset.label, job.attack.label) not in checked:
+                job.attack.instantiate().check_dataset(splits)
+                checked.add((job.dataset.label, job.attack.label))
+        except BenchError as exc:
+            raise SuiteError(f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}': {exc}") from None
+        if job.bonafide_source == "test_half":
+            pool, origin = len(splits.test) // 2, "half of its test set"
+        else:
+            pool, origin = len(splits.train), "its training set"
+        if job.bonafide_size > pool:
+            raise SuiteError(f"{suite.path}: [suite].bonafide_size {job.bonafide_size} is more than the {pool} "
+                             f"images dataset '{job.dataset.label}' can grant the defender ({origin})")
+
+
 def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = None, device: str | None = None,
               artifact_dir: Path | None = None, executor: Executor | None = None,
               show_progress: bool | None = None, echo: Callable[[str], None] = print) -> RunSummary:
@@ -47,6 +68,7 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
     torch_device = resolve_device(device or suite.settings.device.value)
     env = JobEnvironment(cache=ArtifactCache(artifact_dir or cache_dir() / "artifacts"), device=torch_device,
                          registry=registry, show_progress=show_progress)
+    preflight(suite, jobs, env)
     with ResultStore(store_path) as store:
         done = store.finished_keys()
         todo = [job for job in jobs if job.key not in done]

@@ -5,7 +5,13 @@ import subprocess
 import sys
 import time
 
+import importlib.metadata
+
 from click.testing import CliRunner
+
+import bench
+import bench.cli
+from bench.registry import ENTRY_POINT_GROUP, build_registry
 
 from bench.cli import main
 from bench.store import ResultStore
@@ -32,18 +38,30 @@ def test_rerun_skips_finished_jobs(tmp_path):
     assert first == second
 
 
-def test_failing_job_is_recorded_and_the_rest_goes_on(tmp_path):
-    # digits' defender pool is half of 539 test images: 400 bonafide images cannot be granted
-    suite = write_suite(tmp_path / "s.toml", defenses=["none", "finetune"], bonafide_size=400,
-                        store=tmp_path / "r.db")
+class Exploding(bench.Defense):
+    name = "exploding"
+    description = "fails on purpose"
+
+    def apply(self, model, bonafide, ctx):
+        raise RuntimeError("this defense always fails")
+
+
+def test_failing_job_is_recorded_and_the_rest_goes_on(tmp_path, monkeypatch):
+    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    registry.register(Exploding, plugin="test", package="tests")
+    monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
+    suite = write_suite(tmp_path / "s.toml", defenses=["none", "exploding"], store=tmp_path / "r.db")
     result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
     assert result.exit_code == 101, result.output  # 100 + one failed job
     assert "1 succeeded, 1 failed" in result.output
+    assert "FAILED digits / small_cnn(width=8) / badnets(trigger_size=2) / exploding bonafide=50 seed=0: " \
+           "RuntimeError: this defense always fails" in result.output
     with ResultStore(tmp_path / "r.db") as store:
         rows = {r["defense"]: r for r in store.rows()}
     assert rows["none"]["status"] == "ok"
-    assert rows["finetune"]["status"] == "failed"
-    assert "bonafide_size 400 is more than the 269 images available" in rows["finetune"]["error"]
+    assert rows["exploding"]["status"] == "failed"
+    assert "this defense always fails" in rows["exploding"]["error"]
+    assert "Traceback" in rows["exploding"]["error"]  # the full trace is kept for the author
 
 
 def _ok_rows(db):

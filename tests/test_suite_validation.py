@@ -86,6 +86,16 @@ CASES = [
      ["trigger_value", "256 is out of range"]),
     ("enum option typo", replace('name = "badnets"', 'name = "badnets"\ntrigger_corner = "bottom-right"'),
      ["trigger_corner", "did you mean 'bottom_right'"]),
+    # problems only the data reveals, still caught before anything is written
+    ("bonafide budget above the pool",
+     replace("bonafide_size = 50", "bonafide_size = 400").replace('name = "none"', 'name = "finetune"'),
+     ["[suite].bonafide_size 400 is more than the 269 images", "'digits'", "half of its test set"]),
+    ("target class the dataset lacks", replace('name = "badnets"', 'name = "badnets"\ntarget_class = 12'),
+     ["attack 'badnets(target_class=12)'", "target_class 12 does not exist", "classes 0..9"]),
+    ("trigger larger than the images", replace('name = "badnets"', 'name = "badnets"\ntrigger_size = 9'),
+     ["a 9-pixel trigger", "does not fit in 8x8 images"]),
+    ("missing dataset files", replace('name = "digits"', 'name = "cifar10"\nroot = "/nonexistent/cifar"'),
+     ["dataset 'cifar10(root=\"/nonexistent/cifar\")'", "looked in: /nonexistent/cifar", "BENCH_CIFAR10_ROOT"]),
     ("plugin list not an array of tables", "models = 3\n" + replace('[[models]]\nname = "small_cnn"', ''),
      ["'models' must be a non-empty array of tables"]),
 ]

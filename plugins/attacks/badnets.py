@@ -71,6 +71,10 @@ class BadNets(bench.Attack):
             raise BenchError(f"badnets: target_class {self.options.target_class} does not exist; "
                              f"the dataset has classes 0..{num_classes - 1}")
 
+    def check_dataset(self, splits):
+        self._check_target(splits.num_classes)
+        self._stamp(splits.test.x[:1])  # raises if the trigger does not fit the images
+
     def poison(self, train, ctx):
         self._check_target(ctx.num_classes)
         candidates = (train.y != self.options.target_class).nonzero().squeeze(1)
