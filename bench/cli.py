@@ -73,11 +73,14 @@ def run(suite_file, store, device, cache_dir, dry_run, progress):
 @click.option("--suite", default=None, help="Only this suite's results (a store may hold several).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Write the markdown here (e.g. leaderboard/NAME.md) instead of printing it.")
-def report(store, suite, output):
+@click.option("--plots/--no-plots", default=True,
+              help="With --output: write PNG figures into <output stem>-figures/ and link them.")
+def report(store, suite, output, plots):
     """Render leaderboard markdown from a result STORE."""
     from bench.report import render_report
     try:
-        text = render_report(store, suite)
+        plot_dir = output.parent / f"{output.stem}-figures" if (output is not None and plots) else None
+        text = render_report(store, suite, plot_dir=plot_dir, plot_link_base=output.parent if output else None)
     except BenchError as exc:
         _fail(str(exc))
     if output is None:

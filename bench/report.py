@@ -15,7 +15,11 @@ from bench.store import ResultStore
 TIME = "defense_time"
 
 
-def render_report(store_path: str | Path, suite: str | None = None) -> str:
+def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Path | None = None,
+                  plot_link_base: Path | None = None) -> str:
+    """The leaderboard markdown. With `plot_dir`, PNG figures (metrics along stored paths,
+    success metric against bonafide size) are written there and linked relative to
+    `plot_link_base` (the folder of the markdown file)."""
     store_path = Path(store_path)
     if not store_path.is_file():
         raise BenchError(f"{store_path}: no such result store; run `bench run SUITE.toml` first")
@@ -34,6 +38,8 @@ def render_report(store_path: str | Path, suite: str | None = None) -> str:
         lines += ["", f"## {dataset} / {model} / {attack}", ""]
         lines += _before_line(members) + [""]
         lines.append(_table(members))
+        if plot_dir is not None:
+            lines += _figures(f"{dataset} / {model} / {attack}", members, plot_dir, plot_link_base or plot_dir)
     if failed:
         lines += ["", "## Failed jobs", ""]
         for r in sorted(failed, key=lambda r: (r["dataset_label"], r["model_label"], r["attack_label"],
@@ -42,6 +48,24 @@ def render_report(store_path: str | Path, suite: str | None = None) -> str:
             lines.append(f"- {r['dataset_label']} / {r['model_label']} / {r['attack_label']} / "
                          f"{r['defense_label']} bonafide={r['bonafide_size']} seed={r['seed']}: {first}")
     return "\n".join(lines) + "\n"
+
+
+def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -> list[str]:
+    from bench.plots import bonafide_plot, path_plot
+
+    written = []
+    by_defense: dict[tuple, list[dict]] = {}
+    for r in members:
+        by_defense.setdefault((r["defense_label"], r["bonafide_size"]), []).append(r)
+    for (defense, bonafide), rows in sorted(by_defense.items()):
+        written.append(path_plot(group, defense, bonafide, rows, plot_dir))
+    success = {k for r in members for k in r["metric_info"] if k not in ("clean_acc", "der")}
+    for key in sorted(success):
+        if all(r["metric_info"][key]["higher_is_better"] is False for r in members if key in r["metric_info"]):
+            written.append(bonafide_plot(group, key, members, plot_dir))
+    links = [f"![{p.stem}]({p.relative_to(link_base).as_posix() if p.is_relative_to(link_base) else p.as_posix()})"
+             for p in written if p is not None]
+    return ["", *links] if links else []
 
 
 def _header(rows, ok, failed, store_path) -> list[str]:

@@ -60,3 +60,23 @@ def test_report_on_a_missing_store_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path / "none.db")])
     assert result.exit_code == 2
     assert "none.db: no such result store" in result.output
+
+
+def test_report_draws_paths_and_bonafide_sweeps_and_links_them(tmp_path):
+    with ResultStore(tmp_path / "r.db") as store:
+        for seed in (0, 1):
+            for bonafide in (50, 500):
+                path = [{"t": t / 10, "clean_acc": 0.9, "asr": abs(t - 5) / 5} for t in range(11)]
+                store.record(fake_job("mcr", seed, bonafide), Outcome(
+                    status="ok", metrics={"clean_acc": 0.9, "asr": 0.1 if bonafide == 500 else 0.4},
+                    metric_info=INFO, timings={"defense": 1.0}, series={"path": path}, device="cpu",
+                    started_at="2026-11-23T10:00:00", finished_at="2026-11-23T10:01:00"))
+    out = tmp_path / "board" / "demo.md"
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = sorted(p.name for p in (tmp_path / "board" / "demo-figures").glob("*.png"))
+    assert figures == ["bonafide-digits-small-cnn-badnets-asr.png",
+                       "path-digits-small-cnn-badnets-mcr-50.png", "path-digits-small-cnn-badnets-mcr-500.png"]
+    text = out.read_text()
+    for name in figures:
+        assert f"](demo-figures/{name})" in text

@@ -1,0 +1,83 @@
+"""Leaderboard figures (PNG, matplotlib's Agg backend), drawn from stored rows only:
+- for every defense that stored a `path` series, clean accuracy and the attack's metrics
+  along the path (mean over seeds, shaded +/- std);
+- for every group swept over bonafide sizes, the attack's success metric against bonafide size,
+  one line per defense."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    _pyplot().close(fig)
+
+
+def path_plot(group: str, defense: str, bonafide: int, rows: list[dict], folder: Path) -> Path | None:
+    """Metrics along the stored `path` series of these rows (one row per seed)."""
+    paths = [r["series"]["path"] for r in rows if r["series"].get("path")]
+    if not paths:
+        return None
+    info = rows[0]["metric_info"]
+    keys = [k for k in info if k != "der" and all(k in point for path in paths for point in path)]
+    t = np.array([p["t"] for p in paths[0]])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for key in keys:
+        values = np.array([[p[key] for p in path] for path in paths if len(path) == len(t)]) * 100
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        ax.plot(t, mean, marker="o", markersize=3, label=info[key]["label"])
+        if len(values) > 1:
+            ax.fill_between(t, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("t along the path")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"{group}\n{defense}, bonafide {bonafide}, {len(paths)} seed(s)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = folder / f"path-{_slug(group)}-{_slug(defense)}-{bonafide}.png"
+    _save(fig, path)
+    return path
+
+
+def bonafide_plot(group: str, metric_key: str, rows: list[dict], folder: Path) -> Path | None:
+    """The success metric against bonafide size, a line per defense (mean over seeds)."""
+    by_defense: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        if r["bonafide_size"] and metric_key in r["metrics"]:
+            by_defense.setdefault(r["defense_label"], {}).setdefault(r["bonafide_size"], []).append(r["metrics"][metric_key])
+    if not any(len(sizes) > 1 for sizes in by_defense.values()):
+        return None
+    label = rows[0]["metric_info"].get(metric_key, {}).get("label", metric_key)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for defense, sizes in sorted(by_defense.items()):
+        xs = sorted(sizes)
+        ax.errorbar(xs, [np.mean(sizes[x]) * 100 for x in xs], yerr=[np.std(sizes[x]) * 100 for x in xs],
+                    marker="o", markersize=3, capsize=2, label=defense)
+    ax.set_xscale("log")
+    ax.set_xlabel("bonafide images")
+    ax.set_ylabel(f"{label} (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(group, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = folder / f"bonafide-{_slug(group)}-{metric_key}.png"
+    _save(fig, path)
+    return path
