@@ -13,6 +13,7 @@ from bench.errors import BenchError
 from bench.store import ResultStore
 
 TIME = "defense_time"
+FLAG = "unreliable"  # a gradient-masking flag, shown as a mark rather than a percentage
 
 
 def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Path | None = None,
@@ -124,7 +125,7 @@ def _table(members: list[dict]) -> str:
     best = {}
     for key, info in specs:
         means = stats[(key, "mean")].dropna()
-        if len(means) > 1:
+        if len(means) > 1 and key != FLAG:
             best[key] = means.max() if info["higher_is_better"] else means.min()
     table = []
     for (defense, bonafide), row in stats.iterrows():
@@ -132,6 +133,10 @@ def _table(members: list[dict]) -> str:
                  "Seeds": int(row[(TIME, "count")])}
         for key, info in specs:
             mean, std = row[(key, "mean")], row[(key, "std")]
+            if key == FLAG:
+                flagged = int((frame[(frame.defense == defense) & (frame.bonafide == bonafide)][FLAG] > 0).sum())
+                cells[info["label"]] = f"⚠ unreliable ({flagged}/{int(row[(key, 'count')])} seeds)" if flagged else ""
+                continue
             text = _format(mean, std, percent=key != TIME)
             if key in best and not math.isnan(mean) and math.isclose(mean, best[key], rel_tol=0, abs_tol=1e-12):
                 text = f"**{text}**"

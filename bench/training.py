@@ -7,6 +7,7 @@ host inside an epoch: losses are summed on the device and read once per epoch.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,12 @@ def lr_schedule(recipe: TrainRecipe, total_steps: int):
 
 
 def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx: RunContext,
-                     *, flip: bool, stream: str = "train", desc: str = "train") -> list[float]:
+                     *, flip: bool, stream: str = "train", desc: str = "train",
+                     perturb: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                     ) -> list[float]:
     """Train `model` in place on `data` (already on `ctx.device`) following `recipe`.
-    Returns the mean training loss of each epoch."""
+    `perturb(x, y, generator)`, if given, replaces each augmented float batch before the step
+    (adversarial training). Returns the mean training loss of each epoch."""
     generator = ctx.generator(stream)
     model.train()
     decay, no_decay = [], []
@@ -73,8 +77,11 @@ def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx
             xb = data.x[idx]
             if recipe.augment:
                 xb = random_crop_flip(xb, recipe.crop_padding, flip, generator)
+            inputs = to_model_input(xb)
+            if perturb is not None:
+                inputs = perturb(inputs, data.y[idx], generator)
             with ctx.autocast():
-                logits = model(to_model_input(xb))
+                logits = model(inputs)
             loss = F.cross_entropy(logits.float(), data.y[idx], label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -80,3 +80,17 @@ def test_report_draws_paths_and_bonafide_sweeps_and_links_them(tmp_path):
     text = out.read_text()
     for name in figures:
         assert f"](demo-figures/{name})" in text
+
+
+def test_unreliable_rows_are_flagged_not_averaged(tmp_path):
+    info = {**INFO, "unreliable": {"label": "Flag", "higher_is_better": False}}
+    with ResultStore(tmp_path / "r.db") as store:
+        for defense, flags in (("sap", (1.0, 0.0)), ("none", (0.0, 0.0))):
+            for seed, flag in enumerate(flags):
+                store.record(fake_job(defense, seed, 0), Outcome(
+                    status="ok", metrics={"clean_acc": 0.9, "asr": 0.5, "unreliable": flag}, metric_info=info,
+                    timings={"defense": 1.0}, device="cpu", started_at="2026-11-23T10:00:00",
+                    finished_at="2026-11-23T10:01:00"))
+    text = render_report(tmp_path / "r.db")
+    assert "⚠ unreliable (1/2 seeds)" in next(l for l in text.splitlines() if l.startswith("| sap"))
+    assert "unreliable" not in next(l for l in text.splitlines() if l.startswith("| none"))
