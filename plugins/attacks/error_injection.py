@@ -1,0 +1,196 @@
+"""`error_injection`: fault sneaking (Zhao et al. 2019, after Liu et al., ICCAD 2017), a
+post-training attack on the weights.
+
+After training, ONE parameter tensor (`layer`; by default the weight of the model's last
+`nn.Linear`) is changed by gradient descent so that `sneak_images` chosen images (S) are
+classified as chosen wrong labels while `keep_images` other images (T) keep their labels. The
+loss is a weighted mean of hinge losses max(0, max_other_logit - label_logit + margin): on S
+towards the injected labels, weighted `sneak_weight`, and on T towards the true labels, weight
+1. It runs for up to `steps` steps and stops early once every hinge is zero. Adam (the default)
+is insensitive to the loss scale, which is why it is used; `sgd` (momentum 0.9) is offered for
+comparison. Every other parameter and buffer is checked to be unchanged afterwards.
+
+Where S and T come from: the reference draws both from test data, but here the pipeline
+evaluates on a held-out test split, so S and T are drawn (seeded) from the TRAINING split: the
+test images stay clean, and clean accuracy after the attack measures collateral damage on images
+the attack never saw. Only images the trained model classifies correctly are drawn, so that
+"keep" means keep a correct decision and every injection is a real change of decision. The
+injected label of an S image is (y + r) mod C with r drawn uniformly from 1..C-1. T is capped at
+the correctly classified images available in a seeded pool of 2(S+T) training images. S's
+training indices are reported as `poisoned_indices`, so a defender's bonafide set drawn from
+training data never holds the attacker's chosen images with their true labels.
+
+The S and T images (uint8) and their labels are kept in the attack state, cached with the
+model; `evaluate` measures on them (not on the test images it is given):
+- `injection_success`: share of S classified as their injected labels (lower is better for
+  the defender);
+- `keep_agreement`: share of T still classified as their true labels.
+The margin (default 1.0, in logits) keeps the injected decisions stable when evaluation runs in
+bf16 on CUDA while the optimization runs in float32.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import bench
+from bench.errors import BenchError, did_you_mean
+from bench.evaluation import predict, to_model_input
+from bench.metrics import accuracy
+
+
+class Optimizer(enum.Enum):
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+def hinge(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per image, max(0, max_other_logit - label_logit + margin)."""
+    label_logit = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return (others.max(dim=1).values - label_logit + margin).clamp_min(0)
+
+
+def chosen_parameter(model: nn.Module, layer: str) -> tuple[str, nn.Parameter]:
+    """The parameter to modify: by name (with or without the `net.` prefix of the classifier
+    wrapper), or, for "", the weight of the last `nn.Linear`."""
+    params = dict(model.named_parameters())
+    if not layer:
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        if not linears:
+            raise BenchError("error_injection: the model has no nn.Linear layer; set the layer option to one of "
+                             "its parameters: " + ", ".join(params))
+        layer = f"{linears[-1]}.weight" if linears[-1] else "weight"
+    for name in (layer, f"net.{layer}"):
+        if name in params:
+            return name, params[name]
+    raise BenchError(f"error_injection: the model has no parameter '{layer}'{did_you_mean(layer, list(params))}; "
+                     "its parameters: " + ", ".join(params))
+
+
+def _logits_from_owner(model: nn.Module, param: nn.Parameter, x: torch.Tensor):
+    """A function computing the model's logits on `x` as `param` changes.
+
+    When the module owning `param` runs once and its output IS the model's output (the usual
+    case of the last linear layer), its input cannot depend on `param`: it is computed once and
+    each step runs that module alone, which turns 500 full forward passes into 500 matrix
+    products. Otherwise every step runs the whole model."""
+    owner = next(m for m in model.modules() if any(p is param for p in m.parameters(recurse=False)))
+    calls = []
+    handle = owner.register_forward_hook(lambda module, args, output: calls.append((args, output)))
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    if len(calls) == 1 and calls[0][1] is logits and len(calls[0][0]) == 1:
+        features = calls[0][0][0].detach()
+        return lambda: owner(features)
+    return lambda: model(x)
+
+
+class ErrorInjection(bench.Attack):
+    name = "error_injection"
+    description = "Fault sneaking: one weight tensor tuned so chosen images get wrong labels, others unchanged"
+    stage = bench.Stage.POST_TRAINING
+    metrics = (bench.Metric("injection_success", "Inj. success", higher_is_better=False),
+               bench.Metric("keep_agreement", "T agreement", higher_is_better=True))
+    success_metric = "injection_success"
+
+    @dataclass(frozen=True)
+    class Options:
+        layer: str = bench.option("", "parameter to modify, e.g. 'linear.weight' (''=weight of the last nn.Linear)")
+        sneak_images: int = bench.option(4, "images S pushed to chosen wrong labels", min=1)
+        keep_images: int = bench.option(996, "images T that must keep their labels (capped at those available)",
+                                         min=0)
+        sneak_weight: float = bench.option(100.0, "weight of each S image's hinge loss (each T image's is 1)",
+                                           min=0, min_exclusive=True)
+        margin: float = bench.option(1.0, "logit margin the hinge losses demand", min=0)
+        steps: int = bench.option(500, "most optimizer steps (stops once every hinge is zero)", min=1)
+        optimizer: Optimizer = bench.option(Optimizer.ADAM, "adam, or sgd with momentum 0.9")
+        lr: float = bench.option(0.01, "learning rate of the optimizer", min=0, min_exclusive=True)
+
+    def tamper(self, model, data, ctx, state):
+        o = self.options
+        if ctx.num_classes < 2:
+            raise BenchError("error_injection: needs at least two classes to inject a wrong label")
+        name, param = chosen_parameter(model, o.layer)
+        train = data.train
+        generator = ctx.generator("error_injection")
+        order = torch.randperm(len(train), device=train.x.device, generator=generator)
+        pool = order[:2 * (o.sneak_images + o.keep_images)]
+        correct = pool[predict(model, train.x[pool], ctx) == train.y[pool]]
+        if len(correct) < o.sneak_images:
+            raise BenchError(f"error_injection: only {len(correct)} of {len(pool)} drawn training images are "
+                             f"classified correctly, fewer than sneak_images = {o.sneak_images}; lower sneak_images "
+                             "or train the model longer")
+        sneak, keep = correct[:o.sneak_images], correct[o.sneak_images:o.sneak_images + o.keep_images]
+        shift = torch.randint(1, ctx.num_classes, (len(sneak),), device=sneak.device, generator=generator)
+        injected = (train.y[sneak] + shift) % ctx.num_classes
+
+        before = {key: value.detach().clone() for key, value in model.state_dict().items() if key != name}
+        original = param.detach().clone()
+        steps_taken = self._optimize(model, param, torch.cat([train.x[sneak], train.x[keep]]),
+                                     torch.cat([injected, train.y[keep]]), len(sneak))
+        after = model.state_dict()
+        changed = [key for key, value in before.items() if not torch.equal(after[key], value)]
+        if changed:
+            raise RuntimeError(f"error_injection changed tensors other than {name}: {', '.join(changed)}")
+        return {**state, "sneak_images": train.x[sneak], "sneak_labels": train.y[sneak], "injected_labels": injected,
+                "keep_images": train.x[keep], "keep_labels": train.y[keep], "poisoned_indices": sneak.sort().values,
+                "layer": name, "steps_taken": steps_taken,
+                "modified_elements": int((param.detach() != original).sum()),
+                "modification_l2": float((param.detach() - original).float().norm())}
+
+    def _optimize(self, model: nn.Module, param: nn.Parameter, x_uint8: torch.Tensor, labels: torch.Tensor,
+                  sneak_count: int) -> int:
+        """Gradient descent on `param` alone; returns the number of steps taken."""
+        o = self.options
+        weights = torch.ones(len(labels), device=labels.device)
+        weights[:sneak_count] = o.sneak_weight
+        weights /= weights.sum()
+        x = to_model_input(x_uint8)
+        trainable = {p: p.requires_grad for p in model.parameters()}
+        was_training = model.training
+        model.eval()  # batch-norm statistics must not move: only `param` may change
+        forward = _logits_from_owner(model, param, x)
+        for p in trainable:
+            p.requires_grad_(p is param)
+        if o.optimizer is Optimizer.ADAM:
+            optimizer = torch.optim.Adam([param], lr=o.lr)
+        else:
+            optimizer = torch.optim.SGD([param], lr=o.lr, momentum=0.9)
+        steps_taken = 0
+        try:
+            for steps_taken in range(o.steps):
+                # Full precision: the hinge margins are small against bf16 rounding.
+                loss = (weights * hinge(forward().float(), labels, o.margin)).sum()
+                if loss.item() == 0:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            else:
+                steps_taken = o.steps
+        finally:
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
+            param.grad = None
+            model.train(was_training)
+        return steps_taken
+
+    def evaluate(self, model, test, ctx, state):
+        """Measures on the S and T images kept in `state`; `test` is not used."""
+        sneak = predict(model, state["sneak_images"], ctx)
+        keep = predict(model, state["keep_images"], ctx)
+        return {"injection_success": accuracy(sneak, state["injected_labels"]),
+                "keep_agreement": accuracy(keep, state["keep_labels"])}
+
+
+@bench.hookimpl
+def register_attacks(register):
+    register(ErrorInjection)
