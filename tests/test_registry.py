@@ -1,6 +1,7 @@
 """Plugin discovery: the built-ins, a third-party package installed with pip, broken plugins."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -99,9 +100,10 @@ def test_bench_plugins_lists_problems_without_failing(broken_site):
 
 
 def test_third_party_package_installed_with_pip_is_discovered_and_runs(tmp_path):
-    site = tmp_path / "site"
+    site, source = tmp_path / "site", tmp_path / "source"
+    shutil.copytree(EXAMPLE, source)  # pip builds in place: keep the repository clean
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(EXAMPLE)], check=True, capture_output=True)
+                    "--no-index", "--target", str(site), str(source)], check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
     listing = subprocess.run([sys.executable, "-m", "bench.cli", "plugins"], env=env, capture_output=True, text=True)
     assert listing.returncode == 0, listing.stderr

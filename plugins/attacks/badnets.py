@@ -20,8 +20,7 @@ import torch
 
 import bench
 from bench.errors import BenchError
-from bench.evaluation import predict
-from bench.metrics import attack_success_rate, robust_accuracy
+from bench.backdoor import AllToOneBackdoor
 
 
 class Corner(enum.Enum):
@@ -45,13 +44,9 @@ def stamp_trigger(x: torch.Tensor, size: int, corner: Corner, margin: int, value
     return out
 
 
-class BadNets(bench.Attack):
+class BadNets(AllToOneBackdoor):
     name = "badnets"
     description = "BadNets backdoor: square trigger patch, poisoned images relabelled to one target class"
-    stage = bench.Stage.TRAINING
-    metrics = (bench.Metric("asr", "ASR", higher_is_better=False),
-               bench.Metric("ra", "RA", higher_is_better=True))
-    success_metric = "asr"
 
     @dataclass(frozen=True)
     class Options:
@@ -62,41 +57,9 @@ class BadNets(bench.Attack):
         trigger_margin: int = bench.option(1, "pixels between the trigger and the image border", min=0)
         trigger_value: int = bench.option(255, "pixel value of the trigger (255: white)", min=0, max=255)
 
-    def _stamp(self, x: torch.Tensor) -> torch.Tensor:
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         o = self.options
         return stamp_trigger(x, o.trigger_size, o.trigger_corner, o.trigger_margin, o.trigger_value)
-
-    def _check_target(self, num_classes: int) -> None:
-        if self.options.target_class >= num_classes:
-            raise BenchError(f"badnets: target_class {self.options.target_class} does not exist; "
-                             f"the dataset has classes 0..{num_classes - 1}")
-
-    def check_dataset(self, splits):
-        self._check_target(splits.num_classes)
-        self._stamp(splits.test.x[:1])  # raises if the trigger does not fit the images
-
-    def poison(self, train, ctx):
-        self._check_target(ctx.num_classes)
-        candidates = (train.y != self.options.target_class).nonzero().squeeze(1)
-        count = int(round(self.options.poison_rate * len(train)))
-        if count > len(candidates):
-            raise BenchError(f"badnets: poison_rate {self.options.poison_rate} asks for {count} poisoned images, "
-                             f"but only {len(candidates)} training images are outside the target class")
-        order = torch.randperm(len(candidates), device=candidates.device, generator=ctx.generator("badnets"))
-        poisoned = candidates[order[:count]].sort().values
-        x, y = train.x.clone(), train.y.clone()
-        x[poisoned] = self._stamp(x[poisoned])
-        y[poisoned] = self.options.target_class
-        return bench.ImageData(x, y), {"poisoned_indices": poisoned}
-
-    def evaluate(self, model, test, ctx, state):
-        self._check_target(ctx.num_classes)
-        target = self.options.target_class
-        others = test.y != target
-        predictions = predict(model, self._stamp(test.x[others]), ctx)
-        labels = test.y[others]
-        return {"asr": attack_success_rate(predictions, labels, target),
-                "ra": robust_accuracy(predictions, labels, target)}
 
 
 @bench.hookimpl

@@ -29,9 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench.errors import BenchError
-from bench.evaluation import predict
-from bench.metrics import attack_success_rate, robust_accuracy
+from bench.backdoor import AllToOneBackdoor
 
 
 class Trigger(enum.Enum):
@@ -57,13 +55,9 @@ def blend(x: torch.Tensor, trigger: torch.Tensor, alpha: float) -> torch.Tensor:
     return mixed.round_().clamp_(0, 255).to(torch.uint8)
 
 
-class Blended(bench.Attack):
+class Blended(AllToOneBackdoor):
     name = "blended"
     description = "Blended backdoor: a trigger image alpha-blended over the whole input, relabelled to one class"
-    stage = bench.Stage.TRAINING
-    metrics = (bench.Metric("asr", "ASR", higher_is_better=False),
-               bench.Metric("ra", "RA", higher_is_better=True))
-    success_metric = "asr"
 
     @dataclass(frozen=True)
     class Options:
@@ -79,36 +73,8 @@ class Blended(bench.Attack):
         o = self.options
         return make_trigger(o.trigger, shape, o.trigger_seed, o.stripe_width)
 
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         return blend(x, self.trigger_image(tuple(x.shape[1:])), self.options.alpha)
-
-    def _check_target(self, num_classes: int) -> None:
-        if self.options.target_class >= num_classes:
-            raise BenchError(f"blended: target_class {self.options.target_class} does not exist; "
-                             f"the dataset has classes 0..{num_classes - 1}")
-
-    def poison(self, train, ctx):
-        self._check_target(ctx.num_classes)
-        candidates = (train.y != self.options.target_class).nonzero().squeeze(1)
-        count = int(round(self.options.poison_rate * len(train)))
-        if count > len(candidates):
-            raise BenchError(f"blended: poison_rate {self.options.poison_rate} asks for {count} poisoned images, "
-                             f"but only {len(candidates)} training images are outside the target class")
-        order = torch.randperm(len(candidates), device=candidates.device, generator=ctx.generator("blended"))
-        poisoned = candidates[order[:count]].sort().values
-        x, y = train.x.clone(), train.y.clone()
-        x[poisoned] = self._apply(x[poisoned])
-        y[poisoned] = self.options.target_class
-        return bench.ImageData(x, y), {"poisoned_indices": poisoned}
-
-    def evaluate(self, model, test, ctx, state):
-        self._check_target(ctx.num_classes)
-        target = self.options.target_class
-        others = test.y != target
-        predictions = predict(model, self._apply(test.x[others]), ctx)
-        labels = test.y[others]
-        return {"asr": attack_success_rate(predictions, labels, target),
-                "ra": robust_accuracy(predictions, labels, target)}
 
 
 @bench.hookimpl
