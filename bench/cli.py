@@ -44,7 +44,7 @@ def run(suite_file, store, device, cache_dir, dry_run, progress):
     A suite expands into the cross product dataset x model x attack x defense x seed x
     bonafide size. Results are stored as each job ends, so an interrupted run resumes where it
     stopped. Exit status: 0 when every job succeeded, 2 for bad input (nothing is run or
-    written), 100 + N when N jobs failed (N capped at 27).
+    written), 100 + N when N jobs failed (N capped at 27), 130 when interrupted.
     """
     from bench.jobs import expand
     from bench.runner import run_suite
@@ -62,6 +62,10 @@ def run(suite_file, store, device, cache_dir, dry_run, progress):
                             show_progress=progress, echo=click.echo)
     except BenchError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: every finished job is stored in {store or suite.store_path}; "
+                   "run the same command again to resume", err=True)
+        sys.exit(130)
     click.echo(f"{summary.succeeded} succeeded, {len(summary.failed)} failed, {summary.skipped} already done; "
                f"results in {summary.store_path}")
     if summary.failed:

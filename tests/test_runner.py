@@ -103,3 +103,21 @@ def test_resume_after_kill_minus_nine_matches_an_uninterrupted_run(tmp_path):
     with ResultStore(tmp_path / "clean.db") as store:
         uninterrupted = {r["job_key"]: r["metrics"] for r in store.rows()}
     assert {k: r["metrics"] for k, r in resumed.items()} == uninterrupted
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", "finetune"], bonafide_size=40)
+    command = [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "c"),
+               "--store", str(tmp_path / "r.db"), "--no-progress"]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _ok_rows(tmp_path / "r.db") < 1 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    with sqlite3.connect(tmp_path / "r.db") as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
