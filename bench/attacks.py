@@ -48,10 +48,16 @@ class Attack(Plugin):
         """Called before a suite runs, once per dataset: raise `BenchError` if the options cannot
         work with this dataset (a target class it lacks, a trigger larger than its images)."""
 
+    def withheld_training_images(self, splits: DatasetSplits) -> int:
+        """How many training images the attack alters or measures itself on (at most), which a
+        bonafide set drawn from training data must leave out; checked before a suite runs."""
+        return 0
+
     def poison(self, train: ImageData, ctx: RunContext) -> tuple[ImageData, dict[str, Any]]:
         """TRAINING stage: return the poisoned training set and the attack's state (tensors and
-        plain values, cached with the model). Put the indices of altered images under
-        "poisoned_indices" so that a bonafide set drawn from training data excludes them."""
+        plain values, cached with the model). Put the indices of altered training images under
+        "poisoned_indices", and those of any other training images the attack's metrics use under
+        "reserved_indices": a bonafide set drawn from training data leaves both out."""
         return train, {}
 
     def tamper(self, model: nn.Module, data: DatasetSplits, ctx: RunContext,

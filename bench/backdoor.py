@@ -37,18 +37,27 @@ class AllToOneBackdoor(Attack):
             raise BenchError(f"{self.name}: target_class {self.options.target_class} does not exist; "
                              f"the dataset has classes 0..{num_classes - 1}")
 
+    def _poison_count(self, train: ImageData) -> int:
+        count = int(round(self.options.poison_rate * len(train)))
+        outside = int((train.y != self.options.target_class).sum())
+        if count > outside:
+            raise BenchError(f"{self.name}: poison_rate {self.options.poison_rate} asks for {count} poisoned "
+                             f"images, but only {outside} training images are outside the target class")
+        return count
+
     def check_dataset(self, splits):
         self._check_target(splits.num_classes)
+        self._poison_count(splits.train)
         self.apply_trigger(splits.test.x[:1])  # raises if the trigger does not fit the images
+
+    def withheld_training_images(self, splits):
+        return int(round(self.options.poison_rate * len(splits.train)))
 
     def poison(self, train, ctx):
         self._check_target(ctx.num_classes)
         target = self.options.target_class
+        count = self._poison_count(train)
         candidates = (train.y != target).nonzero().squeeze(1)
-        count = int(round(self.options.poison_rate * len(train)))
-        if count > len(candidates):
-            raise BenchError(f"{self.name}: poison_rate {self.options.poison_rate} asks for {count} poisoned "
-                             f"images, but only {len(candidates)} training images are outside the target class")
         order = torch.randperm(len(candidates), device=candidates.device, generator=ctx.generator(self.name))
         poisoned = candidates[order[:count]].sort().values
         x, y = train.x.clone(), train.y.clone()

@@ -49,6 +49,7 @@ def run(suite_file, store, device, cache_dir, dry_run, progress):
     from bench.jobs import expand
     from bench.runner import run_suite
     from bench.suite import load_suite
+    suite = None
     try:
         registry = load_plugins()
         suite = load_suite(suite_file, registry)
@@ -63,7 +64,8 @@ def run(suite_file, store, device, cache_dir, dry_run, progress):
     except BenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: every finished job is stored in {store or suite.store_path}; "
+        where = store or (suite.store_path if suite else "the store")
+        click.echo(f"\ninterrupted: every finished job is stored in {where}; "
                    "run the same command again to resume", err=True)
         sys.exit(130)
     click.echo(f"{summary.succeeded} succeeded, {len(summary.failed)} failed, {summary.skipped} already done; "

@@ -48,6 +48,7 @@ class DatasetSplits:
     mean: tuple[float, ...]  # per channel, of pixel values in [0, 1]
     std: tuple[float, ...]
     source: str  # where the images came from, recorded with every result
+    fingerprint: str = ""  # a hash of the pixels and labels, set by the core (cache keys)
 
 
 class Dataset(Plugin):

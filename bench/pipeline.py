@@ -84,7 +84,8 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
 
     with stage("train"):
         model, attack_state, model_hit = attacked_model(job, job.seed, splits, env)
-    bonafide, evaluation = split_bonafide(splits, attack_state.get("poisoned_indices"),
+    withheld = [attack_state[k] for k in ("poisoned_indices", "reserved_indices") if k in attack_state]
+    bonafide, evaluation = split_bonafide(splits, torch.cat(withheld) if withheld else None,
                                           job.bonafide_source, job.bonafide_size, job.seed)
 
     def measure(predictor: nn.Module) -> dict[str, float]:
@@ -93,8 +94,9 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         return metrics
 
     with stage("evaluate_before"):
-        before_key = content_hash({"model": model_key(job, job.seed, env.registry), "attack": job.attack.config(),
-                                   "bonafide_source": job.bonafide_source, "seed": job.seed})
+        before_key = content_hash({"model": model_key(job, job.seed, splits, env.device, env.registry),
+                                   "attack": job.attack.config(), "bonafide_source": job.bonafide_source,
+                                   "seed": job.seed, "eval_batch_size": job.eval_batch_size})
         before, before_hit = env.cache.get_or_create("evaluations", before_key, lambda: measure(model))
 
     endpoint_seconds = []
@@ -166,8 +168,17 @@ def load_dataset(job: Job, device: torch.device) -> DatasetSplits:
             _loaded_datasets.pop(next(iter(_loaded_datasets)))
         cpu = job.dataset.instantiate().load()
         _loaded_datasets[key] = DatasetSplits(cpu.train.to(device), cpu.test.to(device), cpu.num_classes,
-                                              cpu.mean, cpu.std, cpu.source)
+                                              cpu.mean, cpu.std, cpu.source, fingerprint=data_fingerprint(cpu))
     return _loaded_datasets[key]
+
+
+def data_fingerprint(splits: DatasetSplits) -> str:
+    """A hash of every pixel and label, so that cached models follow the data actually read
+    (e.g. the JPEG copy versus the official CIFAR-10 files under the same suite)."""
+    digest = hashlib.sha256()
+    for tensor in (splits.train.x, splits.train.y, splits.test.x, splits.test.y):
+        digest.update(tensor.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:20]
 
 
 def build_model(job: Job, splits: DatasetSplits) -> nn.Module:
@@ -176,10 +187,16 @@ def build_model(job: Job, splits: DatasetSplits) -> nn.Module:
     return Classifier(net, splits.mean, splits.std)
 
 
-def model_key(job: Job, seed: int, registry: Registry) -> str:
+def model_key(job: Job, seed: int, splits: DatasetSplits, device: torch.device, registry: Registry) -> str:
+    """Everything the attacked model depends on: its config, the training seed, the seed of the
+    attack's own draws (the job's: a second model for the same job carries the same attack),
+    the data read, the kind of device (CUDA trains in bf16), and the providers' versions."""
     config = {**job.model_config(), "seed": seed}
+    if job.attack.cls.stage is not Stage.TEST_TIME:
+        config["attack_seed"] = job.seed
     providers = {kind: _provider(registry, kind, getattr(job, kind).name) for kind in ("dataset", "model", "attack")}
-    return content_hash({"config": config, "providers": providers, "bench": bench.__version__})
+    return content_hash({"config": config, "providers": providers, "bench": bench.__version__,
+                         "data": splits.fingerprint, "device": device.type})
 
 
 def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironment) -> tuple[nn.Module, dict, bool]:
@@ -187,32 +204,36 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
     `seed`: built once and then read from the cache, by this and every later job."""
     attack: Attack = job.attack.instantiate()
     ctx = make_context(job, env, splits, seed)
+    attack_ctx = make_context(job, env, splits)  # the attack draws with the job's seed
 
     def create() -> dict[str, Any]:
-        ctx.seed_global_rng("model")
-        train, state = splits.train, {}
-        if attack.stage is Stage.TRAINING:
-            train, state = attack.poison(splits.train, ctx)
-        model = ctx.prepare(build_model(job, splits))
-        losses = train_classifier(model, train, job.recipe, ctx, flip=ctx.horizontal_flip,
-                                  desc=f"train {job.model.label} seed={seed}")
-        if attack.stage is Stage.POST_TRAINING:
-            state = attack.tamper(model, splits, ctx, state)
+        # Whether this runs (cache miss) or not (hit) must not change what the caller draws next.
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+            ctx.seed_global_rng("model")
+            train, state = splits.train, {}
+            if attack.stage is Stage.TRAINING:
+                train, state = attack.poison(splits.train, attack_ctx)
+            model = ctx.prepare(build_model(job, splits))
+            losses = train_classifier(model, train, job.recipe, ctx, flip=ctx.horizontal_flip,
+                                      desc=f"train {job.model.label} seed={seed}")
+            if attack.stage is Stage.POST_TRAINING:
+                state = attack.tamper(model, splits, attack_ctx, state)
         return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                 "attack_state": _to_device(state, "cpu"), "train_losses": losses}
 
-    value, hit = env.cache.get_or_create("models", model_key(job, seed, env.registry), create)
+    value, hit = env.cache.get_or_create("models", model_key(job, seed, splits, env.device, env.registry), create)
     model = build_model(job, splits)
     model.load_state_dict(value["state_dict"])
     model = ctx.prepare(model).eval()
     return model, _to_device(value["attack_state"], env.device), hit
 
 
-def split_bonafide(splits: DatasetSplits, poisoned_indices: torch.Tensor | None, source: str,
+def split_bonafide(splits: DatasetSplits, withheld_indices: torch.Tensor | None, source: str,
                    size: int, seed: int) -> tuple[ImageData, ImageData]:
     """(bonafide set for the defender, evaluation set). `test_half`: a seeded half of the test
     set is the defender's pool, the other half is evaluated. `train`: the pool is the training
-    images the attack left alone, and the whole test set is evaluated."""
+    images the attack neither altered nor measures itself on, and the whole test set is
+    evaluated."""
     generator = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:bonafide".encode()).hexdigest()[:15], 16))
     if source == "test_half":
         order = torch.randperm(len(splits.test), generator=generator)
@@ -221,10 +242,10 @@ def split_bonafide(splits: DatasetSplits, poisoned_indices: torch.Tensor | None,
         origin, base = "half of the test set", splits.test
     else:
         candidates = torch.ones(len(splits.train), dtype=torch.bool)
-        if poisoned_indices is not None:
-            candidates[poisoned_indices.cpu()] = False
+        if withheld_indices is not None:
+            candidates[withheld_indices.cpu()] = False
         pool = candidates.nonzero().squeeze(1)[torch.randperm(int(candidates.sum()), generator=generator)]
-        evaluation, origin, base = splits.test, "unpoisoned training images", splits.train
+        evaluation, origin, base = splits.test, "training images the attack left alone", splits.train
     if size > len(pool):
         raise BenchError(f"bonafide_size {size} is more than the {len(pool)} images available "
                          f"({origin}); lower [suite].bonafide_size")

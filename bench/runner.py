@@ -3,6 +3,7 @@ as it ends."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,22 +40,38 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def make_cuda_deterministic() -> None:
+    """Deterministic cuDNN and cuBLAS kernels, so a rerun job reproduces its numbers."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
     """Problems that only the data reveals, found before anything is written: missing files,
     options a dataset cannot satisfy, a bonafide budget larger than the defender's pool."""
     checked = set()
     for job in jobs:
+        where = f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}'"
         try:
             splits = load_dataset(job, env.device)
-            if (job.dataset.label, job.attack.label) not in checked:
-                job.attack.instantiate().check_dataset(splits)
-                checked.add((job.dataset.label, job.attack.label))
         except BenchError as exc:
-            raise SuiteError(f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}': {exc}") from None
+            raise SuiteError(f"{where}: {exc}") from None
+        except Exception as exc:  # a plugin's own failure: name it, no traceback
+            raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
+        attack = job.attack.instantiate()
+        if (job.dataset.label, job.attack.label) not in checked:
+            try:
+                attack.check_dataset(splits)
+            except BenchError as exc:
+                raise SuiteError(f"{where}: {exc}") from None
+            checked.add((job.dataset.label, job.attack.label))
         if job.bonafide_source == "test_half":
             pool, origin = len(splits.test) // 2, "half of its test set"
         else:
-            pool, origin = len(splits.train), "its training set"
+            pool = len(splits.train) - attack.withheld_training_images(splits)
+            origin = f"training images that attack '{job.attack.label}' leaves alone"
         if job.bonafide_size > pool:
             raise SuiteError(f"{suite.path}: [suite].bonafide_size {job.bonafide_size} is more than the {pool} "
                              f"images dataset '{job.dataset.label}' can grant the defender ({origin})")
@@ -66,6 +83,8 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
     jobs = expand(suite)
     store_path = Path(store_path or suite.store_path)
     torch_device = resolve_device(device or suite.settings.device.value)
+    if torch_device.type == "cuda" and suite.settings.deterministic:
+        make_cuda_deterministic()
     env = JobEnvironment(cache=ArtifactCache(artifact_dir or cache_dir() / "artifacts"), device=torch_device,
                          registry=registry, show_progress=show_progress)
     preflight(suite, jobs, env)

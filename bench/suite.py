@@ -46,6 +46,7 @@ from bench.registry import Registry
 PLUGIN_TABLES = {"datasets": "dataset", "models": "model", "attacks": "attack", "defenses": "defense"}
 TOP_LEVEL_KEYS = ("suite", "training", *PLUGIN_TABLES, "exclude")
 EXCLUDE_KEYS = ("dataset", "model", "attack", "defense", "seed", "bonafide_size")
+PLUGIN_KINDS = {kind: table for table, kind in PLUGIN_TABLES.items()}
 
 
 class BonafideSource(enum.Enum):
@@ -73,6 +74,8 @@ class SuiteSettings:
                             "(default: results/<name>.db)")
     device: DeviceChoice = option(DeviceChoice.AUTO, "auto (CUDA when available), cpu or cuda")
     eval_batch_size: int = option(1024, "images per evaluation batch", min=1)
+    deterministic: bool = option(True, "deterministic CUDA kernels, so reruns reproduce results exactly "
+                                       "(false: faster, results vary in the last digits)")
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,11 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
                                  + ", ".join(EXCLUDE_KEYS))
             expected = int if key in ("seed", "bonafide_size") else str
             check_value(value, expected, {}, where)
+            if key in PLUGIN_KINDS:
+                known = {n for spec in plugins[PLUGIN_KINDS[key]] for n in (spec.name, spec.label)}
+                if value not in known:
+                    raise SuiteError(f"{where}: '{value}' matches no configured {key}"
+                                     f"{did_you_mean(value, sorted(known))}; configured: {', '.join(sorted(known))}")
     return Suite(path, settings, training, plugins, exclude)
 
 

@@ -114,6 +114,9 @@ class ErrorInjection(bench.Attack):
         optimizer: Optimizer = bench.option(Optimizer.ADAM, "adam, or sgd with momentum 0.9")
         lr: float = bench.option(0.01, "learning rate of the optimizer", min=0, min_exclusive=True)
 
+    def withheld_training_images(self, splits):
+        return self.options.sneak_images + min(self.options.keep_images, len(splits.train))
+
     def tamper(self, model, data, ctx, state):
         o = self.options
         if ctx.num_classes < 2:
@@ -142,6 +145,7 @@ class ErrorInjection(bench.Attack):
             raise RuntimeError(f"error_injection changed tensors other than {name}: {', '.join(changed)}")
         return {**state, "sneak_images": train.x[sneak], "sneak_labels": train.y[sneak], "injected_labels": injected,
                 "keep_images": train.x[keep], "keep_labels": train.y[keep], "poisoned_indices": sneak.sort().values,
+                "reserved_indices": torch.cat([sneak, keep]).sort().values,
                 "layer": name, "steps_taken": steps_taken,
                 "modified_elements": int((param.detach() != original).sum()),
                 "modification_l2": float((param.detach() - original).float().norm())}
@@ -169,7 +173,8 @@ class ErrorInjection(bench.Attack):
             for steps_taken in range(o.steps):
                 # Full precision: the hinge margins are small against bf16 rounding.
                 loss = (weights * hinge(forward().float(), labels, o.margin)).sum()
-                if loss.item() == 0:
+                # Reading the loss syncs with the device: check every 10 steps only.
+                if steps_taken % 10 == 0 and loss.item() == 0:
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -130,7 +130,7 @@ class FinePruning(bench.Defense):
         lr: float = bench.option(0.01, "fine-tuning lr, decayed linearly to zero", min=0, min_exclusive=True)
         batch_size: int = bench.option(256, "fine-tuning images per step", min=1)
         weight_decay: float = bench.option(5e-4, "fine-tuning L2 weight decay", min=0)
-        augment: bool = bench.option(True, "fine-tune with the model's training augmentation")
+        augment: bool = bench.option(True, "fine-tune with the model's training augmentation, when its recipe augments")
 
     def apply(self, model, bonafide, ctx):
         o = self.options
@@ -142,7 +142,7 @@ class FinePruning(bench.Defense):
         parent_name, _, child_name = point_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, masked)
 
-        order = activation.argsort().tolist()  # least active first
+        order = activation.argsort(stable=True).tolist()  # least active first
         pruned, steps = self._prune(model, masked, order, bonafide, ctx)
         masked.mask.fill_(1.0)
         masked.mask[pruned] = 0.0

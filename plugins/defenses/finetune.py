@@ -20,7 +20,7 @@ class FineTune(bench.Defense):
         lr: float = bench.option(0.01, "initial learning rate, decayed linearly to zero", min=0, min_exclusive=True)
         batch_size: int = bench.option(128, "images per step", min=1)
         weight_decay: float = bench.option(5e-4, "L2 weight decay", min=0)
-        augment: bool = bench.option(True, "use the model's training augmentation (crop, and flip where valid)")
+        augment: bool = bench.option(True, "use the model's training augmentation (crop, and flip where valid), when its recipe augments")
 
     def apply(self, model, bonafide, ctx):
         o = self.options

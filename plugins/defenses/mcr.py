@@ -200,7 +200,8 @@ class ModeConnectivityRepair(bench.Defense):
         weight_decay: float = bench.option(1e-4, "explicit L2 term 0.5 * wd * ||phi(t)||^2", min=0)
         batch_size: int = bench.option(128, "images per step, each with its own t", min=1)
         path_points: int = bench.option(11, "evenly spaced points t = 0..1 measured along the path", min=2)
-        augment: bool = bench.option(True, "random crop (and flip where valid) while training the bend")
+        augment: bool = bench.option(True, "random crop (and flip where valid) while training the bend, "
+                                           "when the model's recipe augments")
 
     def apply(self, model, bonafide, ctx):
         o = self.options
