@@ -44,6 +44,11 @@ class Attack(Plugin):
     metrics: ClassVar[tuple[Metric, ...]] = ()
     success_metric: ClassVar[str | None] = None
 
+    def describe_protocol(self) -> str:
+        """One line saying how the attack is evaluated (which attacks ran, budget, images), shown
+        under the leaderboard table; empty when the options say it all."""
+        return ""
+
     def check_dataset(self, splits: DatasetSplits) -> None:
         """Called before a suite runs, once per dataset: raise `BenchError` if the options cannot
         work with this dataset (a target class it lacks, a trigger larger than its images)."""

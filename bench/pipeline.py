@@ -136,7 +136,8 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         status="ok", metrics=metrics, metric_info=info, timings=timings,
         series=series,
         notes={"model_cache": "hit" if model_hit else "miss", "evaluation_cache": "hit" if before_hit else "miss",
-               "data_source": splits.source, "bonafide_images": len(bonafide), "evaluation_images": len(evaluation)},
+               "data_source": splits.source, "bonafide_images": len(bonafide), "evaluation_images": len(evaluation),
+               "attack_protocol": attack.describe_protocol()},
         device=_device_name(env.device), versions=versions(job, env.registry))
 
 

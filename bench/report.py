@@ -38,6 +38,8 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
     for (dataset, model, attack), members in sorted(groups.items()):
         lines += ["", f"## {dataset} / {model} / {attack}", ""]
         lines += _before_line(members) + [""]
+        protocols = sorted({r["notes"].get("attack_protocol", "") for r in members} - {""})
+        lines += [f"Attack protocol: {p}" for p in protocols] + ([""] if protocols else [])
         lines.append(_table(members))
         if plot_dir is not None:
             lines += _figures(f"{dataset} / {model} / {attack}", members, plot_dir, plot_link_base or plot_dir)
