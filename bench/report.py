@@ -110,7 +110,10 @@ def _before_line(members: list[dict]) -> list[str]:
     for key, info in columns:
         values = [r["metrics"].get(f"{key}_before") for r in by_seed.values()]
         values = [v for v in values if v is not None]
-        if values:
+        if values and key == FLAG:
+            flagged = sum(v > 0 for v in values)
+            parts.append(f"⚠ unreliable in {flagged}/{len(values)} seeds" if flagged else "not flagged")
+        elif values:
             parts.append(f"{info['label']} {_cell(values, percent=True)}")
     return [f"Attacked model, before any defense ({len(by_seed)} seeds): " + ", ".join(parts)] if parts else []
 
