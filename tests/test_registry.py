@@ -116,3 +116,15 @@ def test_third_party_package_installed_with_pip_is_discovered_and_runs(tmp_path)
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 succeeded, 0 failed" in run.stdout
+
+
+def test_every_builtin_plugin_has_a_description_and_documented_typed_options(registry):
+    from bench.options import describe
+    for info in registry.all():
+        if info.package != "robustness-bench":
+            continue
+        assert info.description and len(info.description) < 120, info.name
+        for option in describe(info.cls.Options):
+            assert option["doc"], f"{info.kind} {info.name}: option {option['name']} has no doc line"
+            assert option["type"] in ("int", "float", "bool", "str") or option["type"].startswith(("one of", "list of")), \
+                f"{info.kind} {info.name}: option {option['name']} has type {option['type']}"
