@@ -115,7 +115,8 @@ def _before_line(members: list[dict]) -> list[str]:
             parts.append(f"⚠ unreliable in {flagged}/{len(values)} seeds" if flagged else "not flagged")
         elif values:
             parts.append(f"{info['label']} {_cell(values, percent=True)}")
-    return [f"Attacked model, before any defense ({len(by_seed)} seeds): " + ", ".join(parts)] if parts else []
+    seeds = f"{len(by_seed)} seed{'s' if len(by_seed) != 1 else ''}"
+    return [f"Attacked model, before any defense ({seeds}): " + ", ".join(parts)] if parts else []
 
 
 def _table(members: list[dict]) -> str:
