@@ -36,3 +36,17 @@ def test_readme_example_plugin_matches_the_shipped_example():
     source = (ROOT / "examples" / "bench-median-filter" / "bench_median_filter.py").read_text()
     start = source.index("class MedianFiltered")
     assert source[start:].strip() in README
+
+
+def test_the_suite_in_the_readme_is_valid(registry):
+    import tomllib
+
+    from bench.jobs import expand
+    from bench.suite import parse_suite
+
+    start = README.index("## Writing a suite")
+    block = README[README.index("```toml", start) + len("```toml"):README.index("```", README.index("```toml", start) + 7)]
+    suite = parse_suite(tomllib.loads(block), Path("my-suite.toml"), registry)
+    jobs = expand(suite)
+    # 3 seeds x 2 poison rates x (none once + finetune-short at 2500 and 500; 50 is excluded)
+    assert len(jobs) == 3 * 2 * 3
