@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.options import option
@@ -46,6 +47,20 @@ class Model(Plugin):
 
     def build(self, shape: InputShape) -> nn.Module:
         raise NotImplementedError
+
+
+class GridAvgPool(nn.Module):
+    """The mean over each cell of a `grid` x `grid` partition of the feature map: what
+    `nn.AdaptiveAvgPool2d(grid)` computes when the sides divide by `grid` (a remainder row or
+    column is dropped otherwise), but with a deterministic CUDA backward, which adaptive pooling
+    lacks. Free of shape-dependent branches, so torch.fx can trace it (SAP does)."""
+
+    def __init__(self, grid: int = 1):
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, (x.shape[2] // self.grid, x.shape[3] // self.grid))
 
 
 class Classifier(nn.Module):

@@ -6,6 +6,10 @@ maintained `torchattacks` package rather than a re-write.
 - `rand` (for stochastic models): APGD-CE and APGD-DLR with EOT over 20 samples;
 - `auto` (default): `rand` for a model with `stochastic = True` (e.g. SAP), else `standard`.
 
+torchattacks' own defaults are lighter than the reference (10 iterations, every other class as
+a target); the plugin sets the reference budget: 100 iterations for APGD, APGD-T and FAB, at
+most 9 target classes, 5,000 Square queries.
+
 ART's `AutoAttack` runs a different default set, so it is not used. The attacks run in float32
 (torchattacks does not autocast) on the model's device, in batches of the suite's
 `eval_batch_size`; robust accuracy is counted on the device and read once. Which attacks ran is
@@ -24,6 +28,9 @@ from bench.adversarial import Norm, is_stochastic
 from bench.context import derived_seed
 from bench.evaluation import to_model_input
 
+STANDARD_ITERATIONS = 100  # APGD, APGD-T and FAB in Croce & Hein's reference code
+STANDARD_SQUARE_QUERIES = 5000
+STANDARD_TARGET_CLASSES = 9  # APGD-T and FAB-T target the 9 most likely other classes
 ATTACKS_RUN = {"standard": "APGD-CE, APGD-T, FAB-T, Square", "rand": "APGD-CE and APGD-DLR with EOT-20"}
 
 
@@ -48,8 +55,12 @@ class AutoAttack(bench.Attack):
         version: Version = bench.option(Version.AUTO, "'standard', 'rand' (stochastic models), or 'auto' to choose")
         subset: int = bench.option(1000, "attack the first N evaluation images; 0: all (RobustBench uses 10,000)",
                                    min=0)
-        square_queries: int = bench.option(5000, "Square's query budget (5,000 in the standard protocol; lower "
-                                                 "only for smoke tests, the protocol line records it)", min=1)
+        iterations: int = bench.option(STANDARD_ITERATIONS, "iterations of APGD, APGD-T and FAB (100 in the "
+                                       "standard protocol; lower only for smoke tests, the protocol line says so)", min=1)
+        square_queries: int = bench.option(STANDARD_SQUARE_QUERIES, "Square's query budget (5,000 in the standard "
+                                           "protocol; lower only for smoke tests, the protocol line says so)", min=1)
+
+    _ran_version: str | None = None  # the version the last evaluate() ran (auto resolves per model)
 
     def _version(self, model) -> str:
         if self.options.version is Version.AUTO:
@@ -57,35 +68,55 @@ class AutoAttack(bench.Attack):
         return self.options.version.value
 
     def describe_protocol(self) -> str:
-        o = self.options
         import torchattacks
-        versions = {"auto": "standard (APGD-CE, APGD-T, FAB-T, Square), or rand (APGD-CE and APGD-DLR with "
-                            "EOT-20) for stochastic models",
-                    "standard": "standard (" + ATTACKS_RUN["standard"] + ")", "rand": "rand (" + ATTACKS_RUN["rand"] + ")"}
+
+        o = self.options
+        version = self._ran_version or o.version.value
+        runs = {"auto": "standard (APGD-CE, APGD-T, FAB-T, Square) or, for stochastic models, rand (APGD-CE "
+                        "and APGD-DLR with EOT-20)",
+                "standard": f"standard ({ATTACKS_RUN['standard']})", "rand": f"rand ({ATTACKS_RUN['rand']})"}[version]
         images = f"the first {o.subset}" if o.subset else "all"
-        queries = "" if o.square_queries == 5000 else f", Square cut to {o.square_queries} queries (not the standard)"
-        return (f"AutoAttack {versions[o.version.value]}, torchattacks {torchattacks.__version__}, "
-                f"{o.norm.value} eps {o.eps:.4g}, on {images} evaluation images{queries}")
+        changes = []
+        if o.iterations != STANDARD_ITERATIONS:
+            changes.append(f"{o.iterations} iterations instead of {STANDARD_ITERATIONS}")
+        if o.square_queries != STANDARD_SQUARE_QUERIES and version != "rand":
+            changes.append(f"Square cut to {o.square_queries} queries")
+        deviation = f"; NOT the standard budget: {', '.join(changes)}" if changes else ""
+        return (f"AutoAttack {runs}, {o.iterations} iterations, at most {STANDARD_TARGET_CLASSES} target classes, "
+                f"torchattacks {torchattacks.__version__}, {o.norm.value} eps {o.eps:.4g}, on {images} "
+                f"evaluation images{deviation}")
 
-    def evaluate(self, model, test, ctx, state):
+    def build(self, model, num_classes: int, seed: int):
+        """torchattacks' AutoAttack with the reference budget: torchattacks defaults APGD, APGD-T
+        and FAB to 10 iterations and targets every other class; the reference runs 100
+        iterations and at most 9 target classes."""
         import torchattacks
 
         o = self.options
-        count = len(test) if o.subset == 0 else min(o.subset, len(test))
         version = self._version(model)
         attack = torchattacks.AutoAttack(model, norm="Linf" if o.norm is Norm.LINF else "L2", eps=o.eps,
-                                         version=version, n_classes=ctx.num_classes,
-                                         seed=derived_seed(ctx.seed, "autoattack") % 2 ** 31)
-        for member in attack._autoattack.attacks:  # torchattacks fixes Square's budget at 5,000
+                                         version=version, n_classes=num_classes, seed=seed)
+        for member in attack._autoattack.attacks:
             if isinstance(member, torchattacks.Square):
                 member.n_queries = o.square_queries
+            else:  # APGD, APGDT, FAB
+                member.steps = o.iterations
+            if hasattr(member, "n_target_classes"):
+                member.n_target_classes = min(STANDARD_TARGET_CLASSES, num_classes - 1)
+        return attack, version
+
+    def evaluate(self, model, test, ctx, state):
+        o = self.options
+        count = len(test) if o.subset == 0 else min(o.subset, len(test))
+        attack, self._ran_version = self.build(model, ctx.num_classes, derived_seed(ctx.seed, "autoattack") % 2 ** 31)
         was_training = model.training
         model.eval()
         robust = torch.zeros((), device=ctx.device)
         clean_correct = torch.zeros((), device=ctx.device)
         fooled = torch.zeros((), device=ctx.device)
         for start in ctx.progress(range(0, count, ctx.eval_batch_size), desc="autoattack"):
-            x = to_model_input(test.x[start:min(start + ctx.eval_batch_size, count)])
+            # contiguous: FAB reshapes with .view(), which channels_last tensors (CUDA) refuse
+            x = to_model_input(test.x[start:min(start + ctx.eval_batch_size, count)]).contiguous()
             y = test.y[start:start + len(x)]
             adversarial = attack(x, y)
             with torch.no_grad():

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 import bench
+from bench.models import GridAvgPool
 
 
 class SmallCNN(bench.Model):
@@ -28,7 +29,7 @@ class SmallCNN(bench.Model):
 
         return nn.Sequential(
             *block(shape.channels, w), *block(w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            *block(2 * w, 4 * w), GridAvgPool(2), nn.Flatten(),
             nn.Linear(4 * w * 4, shape.num_classes))
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 import bench
+from bench.models import GridAvgPool
 
 # Channels of each convolution as multiples of `width` (64 in the published network); "M" is a
 # 2x2 max-pooling.
@@ -41,7 +42,7 @@ class Vgg(nn.Module):
                            nn.ReLU(inplace=True)]
                 c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GridAvgPool(1)  # global pooling; deterministic on CUDA
         self.classifier = nn.Linear(c_in, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
