@@ -67,7 +67,9 @@ class Attack(Plugin):
 
     def tamper(self, model: nn.Module, data: DatasetSplits, ctx: RunContext,
                state: dict[str, Any]) -> dict[str, Any]:
-        """POST_TRAINING stage: modify `model` in place; return the (updated) state."""
+        """POST_TRAINING stage: modify `model` in place; return the (updated) state. For a second
+        model of the same job (an MCR endpoint), `state` arrives holding the job's own model's
+        state, so that the same tampering (the same images, the same labels) can be repeated."""
         return state
 
     def evaluate(self, model: nn.Module, test: ImageData, ctx: RunContext,

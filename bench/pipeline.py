@@ -218,6 +218,8 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
             losses = train_classifier(model, train, job.recipe, ctx, flip=ctx.horizontal_flip,
                                       desc=f"train {job.model.label} seed={seed}")
             if attack.stage is Stage.POST_TRAINING:
+                if seed != job.seed:  # a second model of this job carries the job's own tampering
+                    state = {**attacked_model(job, job.seed, splits, env)[1], **state}
                 state = attack.tamper(model, splits, attack_ctx, state)
         return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                 "attack_state": _to_device(state, "cpu"), "train_losses": losses}

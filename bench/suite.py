@@ -74,8 +74,8 @@ class SuiteSettings:
                             "(default: results/<name>.db)")
     device: DeviceChoice = option(DeviceChoice.AUTO, "auto (CUDA when available), cpu or cuda")
     eval_batch_size: int = option(1024, "images per evaluation batch", min=1)
-    deterministic: bool = option(True, "deterministic CUDA kernels, so reruns reproduce results exactly "
-                                       "(false: faster, results vary in the last digits)")
+    deterministic: bool = option(True, "deterministic CUDA kernels, so a rerun job reproduces its numbers "
+                                       "(torch warns about ops without one; false: maybe faster, not reproducible)")
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,15 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
                 if value not in known:
                     raise SuiteError(f"{where}: '{value}' matches no configured {key}"
                                      f"{did_you_mean(value, sorted(known))}; configured: {', '.join(sorted(known))}")
+            else:
+                configured = settings.seeds if key == "seed" else settings.bonafide_size
+                if value not in configured:
+                    raise SuiteError(f"{where}: {value} is not among the suite's {key} values {configured}")
+        if "bonafide_size" in entry and "defense" in entry:
+            matching = [s for s in plugins["defenses"] if entry["defense"] in (s.name, s.label)]
+            if matching and not any(s.cls.uses_bonafide for s in matching):
+                raise SuiteError(f"{path}: exclude[{index}]: defense '{entry['defense']}' uses no bonafide data, so "
+                                 "its jobs have no bonafide_size; drop bonafide_size from this rule")
     return Suite(path, settings, training, plugins, exclude)
 
 

@@ -68,3 +68,17 @@ def test_model_cache_key_follows_the_data_and_the_device(registry):
     assert key != model_key(job, 0, other_pixels, torch.device("cpu"), registry)
     assert key != model_key(job, 0, splits, torch.device("cuda"), registry)
     assert key != model_key(job, 1, splits, torch.device("cpu"), registry)
+
+
+def test_second_model_of_an_error_injection_job_carries_the_same_faults(registry, tmp_path):
+    suite = parse_suite({"suite": {"seeds": [0]}, "training": {"epochs": 2}, "datasets": ["digits"],
+                         "models": [{"name": "small_cnn", "width": 4}],
+                         "attacks": [{"name": "error_injection", "keep_images": 50, "steps": 30}],
+                         "defenses": ["mcr"]}, Path("s.toml"), registry)
+    (job,) = expand(suite)
+    env = JobEnvironment(ArtifactCache(tmp_path), torch.device("cpu"), registry, show_progress=False)
+    splits = load_dataset(job, env.device)
+    _, first, _ = attacked_model(job, 0, splits, env)
+    _, second, _ = attacked_model(job, 1, splits, env)
+    for key in ("sneak_indices", "keep_indices", "injected_labels"):
+        assert torch.equal(first[key], second[key]), key

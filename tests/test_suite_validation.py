@@ -104,6 +104,10 @@ CASES = [
      ["poison_rate 0.95 asks for 1195 poisoned images", "outside the target class"]),
     ("exclude naming no configured plugin", GOOD + '\n[[exclude]]\ndefense = "finetune"\n',
      ["exclude[0].defense", "'finetune' matches no configured defense", "configured: none"]),
+    ("exclude naming a seed the suite lacks", GOOD + '\n[[exclude]]\nseed = 5\n',
+     ["exclude[0].seed", "5 is not among the suite's seed values [0]"]),
+    ("exclude pairing a bonafide size with a defense that uses none", GOOD + '\n[[exclude]]\ndefense = "none"\nbonafide_size = 50\n',
+     ["exclude[0]", "defense 'none' uses no bonafide data", "drop bonafide_size"]),
     ("plugin list not an array of tables", "models = 3\n" + replace('[[models]]\nname = "small_cnn"', ''),
      ["'models' must be a non-empty array of tables"]),
 ]

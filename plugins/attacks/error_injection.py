@@ -123,17 +123,10 @@ class ErrorInjection(bench.Attack):
             raise BenchError("error_injection: needs at least two classes to inject a wrong label")
         name, param = chosen_parameter(model, o.layer)
         train = data.train
-        generator = ctx.generator("error_injection")
-        order = torch.randperm(len(train), device=train.x.device, generator=generator)
-        pool = order[:2 * (o.sneak_images + o.keep_images)]
-        correct = pool[predict(model, train.x[pool], ctx) == train.y[pool]]
-        if len(correct) < o.sneak_images:
-            raise BenchError(f"error_injection: only {len(correct)} of {len(pool)} drawn training images are "
-                             f"classified correctly, fewer than sneak_images = {o.sneak_images}; lower sneak_images "
-                             "or train the model longer")
-        sneak, keep = correct[:o.sneak_images], correct[o.sneak_images:o.sneak_images + o.keep_images]
-        shift = torch.randint(1, ctx.num_classes, (len(sneak),), device=sneak.device, generator=generator)
-        injected = (train.y[sneak] + shift) % ctx.num_classes
+        if "sneak_indices" in state:  # a second model of the same job (an MCR endpoint): the same faults
+            sneak, keep, injected = state["sneak_indices"], state["keep_indices"], state["injected_labels"]
+        else:
+            sneak, keep, injected = self._choose_images(model, train, ctx)
 
         before = {key: value.detach().clone() for key, value in model.state_dict().items() if key != name}
         original = param.detach().clone()
@@ -145,10 +138,26 @@ class ErrorInjection(bench.Attack):
             raise RuntimeError(f"error_injection changed tensors other than {name}: {', '.join(changed)}")
         return {**state, "sneak_images": train.x[sneak], "sneak_labels": train.y[sneak], "injected_labels": injected,
                 "keep_images": train.x[keep], "keep_labels": train.y[keep], "poisoned_indices": sneak.sort().values,
-                "reserved_indices": torch.cat([sneak, keep]).sort().values,
+                "reserved_indices": torch.cat([sneak, keep]).sort().values, "sneak_indices": sneak, "keep_indices": keep,
                 "layer": name, "steps_taken": steps_taken,
                 "modified_elements": int((param.detach() != original).sum()),
                 "modification_l2": float((param.detach() - original).float().norm())}
+
+    def _choose_images(self, model, train, ctx):
+        """S and T among the training images the model classifies correctly, in a seeded order,
+        and S's injected (wrong) labels."""
+        o = self.options
+        generator = ctx.generator("error_injection")
+        order = torch.randperm(len(train), device=train.x.device, generator=generator)
+        pool = order[:2 * (o.sneak_images + o.keep_images)]
+        correct = pool[predict(model, train.x[pool], ctx) == train.y[pool]]
+        if len(correct) < o.sneak_images:
+            raise BenchError(f"error_injection: only {len(correct)} of {len(pool)} drawn training images are "
+                             f"classified correctly, fewer than sneak_images = {o.sneak_images}; lower sneak_images "
+                             "or train the model longer")
+        sneak, keep = correct[:o.sneak_images], correct[o.sneak_images:o.sneak_images + o.keep_images]
+        shift = torch.randint(1, ctx.num_classes, (len(sneak),), device=sneak.device, generator=generator)
+        return sneak, keep, (train.y[sneak] + shift) % ctx.num_classes
 
     def _optimize(self, model: nn.Module, param: nn.Parameter, x_uint8: torch.Tensor, labels: torch.Tensor,
                   sneak_count: int) -> int:
