@@ -15,8 +15,6 @@ import torch
 class ArtifactCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.hits = 0
-        self.misses = 0
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.pt"
@@ -26,13 +24,10 @@ class ArtifactCache:
         path = self.path(kind, key)
         if path.is_file():
             try:
-                value = torch.load(path, map_location="cpu", weights_only=False)
-                self.hits += 1
-                return value, True
+                return torch.load(path, map_location="cpu", weights_only=False), True
             except Exception:  # unreadable (e.g. written by an older torch): rebuild it
                 path.unlink(missing_ok=True)
         value = create()
-        self.misses += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:

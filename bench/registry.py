@@ -110,12 +110,6 @@ def load_plugins() -> Registry:
     return _registry
 
 
-def reset_plugins() -> None:
-    """Forget the loaded plugins (tests; a process that installed a plugin meanwhile)."""
-    global _registry
-    _registry = None
-
-
 def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Registry:
     registry = Registry()
     trace = os.environ.get("BENCH_TRACE_PLUGINS", "") not in ("", "0")
