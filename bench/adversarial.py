@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.attacks import Metric
+from bench.attacks import Attack, Metric, Stage
 from bench.context import RunContext
 from bench.data import ImageData
 from bench.errors import BenchError
 from bench.evaluation import to_model_input
+from bench.options import option
 
 # What every evasion attack plugin reports (see evaluate_evasion and the pgd plugin).
 EVASION_METRICS = (
@@ -168,10 +169,10 @@ class PassCounts:
         return (self.correct == self.passes).float().mean()
 
 
-Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PerturbFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, labels or targets) -> adversarial
 
 
-def robust_accuracy(model: nn.Module, x_uint8: torch.Tensor, labels: torch.Tensor, *, attack: Attack | None,
+def robust_accuracy(model: nn.Module, x_uint8: torch.Tensor, labels: torch.Tensor, *, attack: PerturbFn | None,
                     targets: torch.Tensor | None = None, passes: int = 1, batch_size: int = 1024,
                     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                     progress: Callable | None = None) -> PassCounts:
@@ -216,6 +217,41 @@ class EvasionSettings:
     check_restarts: int
 
 
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """The options every evasion attack plugin shares; a plugin's `Options` extends this with
+    its threat model and steps."""
+
+    targeted: bool = option(False, "aim for a target class instead of any wrong class")
+    target_class: int = option(-1, "target of targeted attacks; -1: (label + 1) mod classes", min=-1)
+    subset: int = option(1000, "attack the first N evaluation images; 0: all of them", min=0)
+    eot_samples: int = option(10, "stochastic models: gradient samples averaged per EOT step", min=1)
+    passes: int = option(10, "stochastic models: forward passes each image is predicted in", min=1)
+    masking_threshold: float = option(0.05, "flag 'unreliable' when this attack's robust accuracy exceeds a "
+                                            "stronger attack's by more", min=0, max=1)
+    check_subset: int = option(200, "deterministic models: images the stronger check attacks", min=1)
+    check_restarts: int = option(3, "deterministic models: the check's random restarts", min=1)
+
+
+class EvasionAttack(Attack):
+    """A test-time attack evaluated with the shared protocol (`evaluate_evasion`): a subclass
+    gives an `Options` extending `ProtocolOptions` and turns it into `EvasionSettings`."""
+
+    stage = Stage.TEST_TIME
+    metrics = EVASION_METRICS
+    success_metric = "asr"
+
+    def settings(self) -> "EvasionSettings":
+        raise NotImplementedError
+
+    def check_dataset(self, splits):
+        check_target(self.name, self.options.target_class, splits.num_classes)
+
+    def evaluate(self, model, test, ctx, state):
+        check_target(self.name, self.options.target_class, ctx.num_classes)
+        return evaluate_evasion(model, test, ctx, self.settings(), stream=self.name)
+
+
 def check_target(attack_name: str, target_class: int, num_classes: int) -> None:
     if target_class >= num_classes:
         raise BenchError(f"{attack_name}: target_class {target_class} does not exist; "
@@ -237,7 +273,7 @@ def evaluate_evasion(model: nn.Module, test: ImageData, ctx: RunContext, setting
     stochastic = is_stochastic(model)
     passes = s.passes if stochastic else 1
 
-    def attack_with(stream_name: str, **overrides) -> Attack:
+    def attack_with(stream_name: str, **overrides) -> PerturbFn:
         kwargs = dict(eps=s.eps, step=s.step, steps=s.steps, norm=s.norm, random_start=s.random_start,
                       restarts=s.restarts, targeted=s.targeted, eot_samples=1, autocast=ctx.autocast)
         kwargs.update(overrides)
