@@ -244,6 +244,16 @@ class EvasionAttack(Attack):
     def settings(self) -> "EvasionSettings":
         raise NotImplementedError
 
+    def protocol_settings(self, *, step: float, steps: int, restarts: int, random_start: bool) -> "EvasionSettings":
+        """EvasionSettings from the shared options plus `norm`, `eps`, `check_steps_factor` and
+        the attack's own steps."""
+        o = self.options
+        return EvasionSettings(
+            norm=o.norm, eps=o.eps, step=step, steps=steps, restarts=restarts, random_start=random_start,
+            targeted=o.targeted, target_class=o.target_class, subset=o.subset, eot_samples=o.eot_samples,
+            passes=o.passes, masking_threshold=o.masking_threshold, check_subset=o.check_subset,
+            check_steps_factor=o.check_steps_factor, check_restarts=o.check_restarts)
+
     def check_dataset(self, splits):
         check_target(self.name, self.options.target_class, splits.num_classes)
 

@@ -31,12 +31,8 @@ class FGSM(EvasionAttack):
         check_steps_factor: int = bench.option(10, "deterministic models: steps of the check PGD", min=1)
 
     def settings(self) -> EvasionSettings:
-        o = self.options
-        return EvasionSettings(
-            norm=o.norm, eps=o.eps, step=o.eps, steps=1, restarts=1, random_start=o.random_start,
-            targeted=o.targeted, target_class=o.target_class, subset=o.subset, eot_samples=o.eot_samples,
-            passes=o.passes, masking_threshold=o.masking_threshold, check_subset=o.check_subset,
-            check_steps_factor=o.check_steps_factor, check_restarts=o.check_restarts)
+        return self.protocol_settings(step=self.options.eps, steps=1, restarts=1,
+                                      random_start=self.options.random_start)
 
 
 @bench.hookimpl

@@ -50,11 +50,7 @@ class PGD(EvasionAttack):
 
     def settings(self) -> EvasionSettings:
         o = self.options
-        return EvasionSettings(
-            norm=o.norm, eps=o.eps, step=o.step, steps=o.steps, restarts=o.restarts, random_start=o.random_start,
-            targeted=o.targeted, target_class=o.target_class, subset=o.subset, eot_samples=o.eot_samples,
-            passes=o.passes, masking_threshold=o.masking_threshold, check_subset=o.check_subset,
-            check_steps_factor=o.check_steps_factor, check_restarts=o.check_restarts)
+        return self.protocol_settings(step=o.step, steps=o.steps, restarts=o.restarts, random_start=o.random_start)
 
 
 @bench.hookimpl
