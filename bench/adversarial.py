@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.attacks import Attack, Metric, Stage
+from bench.attacks import Attack, Metric, Stage, check_target_class
 from bench.context import RunContext
 from bench.data import ImageData
-from bench.errors import BenchError
 from bench.evaluation import to_model_input
 from bench.options import option
 
@@ -255,17 +254,11 @@ class EvasionAttack(Attack):
             check_steps_factor=o.check_steps_factor, check_restarts=o.check_restarts)
 
     def check_dataset(self, splits):
-        check_target(self.name, self.options.target_class, splits.num_classes)
+        check_target_class(self.name, self.options.target_class, splits.num_classes)
 
     def evaluate(self, model, test, ctx, state):
-        check_target(self.name, self.options.target_class, ctx.num_classes)
+        check_target_class(self.name, self.options.target_class, ctx.num_classes)
         return evaluate_evasion(model, test, ctx, self.settings(), stream=self.name)
-
-
-def check_target(attack_name: str, target_class: int, num_classes: int) -> None:
-    if target_class >= num_classes:
-        raise BenchError(f"{attack_name}: target_class {target_class} does not exist; "
-                         f"the dataset has classes 0..{num_classes - 1}")
 
 
 def evaluate_evasion(model: nn.Module, test: ImageData, ctx: RunContext, settings: EvasionSettings,

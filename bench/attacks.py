@@ -19,7 +19,15 @@ from torch import nn
 
 from bench.context import RunContext
 from bench.data import DatasetSplits, ImageData
+from bench.errors import BenchError
 from bench.plugin import Plugin
+
+
+def check_target_class(attack_name: str, target_class: int, num_classes: int) -> None:
+    """Raise a `BenchError` naming the attack when `target_class` is not a class of the data."""
+    if target_class >= num_classes:
+        raise BenchError(f"{attack_name}: target_class {target_class} does not exist; "
+                         f"the dataset has classes 0..{num_classes - 1}")
 
 
 class Stage(enum.Enum):

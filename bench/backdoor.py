@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.attacks import Attack, Metric, Stage
+from bench.attacks import Attack, Metric, Stage, check_target_class
 from bench.data import ImageData
 from bench.errors import BenchError
 from bench.evaluation import predict
@@ -33,9 +33,7 @@ class AllToOneBackdoor(Attack):
         raise NotImplementedError
 
     def _check_target(self, num_classes: int) -> None:
-        if self.options.target_class >= num_classes:
-            raise BenchError(f"{self.name}: target_class {self.options.target_class} does not exist; "
-                             f"the dataset has classes 0..{num_classes - 1}")
+        check_target_class(self.name, self.options.target_class, num_classes)
 
     def _poison_count(self, train: ImageData) -> int:
         count = int(round(self.options.poison_rate * len(train)))

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench.adversarial import Norm, is_stochastic
+from bench.adversarial import Norm, eval_mode, is_stochastic, robust_accuracy
 from bench.context import derived_seed
-from bench.evaluation import to_model_input
 
 STANDARD_ITERATIONS = 100  # APGD, APGD-T and FAB in Croce & Hein's reference code
 STANDARD_SQUARE_QUERIES = 5000
@@ -109,25 +108,18 @@ class AutoAttack(bench.Attack):
         o = self.options
         count = len(test) if o.subset == 0 else min(o.subset, len(test))
         attack, self._ran_version = self.build(model, ctx.num_classes, derived_seed(ctx.seed, "autoattack") % 2 ** 31)
-        was_training = model.training
-        model.eval()
-        robust = torch.zeros((), device=ctx.device)
-        clean_correct = torch.zeros((), device=ctx.device)
-        fooled = torch.zeros((), device=ctx.device)
-        for start in ctx.progress(range(0, count, ctx.eval_batch_size), desc="autoattack"):
-            # contiguous: FAB reshapes with .view(), which channels_last tensors (CUDA) refuse
-            x = to_model_input(test.x[start:min(start + ctx.eval_batch_size, count)]).contiguous()
-            y = test.y[start:start + len(x)]
-            adversarial = attack(x, y)
-            with torch.no_grad():
-                clean_hit = model(x).argmax(1) == y
-                robust_hit = model(adversarial).argmax(1) == y
-            robust += robust_hit.sum()
-            clean_correct += clean_hit.sum()
-            fooled += (clean_hit & ~robust_hit).sum()
-        model.train(was_training)
-        return {"robust_acc": (robust / max(count, 1)).item(),
-                "asr": (fooled / clean_correct.clamp_min(1)).item()}
+        images, labels = test.x[:count], test.y[:count]
+        progress = lambda it: ctx.progress(it, desc="autoattack")  # noqa: E731
+        # Predictions in float32, as the attacks ran; contiguous inputs, since FAB reshapes with
+        # .view(), which channels_last tensors (CUDA) refuse.
+        with eval_mode(model):
+            clean = robust_accuracy(model, images, labels, attack=None, batch_size=ctx.eval_batch_size)
+            robust = robust_accuracy(model, images, labels, attack=lambda x, y: attack(x.contiguous(), y),
+                                     batch_size=ctx.eval_batch_size, progress=progress)
+        clean_hit = clean.correct > 0
+        fooled = clean_hit & (robust.correct == 0)
+        numbers = torch.stack([robust.accuracy(), fooled.sum() / clean_hit.sum().clamp_min(1)]).tolist()
+        return {"robust_acc": numbers[0], "asr": numbers[1]}
 
 
 @bench.hookimpl
