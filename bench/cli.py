@@ -13,6 +13,7 @@ from bench.options import describe
 from bench.registry import load_plugins
 
 EXIT_BAD_INPUT = 2
+EXIT_TIME_LIMIT = 3  # stopped by --time-limit with jobs left; no job failed
 EXIT_FAILED_JOBS_BASE = 100  # exit status 100 + N when N jobs failed (N capped at 27)
 
 
@@ -38,13 +39,17 @@ def main():
                    "else ~/.cache/robustness-bench/artifacts).")
 @click.option("--dry-run", is_flag=True, help="Print the jobs the suite expands to and exit.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
-def run(suite_file, store, device, cache_dir, dry_run, progress):
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
+              help="Start no job that would likely end past MINUTES from now (judged by the longest job "
+                   "so far; the first job always starts); run again to resume.")
+def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit):
     """Run every job of SUITE_FILE that is not yet in the store.
 
     A suite expands into the cross product dataset x model x attack x defense x seed x
     bonafide size. Results are stored as each job ends, so an interrupted run resumes where it
     stopped. Exit status: 0 when every job succeeded, 2 for bad input (nothing is run or
-    written), 100 + N when N jobs failed (N capped at 27), 130 when interrupted.
+    written), 3 when --time-limit left jobs to run, 100 + N when N jobs failed (N capped at
+    27; this wins over 3), 130 when interrupted.
     """
     from bench.jobs import expand
     from bench.runner import run_suite
@@ -60,7 +65,8 @@ def run(suite_file, store, device, cache_dir, dry_run, progress):
             click.echo(f"{len(jobs)} jobs; store: {store or suite.store_path}")
             return
         summary = run_suite(suite, registry, store_path=store, device=device, artifact_dir=cache_dir,
-                            show_progress=progress, echo=click.echo)
+                            show_progress=progress, echo=click.echo,
+                            time_limit=None if time_limit is None else time_limit * 60)
     except BenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -68,10 +74,13 @@ def run(suite_file, store, device, cache_dir, dry_run, progress):
         click.echo(f"\ninterrupted: every finished job is stored in {where}; "
                    "run the same command again to resume", err=True)
         sys.exit(130)
-    click.echo(f"{summary.succeeded} succeeded, {len(summary.failed)} failed, {summary.skipped} already done; "
-               f"results in {summary.store_path}")
+    left = f", {summary.left} left for the next run" if summary.left else ""
+    click.echo(f"{summary.succeeded} succeeded, {len(summary.failed)} failed, {summary.skipped} already done"
+               f"{left}; results in {summary.store_path}")
     if summary.failed:
         sys.exit(EXIT_FAILED_JOBS_BASE + min(len(summary.failed), 27))
+    if summary.left:
+        sys.exit(EXIT_TIME_LIMIT)
 
 
 @main.command()

@@ -4,6 +4,7 @@ as it ends."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,7 @@ class RunSummary:
     succeeded: int
     failed: list[tuple[Job, str]]
     store_path: Path
+    left: int = 0  # jobs not started because the time limit was reached
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -79,7 +81,14 @@ def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
 
 def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = None, device: str | None = None,
               artifact_dir: Path | None = None, executor: Executor | None = None,
-              show_progress: bool | None = None, echo: Callable[[str], None] = print) -> RunSummary:
+              show_progress: bool | None = None, echo: Callable[[str], None] = print,
+              time_limit: float | None = None) -> RunSummary:
+    """Run the suite's unfinished jobs. With `time_limit` (seconds), no job is started once
+    the time spent plus the longest job so far would pass the limit (the first job always
+    starts); the jobs left are reported in `RunSummary.left` and a later run resumes them."""
+    if time_limit is not None and time_limit <= 0:
+        raise BenchError(f"the time limit must be more than 0 seconds, not {time_limit}")
+    started = time.monotonic()  # the limit counts data loading in the preflight too
     jobs = expand(suite)
     store_path = Path(store_path or suite.store_path)
     torch_device = resolve_device(device or suite.settings.device.value)
@@ -93,10 +102,11 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
         todo = [job for job in jobs if job.key not in done]
         echo(f"{suite.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already in {store_path}, "
              f"{len(todo)} to run on {torch_device}")
-        failed, succeeded = [], 0
+        failed, succeeded, left = [], 0, 0
         disable = None if show_progress is None else not show_progress
+        previous, longest = time.monotonic(), 0.0
         with tqdm(total=len(todo), desc="jobs", unit="job", disable=disable, dynamic_ncols=True) as bar:
-            for job, outcome in (executor or InProcessExecutor()).run(todo, env):
+            for done_count, (job, outcome) in enumerate((executor or InProcessExecutor()).run(todo, env), 1):
                 store.record(job, outcome)
                 if outcome.status == "ok":
                     succeeded += 1
@@ -105,4 +115,11 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
                     first_line = (outcome.error or "").splitlines()[0] if outcome.error else "unknown error"
                     bar.write(f"FAILED {job.describe()}: {first_line}")
                 bar.update(1)
-    return RunSummary(len(jobs), len(jobs) - len(todo), succeeded, failed, store_path)
+                now = time.monotonic()
+                longest, previous = max(longest, now - previous), now
+                if time_limit is not None and done_count < len(todo) and now - started + longest > time_limit:
+                    left = len(todo) - done_count
+                    bar.write(f"time limit: {now - started:.0f} s spent and the longest job took {longest:.0f} s, "
+                              f"so the {left} jobs left are not started")
+                    break  # executors are lazy: leaving the loop starts no further job
+    return RunSummary(len(jobs), len(jobs) - len(todo), succeeded, failed, store_path, left)

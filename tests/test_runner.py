@@ -121,3 +121,23 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert "Traceback" not in stderr
     with sqlite3.connect(tmp_path / "r.db") as con:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_time_limit_starts_no_job_past_it_and_a_rerun_finishes(tmp_path):
+    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], store=tmp_path / "r.db")
+    command = ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    stopped = CliRunner().invoke(main, command + ["--time-limit", "0.0001"])
+    assert stopped.exit_code == 3, stopped.output
+    assert "so the 2 jobs left are not started" in stopped.output
+    assert "1 succeeded, 0 failed, 0 already done, 2 left for the next run" in stopped.output
+    assert _ok_rows(tmp_path / "r.db") == 1
+    resumed = CliRunner().invoke(main, command + ["--time-limit", "60"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "2 succeeded, 0 failed, 1 already done; results in" in resumed.output
+
+
+def test_time_limit_must_be_positive(tmp_path):
+    suite = write_suite(tmp_path / "s.toml", store=tmp_path / "r.db")
+    result = CliRunner().invoke(main, ["run", str(suite), "--time-limit", "0"])
+    assert result.exit_code == 2
+    assert "--time-limit" in result.output and not (tmp_path / "r.db").exists()
