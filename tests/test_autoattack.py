@@ -74,3 +74,19 @@ def test_stochastic_models_get_the_rand_version(digits_model):
                                                                           num_classes=10))
     assert AutoAttack()._version(sap) == "rand"
     assert AutoAttack()._version(model) == "standard"
+
+
+def test_a_missing_torchattacks_is_reported_before_the_suite_runs(tmp_path, monkeypatch):
+    import sys
+
+    from click.testing import CliRunner
+
+    from bench.cli import main
+    from bench.testing import write_suite
+
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # import torchattacks now raises ImportError
+    suite = write_suite(tmp_path / "s.toml", attacks=[{"name": "autoattack", "subset": 10}], store=tmp_path / "r.db")
+    result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2, result.output
+    assert "pip install 'robustness-bench[autoattack]'" in result.output
+    assert not (tmp_path / "r.db").exists()

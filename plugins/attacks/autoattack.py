@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import bench
+from bench.errors import BenchError
 from bench.adversarial import Norm, eval_mode, is_stochastic, robust_accuracy
 from bench.context import derived_seed
 
@@ -31,6 +32,15 @@ STANDARD_ITERATIONS = 100  # APGD, APGD-T and FAB in Croce & Hein's reference co
 STANDARD_SQUARE_QUERIES = 5000
 STANDARD_TARGET_CLASSES = 9  # APGD-T and FAB-T target the 9 most likely other classes
 ATTACKS_RUN = {"standard": "APGD-CE, APGD-T, FAB-T, Square", "rand": "APGD-CE and APGD-DLR with EOT-20"}
+
+
+def import_torchattacks():
+    try:
+        import torchattacks
+    except ImportError:
+        raise BenchError("attack 'autoattack' needs the torchattacks package, which is not installed: "
+                         "pip install 'robustness-bench[autoattack]' (or pip install torchattacks)") from None
+    return torchattacks
 
 
 class Version(enum.Enum):
@@ -66,9 +76,11 @@ class AutoAttack(bench.Attack):
             return "rand" if is_stochastic(model) else "standard"
         return self.options.version.value
 
-    def describe_protocol(self) -> str:
-        import torchattacks
+    def check_dataset(self, splits) -> None:
+        import_torchattacks()  # before anything runs, not when the first job reaches the attack
 
+    def describe_protocol(self) -> str:
+        torchattacks = import_torchattacks()
         o = self.options
         version = self._ran_version or o.version.value
         runs = {"auto": "standard (APGD-CE, APGD-T, FAB-T, Square) or, for stochastic models, rand (APGD-CE "
@@ -89,8 +101,7 @@ class AutoAttack(bench.Attack):
         """torchattacks' AutoAttack with the reference budget: torchattacks defaults APGD, APGD-T
         and FAB to 10 iterations and targets every other class; the reference runs 100
         iterations and at most 9 target classes."""
-        import torchattacks
-
+        torchattacks = import_torchattacks()
         o = self.options
         version = self._version(model)
         attack = torchattacks.AutoAttack(model, norm="Linf" if o.norm is Norm.LINF else "L2", eps=o.eps,
