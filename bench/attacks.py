@@ -15,6 +15,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from bench.context import RunContext
@@ -60,6 +61,11 @@ class Attack(Plugin):
     def check_dataset(self, splits: DatasetSplits) -> None:
         """Called before a suite runs, once per dataset: raise `BenchError` if the options cannot
         work with this dataset (a target class it lacks, a trigger larger than its images)."""
+
+    def check_model(self, model: nn.Module, sample: torch.Tensor) -> None:
+        """Called before a suite runs, once per model, with the untrained model (the `Classifier`
+        around the plugin's network) and two blank images in [0, 1]: raise `BenchError` if an
+        option cannot work with this model (a layer it lacks)."""
 
     def withheld_training_images(self, splits: DatasetSplits) -> int:
         """How many training images the attack alters or measures itself on (at most), which a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from bench.context import DefenseContext
@@ -22,3 +23,8 @@ class Defense(Plugin):
 
     def apply(self, model: nn.Module, bonafide: ImageData, ctx: DefenseContext) -> nn.Module:
         raise NotImplementedError
+
+    def check_model(self, model: nn.Module, sample: torch.Tensor) -> None:
+        """Called before a suite runs, once per model, with the untrained model (the `Classifier`
+        around the plugin's network) and two blank images in [0, 1]: raise `BenchError` if an
+        option cannot work with this model (a layer it lacks)."""

@@ -17,7 +17,7 @@ from bench.data import cache_dir
 from bench.errors import BenchError, SuiteError
 from bench.executors import Executor, InProcessExecutor
 from bench.jobs import Job, expand
-from bench.pipeline import JobEnvironment, load_dataset
+from bench.pipeline import JobEnvironment, build_model, load_dataset
 from bench.registry import Registry
 from bench.store import ResultStore
 from bench.suite import Suite
@@ -51,9 +51,10 @@ def make_cuda_deterministic() -> None:
 
 
 def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
-    """Problems that only the data reveals, found before anything is written: missing files,
-    options a dataset cannot satisfy, a bonafide budget larger than the defender's pool."""
-    checked = set()
+    """Problems that only the data or the model reveals, found before anything is written:
+    missing files, options a dataset or model cannot satisfy (a target class it lacks, a layer
+    it lacks), a bonafide budget larger than the defender's pool."""
+    checked, models = set(), {}
     for job in jobs:
         where = f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}'"
         try:
@@ -69,6 +70,19 @@ def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
             except BenchError as exc:
                 raise SuiteError(f"{where}: {exc}") from None
             checked.add((job.dataset.label, job.attack.label))
+        model_id = (job.dataset.label, job.model.label)
+        if model_id not in models:
+            with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the RNG as it was
+                models[model_id] = build_model(job, splits).eval()
+        sample = torch.zeros(2, *splits.train.x.shape[1:])
+        for spec in (job.attack, job.defense):
+            if (*model_id, spec.kind, spec.label) in checked:
+                continue
+            try:
+                spec.instantiate().check_model(models[model_id], sample)
+            except BenchError as exc:
+                raise SuiteError(f"{suite.path}: model '{job.model.label}', {spec.kind} '{spec.label}': {exc}") from None
+            checked.add((*model_id, spec.kind, spec.label))
         if job.bonafide_source == "test_half":
             pool, origin = len(splits.test) // 2, "half of its test set"
         else:

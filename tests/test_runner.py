@@ -7,6 +7,8 @@ import time
 
 import importlib.metadata
 
+import torch
+
 from click.testing import CliRunner
 
 import bench
@@ -141,3 +143,30 @@ def test_time_limit_must_be_positive(tmp_path):
     result = CliRunner().invoke(main, ["run", str(suite), "--time-limit", "0"])
     assert result.exit_code == 2
     assert "--time-limit" in result.output and not (tmp_path / "r.db").exists()
+
+
+class Branchy(bench.Model):
+    name = "branchy"
+    description = "data-dependent control flow, which torch.fx cannot trace"
+
+    def build(self, shape):
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(shape.channels * shape.height * shape.width, shape.num_classes)
+
+            def forward(self, x):
+                x = torch.relu(x.flatten(1))
+                return self.fc(x) if x.sum() > 0 else -self.fc(x)
+        return Net()
+
+
+def test_a_model_sap_cannot_trace_is_refused_before_the_run(tmp_path, monkeypatch):
+    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    registry.register(Branchy, plugin="test", package="tests")
+    monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
+    suite = write_suite(tmp_path / "s.toml", models=["branchy"], defenses=["sap"], store=tmp_path / "r.db")
+    result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2, result.output
+    assert "model 'branchy', defense 'sap': sap: cannot trace the model with torch.fx" in result.output
+    assert not (tmp_path / "r.db").exists()

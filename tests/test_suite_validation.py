@@ -108,6 +108,12 @@ CASES = [
      ["exclude[0].seed", "5 is not among the suite's seed values [0]"]),
     ("exclude pairing a bonafide size with a defense that uses none", GOOD + '\n[[exclude]]\ndefense = "none"\nbonafide_size = 50\n',
      ["exclude[0]", "defense 'none' uses no bonafide data", "drop bonafide_size"]),
+    # problems only the model reveals: its layers
+    ("fine-pruning layer the model lacks", replace('name = "none"', 'name = "fine_pruning"\nlayer = "net.conv9"'),
+     ["model 'small_cnn', defense 'fine_pruning(layer=\"net.conv9\")'", "the model has no module 'net.conv9'",
+      "candidates: "]),
+    ("error-injection parameter the model lacks", replace('name = "badnets"', 'name = "error_injection"\nlayer = "fc.weight"'),
+     ["model 'small_cnn', attack 'error_injection(layer=\"fc.weight\")'", "no parameter 'fc.weight'"]),
     ("plugin list not an array of tables", "models = 3\n" + replace('[[models]]\nname = "small_cnn"', ''),
      ["'models' must be a non-empty array of tables"]),
 ]

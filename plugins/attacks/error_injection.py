@@ -117,6 +117,9 @@ class ErrorInjection(bench.Attack):
     def withheld_training_images(self, splits):
         return self.options.sneak_images + min(self.options.keep_images, len(splits.train))
 
+    def check_model(self, model, sample):
+        chosen_parameter(model, self.options.layer)
+
     def tamper(self, model, data, ctx, state):
         o = self.options
         if ctx.num_classes < 2:

@@ -132,6 +132,9 @@ class FinePruning(bench.Defense):
         weight_decay: float = bench.option(5e-4, "fine-tuning L2 weight decay", min=0)
         augment: bool = bench.option(True, "fine-tune with the model's training augmentation, when its recipe augments")
 
+    def check_model(self, model, sample):
+        find_prune_point(model, sample, self.options.layer)
+
     def apply(self, model, bonafide, ctx):
         o = self.options
         point_name, conv_name = find_prune_point(model, to_model_input(bonafide.x[:2]), o.layer)

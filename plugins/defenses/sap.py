@@ -80,13 +80,15 @@ def is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 def insert_pruning(model: nn.Module, frac: float, generator: torch.Generator | None) -> tuple[torch.fx.GraphModule, int]:
     """A traced copy of `model` with an `ActivationPruning` layer after every ReLU; returns it
-    and the number of layers inserted."""
+    and the number of layers inserted (at least one: a model without ReLUs is refused)."""
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as exc:  # fx raises several types for untraceable code
         raise bench.BenchError(f"sap: cannot trace the model with torch.fx to find its ReLUs ({exc})") from exc
     modules = dict(traced.named_modules())
     relus = [node for node in traced.graph.nodes if is_relu(node, modules)]
+    if not relus:
+        raise bench.BenchError("sap: the model has no ReLU (nn.ReLU, F.relu, torch.relu or .relu()) to prune after")
     for index, node in enumerate(relus):
         name = f"sap_{index}"
         traced.add_submodule(name, ActivationPruning(frac, generator))
@@ -128,11 +130,12 @@ class SAP(bench.Defense):
         passes: int = bench.option(1, "stochastic passes averaged (softmax) in every prediction; 1: plain SAP",
                                    min=1)
 
+    def check_model(self, model, sample):
+        insert_pruning(model, self.options.frac, None)
+
     def apply(self, model, bonafide, ctx):
         model.eval()
-        pruned, layers = insert_pruning(model, self.options.frac, ctx.generator("sap"))
-        if layers == 0:
-            raise bench.BenchError("sap: the model has no ReLU (nn.ReLU, F.relu, torch.relu or .relu()) to prune after")
+        pruned, _ = insert_pruning(model, self.options.frac, ctx.generator("sap"))
         return StochasticallyPruned(pruned, self.options.passes).eval()
 
 
