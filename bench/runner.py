@@ -133,7 +133,7 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
                 longest, previous = max(longest, now - previous), now
                 if time_limit is not None and done_count < len(todo) and now - started + longest > time_limit:
                     left = len(todo) - done_count
-                    bar.write(f"time limit: {now - started:.0f} s spent and the longest job took {longest:.0f} s, "
-                              f"so the {left} jobs left are not started")
+                    bar.write(f"time limit: {now - started:.0f} s spent and the longest job took {longest:.0f} s; "
+                              f"jobs not started: {left}")
                     break  # executors are lazy: leaving the loop starts no further job
     return RunSummary(len(jobs), len(jobs) - len(todo), succeeded, failed, store_path, left)

@@ -130,7 +130,7 @@ def test_time_limit_starts_no_job_past_it_and_a_rerun_finishes(tmp_path):
     command = ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
     stopped = CliRunner().invoke(main, command + ["--time-limit", "0.0001"])
     assert stopped.exit_code == 3, stopped.output
-    assert "so the 2 jobs left are not started" in stopped.output
+    assert "jobs not started: 2" in stopped.output
     assert "1 succeeded, 0 failed, 0 already done, 2 left for the next run" in stopped.output
     assert _ok_rows(tmp_path / "r.db") == 1
     resumed = CliRunner().invoke(main, command + ["--time-limit", "60"])

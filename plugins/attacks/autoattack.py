@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench.errors import BenchError
 from bench.adversarial import Norm, eval_mode, is_stochastic, robust_accuracy
 from bench.context import derived_seed
 
@@ -38,7 +37,7 @@ def import_torchattacks():
     try:
         import torchattacks
     except ImportError:
-        raise BenchError("attack 'autoattack' needs the torchattacks package, which is not installed: "
+        raise bench.BenchError("attack 'autoattack' needs the torchattacks package, which is not installed: "
                          "pip install 'robustness-bench[autoattack]' (or pip install torchattacks)") from None
     return torchattacks
 
