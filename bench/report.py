@@ -26,12 +26,13 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
         raise BenchError(f"{store_path}: no such result store; run `bench run SUITE.toml` first")
     with ResultStore(store_path) as store:
         rows = store.rows(suite)
+        planned = store.planned_jobs()
     if not rows:
         which = f" for suite '{suite}'" if suite else ""
         raise BenchError(f"{store_path}: no results{which}")
     ok = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
-    lines = _header(rows, ok, failed, store_path)
+    lines = _header(rows, ok, failed, store_path) + _missing_lines(ok, planned)
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
         groups.setdefault((r["dataset_label"], r["model_label"], r["attack_label"]), []).append(r)
@@ -92,6 +93,22 @@ def _header(rows, ok, failed, store_path) -> list[str]:
              "model is shared by all defenses and not counted); best in bold. "
              "C-Acc: clean accuracy; ASR: attack success rate; RA: robust accuracy on triggered inputs; "
              "DER: defense effectiveness rating (BackdoorBench)."]
+    return lines
+
+
+def _missing_lines(ok: list[dict], planned: dict[str, tuple[str, list[str]]]) -> list[str]:
+    """A warning per suite whose latest run left jobs without a result (a time limit, Ctrl-C,
+    failures): such a leaderboard is incomplete."""
+    finished = {r["job_key"] for r in ok}
+    lines = []
+    for suite in sorted({r["suite"] for r in ok}):
+        if suite not in planned:
+            continue  # a store written before suites were recorded
+        suite_file, keys = planned[suite]
+        missing = [k for k in keys if k not in finished]
+        if missing:
+            lines.append(f"- ⚠ Incomplete: {len(missing)} of the {len(keys)} jobs of suite {suite} have no result "
+                         f"yet; `bench run {suite_file}` runs them")
     return lines
 
 

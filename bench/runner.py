@@ -3,6 +3,7 @@ as it ends."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
                          registry=registry, show_progress=show_progress)
     preflight(suite, jobs, env)
     with ResultStore(store_path) as store:
+        store.record_suite(suite.name, str(suite.path), [job.key for job in jobs],
+                           datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         done = store.finished_keys()
         todo = [job for job in jobs if job.key not in done]
         echo(f"{suite.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already in {store_path}, "

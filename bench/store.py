@@ -32,6 +32,12 @@ CREATE TABLE IF NOT EXISTS results (
     started_at TEXT NOT NULL,
     finished_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS suites (
+    suite TEXT PRIMARY KEY,
+    suite_file TEXT NOT NULL,
+    job_keys TEXT NOT NULL,  -- JSON list: every job of the suite's latest run, finished or not
+    updated_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS metrics (
     job_key TEXT NOT NULL REFERENCES results(job_key) ON DELETE CASCADE,
     name TEXT NOT NULL,
@@ -76,6 +82,16 @@ class ResultStore:
 
     def __exit__(self, *exc):
         self.close()
+
+    def record_suite(self, suite: str, suite_file: str, job_keys: list[str], when: str) -> None:
+        """The jobs a run of `suite` is meant to produce, so a report can say what is missing."""
+        self._db.execute("INSERT OR REPLACE INTO suites (suite, suite_file, job_keys, updated_at) VALUES (?, ?, ?, ?)",
+                         (suite, suite_file, json.dumps(job_keys), when))
+
+    def planned_jobs(self) -> dict[str, tuple[str, list[str]]]:
+        """suite -> (suite file, job keys) as recorded by the suite's latest run."""
+        return {suite: (suite_file, json.loads(keys))
+                for suite, suite_file, keys in self._db.execute("SELECT suite, suite_file, job_keys FROM suites")}
 
     def finished_keys(self) -> set[str]:
         """Keys of jobs that ended successfully (failed jobs are run again)."""

@@ -133,9 +133,13 @@ def test_time_limit_starts_no_job_past_it_and_a_rerun_finishes(tmp_path):
     assert "jobs not started: 2" in stopped.output
     assert "1 succeeded, 0 failed, 0 already done, 2 left for the next run" in stopped.output
     assert _ok_rows(tmp_path / "r.db") == 1
+    report = CliRunner().invoke(main, ["report", str(tmp_path / "r.db")])
+    assert f"⚠ Incomplete: 2 of the 3 jobs of suite s have no result yet; `bench run {suite}` runs them" \
+        in report.output
     resumed = CliRunner().invoke(main, command + ["--time-limit", "60"])
     assert resumed.exit_code == 0, resumed.output
     assert "2 succeeded, 0 failed, 1 already done; results in" in resumed.output
+    assert "Incomplete" not in CliRunner().invoke(main, ["report", str(tmp_path / "r.db")]).output
 
 
 def test_time_limit_must_be_positive(tmp_path):
