@@ -16,10 +16,13 @@ from bench.plugin import Plugin
 
 class Defense(Plugin):
     """Set `uses_bonafide = False` for a defense that ignores the bonafide set, so that a
-    swept `bonafide_size` does not repeat it."""
+    swept `bonafide_size` does not repeat it, and `returns_model_unchanged = True` for one that
+    returns the very model it was given, untouched (the `none` baseline): its after-defense
+    metrics are then the before-defense ones, not a second attack on the same model."""
 
     kind: ClassVar[str] = "defense"
     uses_bonafide: ClassVar[bool] = True
+    returns_model_unchanged: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, bonafide: ImageData, ctx: DefenseContext) -> nn.Module:
         raise NotImplementedError

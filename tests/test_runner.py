@@ -174,3 +174,27 @@ def test_a_model_sap_cannot_trace_is_refused_before_the_run(tmp_path, monkeypatc
     assert result.exit_code == 2, result.output
     assert "model 'branchy', defense 'sap': sap: cannot trace the model with torch.fx" in result.output
     assert not (tmp_path / "r.db").exists()
+
+
+class CountingAttack(bench.Attack):
+    name = "counting"
+    description = "a test-time attack that counts its evaluations"
+    metrics = (bench.Metric("robust_acc", "Robust acc", higher_is_better=True),)
+    calls = 0
+
+    def evaluate(self, model, test, ctx, state):
+        CountingAttack.calls += 1
+        return {"robust_acc": 0.5}
+
+
+def test_the_none_defense_is_not_attacked_a_second_time(tmp_path, monkeypatch):
+    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    registry.register(CountingAttack, plugin="test", package="tests")
+    monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
+    for defense, evaluations in (("none", 1), ("finetune", 2)):  # a fresh cache each: nothing measured yet
+        CountingAttack.calls = 0
+        suite = write_suite(tmp_path / f"{defense}.toml", attacks=["counting"], defenses=[defense],
+                            store=tmp_path / f"{defense}.db")
+        result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / defense), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert CountingAttack.calls == evaluations, defense

@@ -9,6 +9,7 @@ class NoDefense(bench.Defense):
     name = "none"
     description = "No defense: evaluates the attacked model as it is"
     uses_bonafide = False
+    returns_model_unchanged = True
 
     def apply(self, model, bonafide, ctx):
         return model
