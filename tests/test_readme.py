@@ -50,3 +50,16 @@ def test_the_suite_in_the_readme_is_valid(registry):
     jobs = expand(suite)
     # 3 seeds x 2 poison rates x (none once + finetune-short at 2500 and 500; 50 is excluded)
     assert len(jobs) == 3 * 2 * 3
+
+
+def test_every_committed_suite_is_valid_and_its_leaderboard_names_it(registry):
+    from bench.jobs import expand
+    from bench.suite import load_suite
+
+    for path in sorted((ROOT / "suites").glob("*.toml")):
+        suite = load_suite(path, registry)
+        assert expand(suite), path.name
+        leaderboard = ROOT / "leaderboard" / f"{suite.name}.md"
+        if leaderboard.is_file():  # a committed leaderboard comes from this suite, whole
+            text = leaderboard.read_text()
+            assert f"- Suite: {suite.name}; {len(expand(suite))} jobs, {len(expand(suite))} succeeded" in text
