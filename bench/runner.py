@@ -74,13 +74,12 @@ def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
         model_id = (job.dataset.label, job.model.label)
         if model_id not in models:
             with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the RNG as it was
-                models[model_id] = build_model(job, splits).eval()
-        sample = torch.zeros(2, *splits.train.x.shape[1:])
+                models[model_id] = (build_model(job, splits).eval(), torch.zeros(2, *splits.train.x.shape[1:]))
         for spec in (job.attack, job.defense):
             if (*model_id, spec.kind, spec.label) in checked:
                 continue
             try:
-                spec.instantiate().check_model(models[model_id], sample)
+                spec.instantiate().check_model(*models[model_id])
             except BenchError as exc:
                 raise SuiteError(f"{suite.path}: model '{job.model.label}', {spec.kind} '{spec.label}': {exc}") from None
             checked.add((*model_id, spec.kind, spec.label))
