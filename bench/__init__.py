@@ -38,14 +38,14 @@ from bench.hookspecs import PROJECT
 __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-from bench.attacks import Attack, Metric, Stage  # noqa: E402
+from bench.attacks import Attack, Metric, MetricKind, Stage  # noqa: E402
 from bench.context import DefenseContext, RunContext  # noqa: E402
 from bench.data import Dataset, DatasetSplits, ImageData  # noqa: E402
-from bench.defenses import Defense  # noqa: E402
+from bench.defenses import Defended, Defense  # noqa: E402
 from bench.errors import BenchError, DataNotFoundError, OptionError, SuiteError, UnknownPluginError  # noqa: E402
 from bench.models import InputShape, Model, TrainRecipe  # noqa: E402
 from bench.options import option  # noqa: E402
 
-__all__ = ["Attack", "BenchError", "DataNotFoundError", "Dataset", "DatasetSplits", "Defense", "DefenseContext",
-           "ImageData", "InputShape", "Metric", "Model", "OptionError", "RunContext", "Stage", "SuiteError",
-           "TrainRecipe", "UnknownPluginError", "hookimpl", "option"]
+__all__ = ["Attack", "BenchError", "DataNotFoundError", "Dataset", "DatasetSplits", "Defended", "Defense",
+           "DefenseContext", "ImageData", "InputShape", "Metric", "MetricKind", "Model", "OptionError", "RunContext",
+           "Stage", "SuiteError", "TrainRecipe", "UnknownPluginError", "hookimpl", "option"]

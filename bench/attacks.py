@@ -37,14 +37,32 @@ class Stage(enum.Enum):
     TEST_TIME = "test_time"
 
 
+class MetricKind(enum.Enum):
+    """How a metric's value is shown: the report renders by kind, never by key name."""
+
+    PERCENT = "percent"  # a share in [0, 1], shown in percent
+    FLAG = "flag"  # 0 or 1, shown as a warning mark where set
+    NUMBER = "number"  # shown as it is (a chosen t, a count, a norm)
+    SECONDS = "seconds"
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A metric an attack reports: its key in the store, its leaderboard label, and whether a
-    higher value is better for the defender."""
+    """A metric an attack (or a defense, about itself) reports: its key in the store, its
+    leaderboard label, whether a higher value is better for the defender (None: neither, e.g.
+    a chosen hyper-parameter; never bolded), how it is shown, and whether it is a diagnostic
+    (per-attack detail, shown in a second table under the headline one, never bolded)."""
 
     key: str
     label: str
-    higher_is_better: bool
+    higher_is_better: bool | None
+    kind: MetricKind = MetricKind.PERCENT
+    diagnostic: bool = False
+
+    def info(self) -> dict:
+        """The metric's description as stored with every result."""
+        return {"label": self.label, "higher_is_better": self.higher_is_better, "kind": self.kind.value,
+                "diagnostic": self.diagnostic}
 
 
 class Attack(Plugin):

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 import bench
-from bench.attacks import Attack, Stage
+from bench.attacks import Attack, Metric, Stage
 from bench.cache import ArtifactCache
 from bench.context import DefenseContext, RunContext
 from bench.data import DatasetSplits, ImageData
+from bench.defenses import Defended
 from bench.errors import BenchError
 from bench.evaluation import clean_accuracy
 from bench.jobs import Job, content_hash
@@ -33,8 +34,8 @@ from bench.registry import Registry
 from bench.store import Outcome
 from bench.training import train_classifier
 
-CLEAN_ACCURACY = {"label": "C-Acc", "higher_is_better": True}
-DER = {"label": "DER", "higher_is_better": True}
+CLEAN_ACCURACY = Metric("clean_acc", "C-Acc", higher_is_better=True)
+DER = Metric("der", "DER", higher_is_better=True)
 
 
 @dataclass
@@ -112,28 +113,35 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
     defense_ctx.seed_global_rng("defense")
     given = copy.deepcopy(model)
     with stage("defense"):
-        defended = defense.apply(given, bonafide, defense_ctx)
+        result = as_defended(defense.apply(given, bonafide, defense_ctx), defense.name)
+    defended = result.model
     if endpoint_seconds:
         timings["other_attacked_models"] = round(sum(endpoint_seconds), 4)
         timings["defense"] = round(timings["defense"] - timings["other_attacked_models"], 4)
     with stage("evaluate"):
         # Attacking the same model again would repeat the before-defense numbers exactly.
         after = dict(before) if defense.returns_model_unchanged and defended is given else measure(defended)
-    series = defense_series(defended)
-    if hasattr(defended, "points_to_evaluate"):
+    series = {name: list(records) for name, records in result.series.items()}
+    if result.points is not None:
         with stage("evaluate_points"):
-            for name, coordinates, point_model in defended.points_to_evaluate():
+            for name, coordinates, point_model in result.points():
                 series.setdefault(name, []).append({**coordinates, **measure(point_model)})
 
     metrics = dict(after)
     metrics.update({f"{k}_before": v for k, v in before.items()})
-    info = {"clean_acc": CLEAN_ACCURACY}
-    info.update({m.key: {"label": m.label, "higher_is_better": m.higher_is_better} for m in attack.metrics})
+    info = {"clean_acc": CLEAN_ACCURACY.info()}
+    info.update({m.key: m.info() for m in attack.metrics})
     success = attack.success_metric
     if success and success in after and success in before:
         metrics["der"] = defense_effectiveness_rating(before[success], after[success],
                                                       before["clean_acc"], after["clean_acc"])
-        info["der"] = DER
+        info["der"] = DER.info()
+    declared = {m.key: m for m in defense.metrics}
+    for key, value in result.values.items():
+        if key not in declared:
+            raise BenchError(f"{defense.name}: reported the value '{key}', which its `metrics` do not declare")
+        metrics[key] = float(value)
+        info[key] = declared[key].info()
     return Outcome(
         status="ok", metrics=metrics, metric_info=info, timings=timings,
         series=series,
@@ -143,15 +151,18 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         device=_device_name(env.device), versions=versions(job, env.registry))
 
 
-def defense_series(defended: nn.Module) -> dict:
-    """Per-point results a defense attached to its model as `series` (name -> list of dicts of
-    plain numbers), if any. A defense that wants the attack measured at other points (e.g.
-    along a mode-connectivity path) gives its model a `points_to_evaluate()` method yielding
-    (series name, coordinates dict, model); the pipeline measures clean accuracy and the
-    attack's metrics at each point and stores them in that series, so the defense itself never
-    sees the attack."""
-    series = getattr(defended, "series", None)
-    return dict(series) if isinstance(series, dict) else {}
+def as_defended(result: Any, defense_name: str) -> Defended:
+    """A defense's return value as a `Defended`; anything but a model is refused, naming the
+    defense, so the job fails with a reason instead of later with an obscure one."""
+    if isinstance(result, Defended):
+        if not isinstance(result.model, nn.Module):
+            raise BenchError(f"{defense_name}: apply() returned a Defended whose model is a "
+                             f"{type(result.model).__name__}, not a torch.nn.Module")
+        return result
+    if isinstance(result, nn.Module):
+        return Defended(result)
+    raise BenchError(f"{defense_name}: apply() returned a {type(result).__name__}; it must return the defended "
+                     "torch.nn.Module or a bench.Defended")
 
 
 def make_context(job: Job, env: JobEnvironment, splits: DatasetSplits, seed: int | None = None) -> RunContext:

@@ -13,7 +13,6 @@ from bench.errors import BenchError
 from bench.store import ResultStore
 
 TIME = "defense_time"
-FLAG = "unreliable"  # a gradient-masking flag, shown as a mark rather than a percentage
 
 
 def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Path | None = None,
@@ -113,54 +112,72 @@ def _missing_lines(ok: list[dict], planned: dict[str, tuple[str, list[str]]]) ->
 
 
 def _metric_columns(members: list[dict]) -> list[tuple[str, dict]]:
+    """(key, info) of every metric these results report, in first-seen order; info gains the
+    defaults of results stored before metrics had a kind."""
     columns: dict[str, dict] = {}
     for r in members:
         for key, info in r["metric_info"].items():
-            columns.setdefault(key, info)
+            columns.setdefault(key, {"kind": "percent", "diagnostic": False, **info})
     return list(columns.items())
 
 
 def _before_line(members: list[dict]) -> list[str]:
-    columns = _metric_columns(members)
+    columns = [(k, i) for k, i in _metric_columns(members) if not i["diagnostic"]]
     parts = []
     by_seed = {r["seed"]: r for r in members}
     for key, info in columns:
         values = [r["metrics"].get(f"{key}_before") for r in by_seed.values()]
         values = [v for v in values if v is not None]
-        if values and key == FLAG:
+        if values and info["kind"] == "flag":
             flagged = sum(v > 0 for v in values)
-            parts.append(f"⚠ unreliable in {flagged}/{len(values)} seeds" if flagged else "not flagged")
+            parts.append(f"{'⚠ ' if flagged else ''}{info['label'].lower()} in {flagged}/{len(values)} seeds")
         elif values:
-            parts.append(f"{info['label']} {_cell(values, percent=True)}")
+            parts.append(f"{info['label']} {_cell(values, info['kind'])}")
     seeds = f"{len(by_seed)} seed{'s' if len(by_seed) != 1 else ''}"
     return [f"Attacked model, before any defense ({seeds}): " + ", ".join(parts)] if parts else []
 
 
 def _table(members: list[dict]) -> str:
+    """The headline table (one row per defense and bonafide size) and, when the attack reports
+    diagnostics, a second table of them under it."""
     columns = _metric_columns(members)
+    time_info = {"label": "Defense time (s)", "higher_is_better": None, "kind": "seconds", "diagnostic": False}
     frame = pd.DataFrame([{"defense": r["defense_label"], "bonafide": r["bonafide_size"], "seed": r["seed"],
                            **{k: r["metrics"].get(k) for k, _ in columns}, TIME: r["timings"].get("defense", 0.0)}
                           for r in members])
     stats = frame.groupby(["defense", "bonafide"], sort=False).agg(["mean", "std", "count"])
     order = sorted(stats.index, key=lambda i: (i[0] != "none", i[0], -i[1]))
     stats = stats.loc[order]
-    specs = columns + [(TIME, {"label": "Defense time (s)", "higher_is_better": False})]
+    headline = [(k, i) for k, i in columns if not i["diagnostic"]] + [(TIME, time_info)]
+    diagnostics = [(k, i) for k, i in columns if i["diagnostic"]]
+    text = _render(frame, stats, headline)
+    if diagnostics:
+        text += "\n\nDiagnostics (per attack; not ranked):\n\n" + _render(frame, stats, diagnostics)
+    return text
+
+
+def _render(frame: pd.DataFrame, stats: pd.DataFrame, specs: list[tuple[str, dict]]) -> str:
     best = {}
     for key, info in specs:
         means = stats[(key, "mean")].dropna()
-        if len(means) > 1 and key != FLAG:
+        # Bold marks a best value only where "best" means something: ranked, headline numbers.
+        if len(means) > 1 and info["higher_is_better"] is not None and not info["diagnostic"] \
+                and info["kind"] in ("percent", "number"):
             best[key] = means.max() if info["higher_is_better"] else means.min()
     table = []
     for (defense, bonafide), row in stats.iterrows():
         cells = {"Defense": defense, "Bonafide": bonafide if bonafide else "-",
                  "Seeds": int(row[(TIME, "count")])}
         for key, info in specs:
-            mean, std = row[(key, "mean")], row[(key, "std")]
-            if key == FLAG:
-                flagged = int((frame[(frame.defense == defense) & (frame.bonafide == bonafide)][FLAG] > 0).sum())
-                cells[info["label"]] = f"⚠ unreliable ({flagged}/{int(row[(key, 'count')])} seeds)" if flagged else ""
+            mean, std, count = row[(key, "mean")], row[(key, "std")], int(row[(key, "count")])
+            if info["kind"] == "flag":
+                flagged = int((frame[(frame.defense == defense) & (frame.bonafide == bonafide)][key] > 0).sum())
+                cells[info["label"]] = f"⚠ {info['label'].lower()} ({flagged}/{count} seeds)" if flagged else ""
                 continue
-            text = _format(mean, std, percent=key != TIME)
+            if count == 0:
+                cells[info["label"]] = ""  # e.g. a value only another defense reports
+                continue
+            text = _format(mean, std, info["kind"])
             if key in best and not math.isnan(mean) and math.isclose(mean, best[key], rel_tol=0, abs_tol=1e-12):
                 text = f"**{text}**"
             cells[info["label"]] = text
@@ -168,16 +185,17 @@ def _table(members: list[dict]) -> str:
     return pd.DataFrame(table).to_markdown(index=False, disable_numparse=True)
 
 
-def _cell(values: list[float], percent: bool) -> str:
+def _cell(values: list[float], kind: str) -> str:
     series = pd.Series(values, dtype=float)
-    return _format(series.mean(), series.std(), percent)
+    return _format(series.mean(), series.std(), kind)
 
 
-def _format(mean: float, std: float, percent: bool) -> str:
+def _format(mean: float, std: float, kind: str) -> str:
+    """mean ± std: in percent with one decimal for `percent`, with two decimals otherwise."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
-    scale = 100 if percent else 1
-    text = f"{mean * scale:.1f}" if percent else f"{mean * scale:.2f}"
+    scale, digits = (100, 1) if kind == "percent" else (1, 2)
+    text = f"{mean * scale:.{digits}f}"
     if std is not None and not math.isnan(std):
-        text += f" ± {std * scale:.1f}" if percent else f" ± {std * scale:.2f}"
+        text += f" ± {std * scale:.{digits}f}"
     return text

@@ -2,6 +2,11 @@
 
 Used to train the attacked model and by defenses that fine-tune. The loop never syncs with the
 host inside an epoch: losses are summed on the device and read once per epoch.
+
+Defenses train on a small bonafide set with a budget that must not shrink with its size: the
+MCR reference code (IBM/model-sanitization, `data.loaders_part_test`) repeats the N bonafide
+images until they fill a 10,000-image epoch, so its "100 epochs" are about 7,900 steps of 128
+whether N is 50 or 2500. `samples_per_epoch` does the same here (`REFERENCE_SAMPLES_PER_EPOCH`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,39 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
     return x[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+REFERENCE_SAMPLES_PER_EPOCH = 10_000  # the MCR reference's repeated bonafide loader
+
+
+def epoch_size(images: int, samples_per_epoch: int) -> int:
+    """Samples drawn per epoch: `samples_per_epoch` when the data is smaller (the images are
+    repeated to fill it, as the MCR reference's loader does), else one pass; 0 means one pass."""
+    return max(images, samples_per_epoch)
+
+
+def steps_per_epoch(images: int, batch_size: int, samples_per_epoch: int = 0) -> int:
+    return math.ceil(epoch_size(images, samples_per_epoch) / batch_size)
+
+
+def epoch_order(images: int, samples_per_epoch: int, generator: torch.Generator, device) -> torch.Tensor:
+    """The indices of one epoch: the images repeated (each equally often, up to one) to fill
+    `epoch_size`, in a random order. With samples_per_epoch <= images, a permutation."""
+    size = epoch_size(images, samples_per_epoch)
+    repeated = torch.arange(size, device=device) % images
+    return repeated[torch.randperm(size, device=device, generator=generator)]
+
+
+def reference_lr_factor(epoch: int, epochs: int) -> float:
+    """The MCR reference's schedule (dnn-mode-connectivity, also its fine-tuning baseline), for
+    epoch 0..epochs-1: with progress p = (epoch + 1) / epochs, 1 while p <= 0.5, then linear down
+    to 0.01 at p = 0.9, and 0.01 after."""
+    progress = (epoch + 1) / epochs
+    if progress <= 0.5:
+        return 1.0
+    if progress <= 0.9:
+        return 1.0 - (progress - 0.5) / 0.4 * 0.99
+    return 0.01
+
+
 def lr_schedule(recipe: TrainRecipe, total_steps: int):
     """Linear warm-up to `recipe.lr`, then linear decay to zero, as a LambdaLR factor."""
     warmup = max(1, int(recipe.warmup_fraction * total_steps))
@@ -52,10 +90,14 @@ def lr_schedule(recipe: TrainRecipe, total_steps: int):
 def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx: RunContext,
                      *, flip: bool, stream: str = "train", desc: str = "train",
                      perturb: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                     samples_per_epoch: int = 0, reference_schedule: bool = False,
                      ) -> list[float]:
     """Train `model` in place on `data` (already on `ctx.device`) following `recipe`.
     `perturb(x, y, generator)`, if given, replaces each augmented float batch before the step
-    (adversarial training). Returns the mean training loss of each epoch."""
+    (adversarial training). `samples_per_epoch` repeats small data to fill each epoch (see
+    `epoch_order`). `reference_schedule` replaces the recipe's warm-up and linear decay by the
+    MCR reference's per-epoch schedule (`reference_lr_factor`). Returns the mean training loss
+    of each epoch."""
     generator = ctx.generator(stream)
     model.train()
     decay, no_decay = [], []
@@ -65,14 +107,20 @@ def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0)
-    steps_per_epoch = math.ceil(len(data) / recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(recipe, recipe.epochs * steps_per_epoch))
+    total_steps = recipe.epochs * steps_per_epoch(len(data), recipe.batch_size, samples_per_epoch)
+    if reference_schedule:
+        scheduler = None
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(recipe, total_steps))
     epoch_losses = []
     bar = ctx.progress(range(recipe.epochs), desc=desc)
-    for _ in bar:
-        order = torch.randperm(len(data), device=ctx.device, generator=generator)
+    for epoch in bar:
+        if reference_schedule:
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.lr * reference_lr_factor(epoch, recipe.epochs)
+        order = epoch_order(len(data), samples_per_epoch, generator, ctx.device)
         loss_sum = torch.zeros((), device=ctx.device)
-        for start in range(0, len(data), recipe.batch_size):
+        for start in range(0, len(order), recipe.batch_size):
             idx = order[start:start + recipe.batch_size]
             xb = data.x[idx]
             if recipe.augment:
@@ -86,9 +134,10 @@ def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            if scheduler is not None:
+                scheduler.step()
             loss_sum += loss.detach() * len(idx)
-        epoch_losses.append(loss_sum.item() / len(data))
+        epoch_losses.append(loss_sum.item() / len(order))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
     model.eval()

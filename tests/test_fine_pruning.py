@@ -80,13 +80,14 @@ def test_prunes_exactly_the_reported_channels_and_they_stay_zero_after_fine_tuni
     bonafide = digits.test.subset(torch.arange(200))
     activation = mean_channel_activation(trained, trained.get_submodule("net.10"), bonafide, context())
     before = {k: v.clone() for k, v in trained.state_dict().items()}
-    options = FinePruning.Options(max_accuracy_drop=1.0, max_prune_ratio=0.5, epochs=2, augment=False)
-    defended = FinePruning(options).apply(copy.deepcopy(trained), bonafide, context())
+    options = FinePruning.Options(max_accuracy_drop=1.0, max_prune_ratio=0.5, epochs=2, augment=False,
+                                  samples_per_epoch=0)
+    result = FinePruning(options).apply(copy.deepcopy(trained), bonafide, context())
+    defended = result.model
 
-    pruned = defended.pruned_channels
-    assert len(pruned) == 8 and defended.pruned_layer == "net.10"  # half of 16 channels
+    pruned = [row["index"] for row in result.series["pruned_channels"]]
+    assert len(pruned) == 8 and result.values == {"pruned_channels": 8}  # half of 16 channels
     assert sorted(pruned) == sorted(activation.argsort()[:8].tolist())  # the least active ones
-    assert [row["index"] for row in defended.series["pruned_channels"]] == pruned
     masked = defended.get_submodule("net.10")
     assert isinstance(masked, ChannelMask)
     assert any(not torch.equal(before[k], v) for k, v in defended.state_dict().items() if k in before)  # fine-tuned
@@ -105,14 +106,15 @@ def test_stops_before_the_accuracy_drop_exceeds_the_limit(digits, trained):
     bonafide = digits.test.subset(torch.arange(200))
     baseline = clean_accuracy(trained, bonafide, context())
     options = FinePruning.Options(max_accuracy_drop=0.05, epochs=0)
-    defended = FinePruning(options).apply(copy.deepcopy(trained), bonafide, context())
-    steps = defended.series["prune_steps"]
+    result = FinePruning(options).apply(copy.deepcopy(trained), bonafide, context())
+    steps = result.series["prune_steps"]
+    pruned = result.values["pruned_channels"]
     assert steps[0] == {"pruned": 0, "bonafide_acc": pytest.approx(baseline)}
-    accepted = [s for s in steps if s["pruned"] <= len(defended.pruned_channels)]
+    accepted = [s for s in steps if s["pruned"] <= pruned]
     assert all((baseline - s["bonafide_acc"]) / baseline <= 0.05 for s in accepted)
-    if len(defended.pruned_channels) < 16:  # stopped by the rule: the next step broke it
+    if pruned < 16:  # stopped by the rule: the next step broke it
         assert (baseline - steps[-1]["bonafide_acc"]) / baseline > 0.05
-    assert clean_accuracy(defended, bonafide, context()) == pytest.approx(accepted[-1]["bonafide_acc"])
+    assert clean_accuracy(result.model, bonafide, context()) == pytest.approx(accepted[-1]["bonafide_acc"])
 
 
 def test_fine_pruning_only_ever_sees_bonafide_images(trained):
@@ -122,7 +124,8 @@ def test_fine_pruning_only_ever_sees_bonafide_images(trained):
     seen = []
     model = copy.deepcopy(trained)
     model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
-    FinePruning(FinePruning.Options(epochs=1, augment=False, batch_size=16)).apply(model, bonafide, context())
+    FinePruning(FinePruning.Options(epochs=1, augment=False, batch_size=16, samples_per_epoch=0)).apply(
+        model, bonafide, context())
     assert seen
     assert all(row.numpy().tobytes() in allowed for batch in seen for row in batch)
 

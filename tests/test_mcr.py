@@ -141,9 +141,9 @@ def test_mcr_only_ever_sees_bonafide_images():
         return second
 
     defense = ModeConnectivityRepair(ModeConnectivityRepair.Options(epochs=2, batch_size=16, path_points=3,
-                                                                    augment=False))
+                                                                    samples_per_epoch=0))
     repaired = defense.apply(model, bonafide, context(seed=5, attacked_model_with_seed=second_model))
-    points = list(repaired.points_to_evaluate())
+    points = list(repaired.points())
     assert seeds == [6]
     assert len(seen) > 0 and len(points) == 3
     for batch in seen:
@@ -153,30 +153,44 @@ def test_mcr_only_ever_sees_bonafide_images():
 
 def test_second_seed_endpoint_needs_a_second_model_and_finetuned_does_not(digits):
     bonafide = digits.test.subset(torch.arange(64))
-    options = ModeConnectivityRepair.Options(epochs=1, path_points=2)
+    options = ModeConnectivityRepair.Options(epochs=1, path_points=2, samples_per_epoch=0)
     with pytest.raises(BenchError, match="finetuned"):
         ModeConnectivityRepair(options).apply(tiny_model(0), bonafide, context())
     finetuned = dataclasses.replace(options, endpoint=Endpoint.FINETUNED, finetune_epochs=1)
     repaired = ModeConnectivityRepair(finetuned).apply(tiny_model(0), bonafide, context())
-    assert [c["t"] for _, c, _ in repaired.points_to_evaluate()] == [0.0, 1.0]
+    assert [c["t"] for _, c, _ in repaired.points()] == [0.0, 1.0]
+
+
+def fixed_t_repair(start, end, bonafide, t=0.4, epochs=3):
+    """MCR with a fixed t; returns (defense result, the trained curve)."""
+    curves = []
+    original_init = ParameterCurve.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        curves.append(self)
+
+    defense = ModeConnectivityRepair(ModeConnectivityRepair.Options(epochs=epochs, t=t, t_selection=TSelection.FIXED,
+                                                                    samples_per_epoch=0))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ParameterCurve, "__init__", recording_init)
+        result = defense.apply(copy.deepcopy(start), bonafide, context(attacked_model_with_seed=lambda seed: end))
+    return result, curves[0]
 
 
 def test_mcr_end_to_end_returns_phi_of_t_and_the_path(digits, trained_pair):
     start, end = trained_pair
     original = {k: v.clone() for k, v in start.named_parameters()}
     bonafide = digits.test.subset(torch.arange(200))
-    defense = ModeConnectivityRepair(ModeConnectivityRepair.Options(epochs=3, t=0.4))
-    repaired = defense.apply(copy.deepcopy(start), bonafide, context(attacked_model_with_seed=lambda seed: end))
+    result, curve = fixed_t_repair(start, end, bonafide)
 
-    assert repaired.t == 0.4
-    phi = curve_parameters(repaired.curve, 0.4)
-    for name, p in repaired.net.named_parameters():
+    assert result.values == {"mcr_t": 0.4}
+    phi = curve_parameters(curve, 0.4)
+    for name, p in result.model.named_parameters():
         torch.testing.assert_close(p, phi[name], rtol=0, atol=0)
-    training = repaired.series["mcr_training"]
-    assert [row["epoch"] for row in training] == [1, 2, 3]
-    assert all(isinstance(row["loss"], float) and row["loss"] > 0 for row in training)
+    assert [row["epoch"] for row in result.series["mcr_training"]] == [1, 2, 3]
 
-    points = list(repaired.points_to_evaluate())
+    points = list(result.points())
     assert [name for name, _, _ in points] == ["path"] * 11
     assert [c["t"] for _, c, _ in points] == pytest.approx([i / 10 for i in range(11)])
     first, last = points[0][2], points[-1][2]
@@ -184,20 +198,58 @@ def test_mcr_end_to_end_returns_phi_of_t_and_the_path(digits, trained_pair):
         assert torch.equal(p, original[name])
         assert torch.equal(dict(last.named_parameters())[name], dict(end.named_parameters())[name])
     assert points[3][2] is not points[4][2]
-    logits = repaired(to_model_input(bonafide.x[:8]))
-    assert logits.shape == (8, 10) and torch.isfinite(logits).all()
 
 
-def test_clean_rule_picks_the_point_farthest_from_both_endpoints(digits, trained_pair):
+def test_training_lowers_the_curve_loss_and_moves_the_bend(digits, trained_pair):
     start, end = trained_pair
     bonafide = digits.test.subset(torch.arange(200))
-    options = ModeConnectivityRepair.Options(epochs=2, t_selection=TSelection.CLEAN_RULE, max_accuracy_drop=1.0,
-                                             path_points=5)
-    repaired = ModeConnectivityRepair(options).apply(copy.deepcopy(start), bonafide,
-                                                     context(attacked_model_with_seed=lambda seed: end))
-    assert repaired.t == 0.5
-    assert [row["t"] for row in repaired.series["mcr_path_bonafide"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert repaired.series["mcr_t"] == [{"t": 0.5}]
+    result, curve = fixed_t_repair(start, end, bonafide, epochs=6)
+    losses = [row["loss"] for row in result.series["mcr_training"]]
+    assert losses[-1] < losses[0]
+    midpoint = (curve.start + curve.end) / 2
+    assert (curve.bend - midpoint).norm() > 1e-3 * midpoint.norm()
+    # the endpoints stay frozen
+    for name, p in curve.as_parameters(curve.start).items():
+        assert torch.equal(p, dict(start.named_parameters())[name].float())
+
+
+def test_the_rule_steps_away_from_a_middle_that_loses_held_out_accuracy():
+    dipping = {0.0: 0.90, 0.1: 0.90, 0.2: 0.89, 0.3: 0.89, 0.4: 0.80, 0.5: 0.60, 0.6: 0.82, 0.7: 0.90,
+               0.8: 0.91, 0.9: 0.91, 1.0: 0.92}
+    # 0.3 and 0.7 are equally far from the ends and within 0.02 of the worse end (0.90): the better wins
+    assert mcr.farthest_acceptable_t(dipping, max_accuracy_drop=0.02) == 0.7
+    dipping[0.7] = 0.85
+    assert mcr.farthest_acceptable_t(dipping, max_accuracy_drop=0.02) == 0.3
+    assert mcr.farthest_acceptable_t(dipping, max_accuracy_drop=0.5) == 0.5
+    collapsing = {0.0: 0.9, 0.5: 0.1, 1.0: 0.9}
+    assert mcr.farthest_acceptable_t(collapsing, max_accuracy_drop=0.02) == 0.0  # no repair beats a broken model
+
+
+def test_clean_rule_scores_points_on_held_out_images_only(digits, trained_pair):
+    start, end = trained_pair
+    bonafide = digits.test.subset(torch.arange(100))
+    held_out_seen, trained_on = [], []
+    options = ModeConnectivityRepair.Options(epochs=2, path_points=5, samples_per_epoch=0, holdout_fraction=0.2)
+    defense = ModeConnectivityRepair(options)
+    training_part, held_out = defense._split(bonafide, context())
+    assert len(held_out) == 20 and len(training_part) == 80
+    held = {row.numpy().tobytes() for row in held_out.x}
+    assert not held & {row.numpy().tobytes() for row in training_part.x}
+
+    original_train = ModeConnectivityRepair._train
+
+    def recording_train(self, net, curve, images, ctx):
+        trained_on.append(images)
+        return original_train(self, net, curve, images, ctx)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ModeConnectivityRepair, "_train", recording_train)
+        result = defense.apply(copy.deepcopy(start), bonafide, context(attacked_model_with_seed=lambda seed: end))
+    assert not held & {row.numpy().tobytes() for row in trained_on[0].x}
+    scores = {row["t"]: row["held_out_acc"] for row in result.series["mcr_path_held_out"]}
+    assert list(scores) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert all(abs(score * 20 - round(score * 20)) < 1e-4 for score in scores.values())  # counted on 20 images
+    assert result.values["mcr_t"] == mcr.farthest_acceptable_t(scores, options.max_accuracy_drop)
 
 
 def test_mcr_registers_through_the_hook():

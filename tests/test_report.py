@@ -6,9 +6,9 @@ from bench.cli import main
 from bench.report import render_report
 from bench.store import Outcome, ResultStore
 
-INFO = {"clean_acc": {"label": "C-Acc", "higher_is_better": True},
-        "asr": {"label": "ASR", "higher_is_better": False},
-        "der": {"label": "DER", "higher_is_better": True}}
+INFO = {"clean_acc": {"label": "C-Acc", "higher_is_better": True, "kind": "percent", "diagnostic": False},
+        "asr": {"label": "ASR", "higher_is_better": False, "kind": "percent", "diagnostic": False},
+        "der": {"label": "DER", "higher_is_better": True, "kind": "percent", "diagnostic": False}}
 
 
 def fake_job(defense, seed, bonafide):
@@ -83,7 +83,7 @@ def test_report_draws_paths_and_bonafide_sweeps_and_links_them(tmp_path):
 
 
 def test_unreliable_rows_are_flagged_not_averaged(tmp_path):
-    info = {**INFO, "unreliable": {"label": "Flag", "higher_is_better": False}}
+    info = {**INFO, "unreliable": {"label": "Unreliable", "higher_is_better": False, "kind": "flag"}}
     with ResultStore(tmp_path / "r.db") as store:
         for defense, flags in (("sap", (1.0, 0.0)), ("none", (0.0, 0.0))):
             for seed, flag in enumerate(flags):
@@ -94,3 +94,27 @@ def test_unreliable_rows_are_flagged_not_averaged(tmp_path):
     text = render_report(tmp_path / "r.db")
     assert "⚠ unreliable (1/2 seeds)" in next(l for l in text.splitlines() if l.startswith("| sap"))
     assert "unreliable" not in next(l for l in text.splitlines() if l.startswith("| none"))
+
+
+def test_cells_render_by_kind_diagnostics_go_below_and_only_ranked_headline_columns_are_bold(tmp_path):
+    info = {**INFO,
+            "robust_acc_attack": {"label": "PGD acc", "higher_is_better": True, "kind": "percent", "diagnostic": True},
+            "mcr_t": {"label": "t", "higher_is_better": None, "kind": "number", "diagnostic": False}}
+    with ResultStore(tmp_path / "r.db") as store:
+        for defense, acc, t, seconds in (("mcr", 0.8, 0.3, 5.0), ("finetune", 0.7, None, 1.0)):
+            metrics = {"clean_acc": acc, "asr": 0.1, "robust_acc_attack": acc - 0.1}
+            if t is not None:
+                metrics["mcr_t"] = t
+            store.record(fake_job(defense, 0, 100), Outcome(
+                status="ok", metrics=metrics, metric_info=info, timings={"defense": seconds}, device="cpu",
+                started_at="2026-11-23T10:00:00", finished_at="2026-11-23T10:01:00"))
+    text = render_report(tmp_path / "r.db")
+    main, _, diagnostics = text.partition("Diagnostics (per attack; not ranked):")
+    mcr_row = next(l for l in main.splitlines() if l.startswith("| mcr"))
+    ft_row = next(l for l in main.splitlines() if l.startswith("| finetune"))
+    assert "| 0.30 " in mcr_row and "**0.30" not in mcr_row  # a chosen value, not a percentage, never ranked
+    assert "**80.0**" in mcr_row  # ranked headline percentage
+    assert "5.00" in mcr_row and "1.00" in ft_row and "**1.00" not in ft_row  # times are not ranked
+    assert "PGD acc" not in main.splitlines()[-3] and "PGD acc" in diagnostics
+    diag_mcr = next(l for l in diagnostics.splitlines() if l.startswith("| mcr"))
+    assert "70.0" in diag_mcr and "**" not in diagnostics

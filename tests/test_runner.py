@@ -19,21 +19,24 @@ from bench.cli import main
 from bench.store import ResultStore
 from bench.testing import run_suite_file, write_suite
 
+# Fine-tuning's default is the MCR reference's budget (a million samples); a test needs a few passes.
+QUICK_FINETUNE = {"name": "finetune", "epochs": 2, "samples_per_epoch": 0}
+
 
 def test_attacked_model_is_trained_once_for_all_defenses(tmp_path):
-    suite = write_suite(tmp_path / "s.toml", defenses=["none", "finetune", {"name": "finetune", "epochs": 1}])
+    suite = write_suite(tmp_path / "s.toml", defenses=["none", QUICK_FINETUNE, {**QUICK_FINETUNE, "epochs": 1}])
     rows = run_suite_file(suite, tmp_path)
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert sorted(r["notes"]["model_cache"] for r in rows) == ["hit", "hit", "miss"]
     assert len(list((tmp_path / "artifacts" / "models").glob("*.pt"))) == 1
     # a later run of another suite with the same attacked model reuses it too
-    other = write_suite(tmp_path / "other.toml", defenses=[{"name": "finetune", "lr": 0.02}])
+    other = write_suite(tmp_path / "other.toml", defenses=[{**QUICK_FINETUNE, "lr": 0.02}])
     (row,) = [r for r in run_suite_file(other, tmp_path) if r["suite"] == "other"]
     assert row["notes"]["model_cache"] == "hit"
 
 
 def test_rerun_skips_finished_jobs(tmp_path):
-    suite = write_suite(tmp_path / "s.toml", defenses=["none", "finetune"])
+    suite = write_suite(tmp_path / "s.toml", defenses=["none", QUICK_FINETUNE])
     first = {r["job_key"]: r["finished_at"] for r in run_suite_file(suite, tmp_path)}
     time.sleep(1.1)
     second = {r["job_key"]: r["finished_at"] for r in run_suite_file(suite, tmp_path)}
@@ -75,7 +78,7 @@ def _ok_rows(db):
 
 
 def test_resume_after_kill_minus_nine_matches_an_uninterrupted_run(tmp_path):
-    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", "finetune"], bonafide_size=40)
+    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", QUICK_FINETUNE], bonafide_size=40)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "cache-a"),
                "--store", str(tmp_path / "killed.db"), "--no-progress"]
@@ -108,7 +111,7 @@ def test_resume_after_kill_minus_nine_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
-    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", "finetune"], bonafide_size=40)
+    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", QUICK_FINETUNE], bonafide_size=40)
     command = [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "c"),
                "--store", str(tmp_path / "r.db"), "--no-progress"]
     process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
@@ -193,7 +196,8 @@ def test_the_none_defense_is_not_attacked_a_second_time(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
     for defense, evaluations in (("none", 1), ("finetune", 2)):  # a fresh cache each: nothing measured yet
         CountingAttack.calls = 0
-        suite = write_suite(tmp_path / f"{defense}.toml", attacks=["counting"], defenses=[defense],
+        suite = write_suite(tmp_path / f"{defense}.toml", attacks=["counting"],
+                            defenses=[QUICK_FINETUNE if defense == "finetune" else defense],
                             store=tmp_path / f"{defense}.db")
         result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / defense), "--no-progress"])
         assert result.exit_code == 0, result.output

@@ -20,7 +20,14 @@ during fine-tuning and afterwards. Stopping rule and defaults follow BackdoorBen
 1% of the channels per step, stop before the relative drop in accuracy exceeds 10%, then fine-
 tune (100 epochs, lr 0.01, momentum 0.9, wd 5e-4; here with the project's linear lr decay and
 Nesterov momentum instead of cosine). BackdoorBench measured that drop on the test set; here it is
-measured on the bonafide set, the only clean data a defender has.
+measured on the bonafide set, the only clean data a defender has. An epoch of fine-tuning is
+10,000 samples (the bonafide images repeated), the budget of the MCR reference's curve and
+fine-tuning baseline, so the three repair defenses compete on equal budgets at every bonafide
+size.
+
+Returns a `bench.Defended`: the pruned model, the series `prune_steps` (bonafide accuracy after
+each step tried) and `pruned_channels` (in pruning order), and the value `pruned_channels`
+(how many were pruned) for the leaderboard row.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from torch import nn
 import bench
 from bench.errors import BenchError
 from bench.evaluation import clean_accuracy, to_model_input
-from bench.training import train_classifier
+from bench.training import REFERENCE_SAMPLES_PER_EPOCH, train_classifier
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU)
 
@@ -115,6 +122,7 @@ def mean_channel_activation(net: nn.Module, point: nn.Module, bonafide: bench.Im
 class FinePruning(bench.Defense):
     name = "fine_pruning"
     description = "Fine-Pruning: prune the least active last-layer channels on bonafide data, then fine-tune"
+    metrics = (bench.Metric("pruned_channels", "Pruned", higher_is_better=None, kind=bench.MetricKind.NUMBER),)
 
     @dataclass(frozen=True)
     class Options:
@@ -126,7 +134,10 @@ class FinePruning(bench.Defense):
         max_prune_ratio: float = bench.option(1.0, "never prune more than this share of the channels", min=0, max=1)
         prune_step: float = bench.option(0.01, "share of the channels pruned per step (BackdoorBench "
                                          "once_prune_ratio); at least one", min=0, max=1, min_exclusive=True)
-        epochs: int = bench.option(100, "fine-tuning passes over the bonafide set (0: prune only)", min=0)
+        epochs: int = bench.option(100, "fine-tuning epochs of samples_per_epoch samples (0: prune only)", min=0)
+        samples_per_epoch: int = bench.option(
+            REFERENCE_SAMPLES_PER_EPOCH, "fine-tuning samples per epoch: the bonafide images are repeated to fill "
+            "it, so the budget is the same for every bonafide size; 0: one pass over the bonafide set", min=0)
         lr: float = bench.option(0.01, "fine-tuning lr, decayed linearly to zero", min=0, min_exclusive=True)
         batch_size: int = bench.option(256, "fine-tuning images per step", min=1)
         weight_decay: float = bench.option(5e-4, "fine-tuning L2 weight decay", min=0)
@@ -137,7 +148,7 @@ class FinePruning(bench.Defense):
 
     def apply(self, model, bonafide, ctx):
         o = self.options
-        point_name, conv_name = find_prune_point(model, to_model_input(bonafide.x[:2]), o.layer)
+        point_name, _ = find_prune_point(model, to_model_input(bonafide.x[:2]), o.layer)
         point = model.get_submodule(point_name)
         activation = mean_channel_activation(model, point, bonafide, ctx)
         channels = len(activation)
@@ -155,16 +166,14 @@ class FinePruning(bench.Defense):
                                          weight_decay=o.weight_decay, warmup_fraction=0.0,
                                          augment=o.augment and ctx.recipe.augment)
             train_classifier(model, bonafide, recipe, ctx, flip=ctx.horizontal_flip, stream="fine_pruning",
-                             desc="fine_pruning: fine-tune")
+                             desc="fine_pruning: fine-tune", samples_per_epoch=o.samples_per_epoch)
         model.eval()
         accuracy_at = {count: acc for count, acc in steps}
-        model.pruned_layer, model.last_conv = point_name, conv_name
-        model.pruned_channels = pruned
-        model.series = {
+        series = {
             "pruned_channels": [{"index": index, "bonafide_acc": accuracy_at[self._step_of(i + 1, steps)]}
                                 for i, index in enumerate(pruned)],
             "prune_steps": [{"pruned": count, "bonafide_acc": acc} for count, acc in steps]}
-        return model
+        return bench.Defended(model, series=series, values={"pruned_channels": len(pruned)})
 
     def _prune(self, model: nn.Module, masked: ChannelMask, order: list[int], bonafide: bench.ImageData,
                ctx: bench.DefenseContext) -> tuple[list[int], list[tuple[int, float]]]:

@@ -6,7 +6,10 @@ the tampering fades. The training follows the reference code (IBM/model-sanitiza
 Garipov et al.'s dnn-mode-connectivity): a 3-bend quadratic Bezier curve (or a polygonal chain),
 theta starting at (w0 + w1) / 2, one t ~ U(0, 1) per minibatch, cross-entropy plus an explicit
 0.5 * wd * ||phi(t)||^2 (optimizer weight decay 0), SGD lr 0.01 with momentum 0.9, batch 128,
-100 epochs, lr constant for half of training then linearly down to 1% by 90%.
+100 epochs, lr constant for half of training then linearly down to 1% by 90%, no augmentation
+(the reference loads the bonafide images with the test transform). An epoch is 10,000 samples:
+the reference's loader repeats the N bonafide images to fill it, so the curve gets about 7,900
+steps whatever N is (`samples_per_epoch`).
 
 Batch-norm running statistics are not part of the curve: at every evaluated t they are reset
 and recomputed from the bonafide set (the reference used the full training set, which a
@@ -14,9 +17,12 @@ defender does not have). The returned model is the point at `t`; the pipeline al
 `path_points` evenly spaced points, built one at a time when it asks for them.
 
 Choosing t: the paper reads it off the path plot, and BackdoorBench evaluates t = 0.1..0.9
-without fixing one; neither has a default. 0.5 is the project's: the point farthest from both
-tampered endpoints, in the middle of the 0.3..0.7 band where the paper's attack success rate
-collapses. `clean_rule` picks t from bonafide accuracy alone instead (see `_clean_rule`).
+without fixing one; a defender who does not know the trigger can only use clean data. The
+default `clean_rule` holds out `holdout_fraction` of the bonafide images from curve training,
+measures every path point's accuracy on them, and returns the point farthest from both
+endpoints whose held-out accuracy is within `max_accuracy_drop` of the worse endpoint's. Scored
+on the images the bend was trained on, every mid-path point fits them and the rule would always
+return t = 0.5, where clean accuracy on unseen images dips most. `fixed` returns `t` (studies).
 
 The curve is generic over any network: w0, theta and w1 are three flat vectors laid out in each
 parameter's own memory order (channels_last included), so phi(t) is one fused expression, one
@@ -28,7 +34,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
-import math
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +44,8 @@ from torch.func import functional_call
 import bench
 from bench.errors import BenchError
 from bench.evaluation import clean_accuracy, to_model_input
-from bench.training import random_crop_flip, train_classifier
+from bench.training import (REFERENCE_SAMPLES_PER_EPOCH, epoch_order, random_crop_flip, reference_lr_factor,
+                            steps_per_epoch, train_classifier)
 
 
 class Curve(enum.Enum):
@@ -138,41 +144,21 @@ def recompute_batchnorm(net: nn.Module, bonafide: bench.ImageData, ctx: bench.Ru
     net.eval()
 
 
-def reference_lr_factor(epoch: int, epochs: int) -> float:
-    """dnn-mode-connectivity's schedule: 1 for the first half, linear down to 0.01 by 90%."""
-    progress = epoch / epochs
-    if progress <= 0.5:
-        return 1.0
-    if progress <= 0.9:
-        return 1.0 - (progress - 0.5) / 0.4 * 0.99
-    return 0.01
+def curve_point(net: nn.Module, curve: ParameterCurve, t: float, bn_images: bench.ImageData,
+                ctx: bench.RunContext) -> nn.Module:
+    """A fresh copy of `net` at `t`, with batch-norm statistics recomputed on `bn_images`."""
+    point = copy.deepcopy(net)
+    curve.load_into(point, t)
+    recompute_batchnorm(point, bn_images, ctx)
+    return point
 
 
-class PathModel(nn.Module):
-    """The network at the chosen t (weights phi(t), batch-norm statistics from the bonafide
-    set). `points_to_evaluate()` builds the path points one at a time for the pipeline."""
-
-    def __init__(self, net: nn.Module, curve: ParameterCurve, t: float, path_ts: list[float],
-                 bonafide: bench.ImageData, ctx: bench.DefenseContext, series: dict):
-        super().__init__()
-        self.net = net
-        self.curve, self.t, self.path_ts = curve, t, path_ts
-        self.series = series
-        self._bonafide, self._ctx = bonafide, ctx
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def point(self, t: float) -> nn.Module:
-        """A fresh network at `t`, with batch-norm statistics recomputed on the bonafide set."""
-        net = copy.deepcopy(self.net)
-        self.curve.load_into(net, t)
-        recompute_batchnorm(net, self._bonafide, self._ctx)
-        return net
-
-    def points_to_evaluate(self):
-        for t in self.path_ts:
-            yield "path", {"t": t}, self.point(t)
+def farthest_acceptable_t(accuracies: dict[float, float], max_accuracy_drop: float) -> float:
+    """The t farthest from both endpoints (0 and 1) whose accuracy is at least the worse
+    endpoint's minus `max_accuracy_drop`; among equally far points, the more accurate one."""
+    floor = min(accuracies[0.0], accuracies[1.0]) - max_accuracy_drop
+    eligible = [t for t, accuracy in accuracies.items() if accuracy >= floor - 1e-12]
+    return max(eligible, key=lambda t: (round(min(t, 1 - t), 9), accuracies[t], -t))
 
 
 class ModeConnectivityRepair(bench.Defense):
@@ -186,36 +172,67 @@ class ModeConnectivityRepair(bench.Defense):
             Endpoint.SECOND_SEED, "second endpoint: the same attack trained with seed + seed_offset (paper), "
             "or the attacked model fine-tuned on the bonafide set (BackdoorBench)")
         seed_offset: int = bench.option(1, "second_seed: the second model's seed is the job seed plus this", min=1)
-        finetune_epochs: int = bench.option(100, "finetuned: epochs of fine-tuning (BackdoorBench ft_epochs)", min=1)
+        finetune_epochs: int = bench.option(100, "finetuned: epochs of fine-tuning, of samples_per_epoch samples "
+                                            "(BackdoorBench ft_epochs)", min=1)
         finetune_lr: float = bench.option(0.01, "finetuned: fine-tuning lr (BackdoorBench ft_lr)", min=0,
                                           min_exclusive=True)
-        t: float = bench.option(0.5, "point of the curve returned (fixed t_selection)", min=0, max=1)
         t_selection: TSelection = bench.option(
-            TSelection.FIXED, "fixed: use t; clean_rule: the path point farthest from both endpoints whose "
-            "bonafide accuracy is within max_accuracy_drop of the worse endpoint")
-        max_accuracy_drop: float = bench.option(0.02, "clean_rule: bonafide accuracy a point may lose", min=0, max=1)
-        epochs: int = bench.option(100, "passes over the bonafide set to train the bend", min=1)
+            TSelection.CLEAN_RULE, "clean_rule: the path point farthest from both endpoints whose accuracy on "
+            "held-out bonafide images is within max_accuracy_drop of the worse endpoint's; fixed: use t")
+        t: float = bench.option(0.5, "point of the curve returned with t_selection = 'fixed'", min=0, max=1)
+        holdout_fraction: float = bench.option(0.2, "clean_rule: share of the bonafide images kept out of curve "
+                                               "training to score the path points on", min=0, max=0.9,
+                                               min_exclusive=True)
+        max_accuracy_drop: float = bench.option(0.02, "clean_rule: held-out accuracy a point may lose against the "
+                                                "worse endpoint", min=0, max=1)
+        epochs: int = bench.option(100, "epochs of samples_per_epoch samples to train the bend", min=1)
+        samples_per_epoch: int = bench.option(
+            REFERENCE_SAMPLES_PER_EPOCH, "samples per epoch: the bonafide images are repeated to fill it, so the "
+            "budget is the same for every bonafide size (reference: 10,000); 0: one pass over them", min=0)
         lr: float = bench.option(0.01, "initial learning rate (SGD)", min=0, min_exclusive=True)
         momentum: float = bench.option(0.9, "SGD momentum", min=0, max=1)
         weight_decay: float = bench.option(1e-4, "explicit L2 term 0.5 * wd * ||phi(t)||^2", min=0)
         batch_size: int = bench.option(128, "images per step, each with its own t", min=1)
         path_points: int = bench.option(11, "evenly spaced points t = 0..1 measured along the path", min=2)
-        augment: bool = bench.option(True, "random crop (and flip where valid) while training the bend, "
-                                           "when the model's recipe augments")
+        augment: bool = bench.option(False, "random crop (and flip where valid) while training the bend, when the "
+                                            "model's recipe augments; the reference trains without augmentation")
+
+    metrics = (bench.Metric("mcr_t", "t", higher_is_better=None, kind=bench.MetricKind.NUMBER),)
 
     def apply(self, model, bonafide, ctx):
         o = self.options
-        curve = ParameterCurve(model, self._second_endpoint(model, bonafide, ctx), o.curve)
-        losses = self._train(model, curve, bonafide, ctx)
+        training, held_out = self._split(bonafide, ctx)
+        curve = ParameterCurve(model, self._second_endpoint(model, training, ctx), o.curve)
+        losses = self._train(model, curve, training, ctx)
         path_ts = [round(i / (o.path_points - 1), 6) for i in range(o.path_points)]
         series = {"mcr_training": [{"epoch": i + 1, "loss": loss} for i, loss in enumerate(losses)]}
-        repaired = PathModel(model, curve, o.t, path_ts, bonafide, ctx, series)
-        if o.t_selection is TSelection.CLEAN_RULE:
-            repaired.t = self._clean_rule(repaired, bonafide, ctx)
-        series["mcr_t"] = [{"t": repaired.t}]
-        curve.load_into(model, repaired.t)
-        recompute_batchnorm(model, bonafide, ctx)
-        return repaired
+        t = o.t
+        if held_out is not None:
+            accuracies = {s: clean_accuracy(curve_point(model, curve, s, training, ctx), held_out, ctx)
+                          for s in path_ts}
+            series["mcr_path_held_out"] = [{"t": s, "held_out_acc": a} for s, a in accuracies.items()]
+            t = farthest_acceptable_t(accuracies, o.max_accuracy_drop)
+        repaired = curve_point(model, curve, t, training, ctx)
+
+        def points():
+            for s in path_ts:
+                yield "path", {"t": s}, curve_point(model, curve, s, training, ctx)
+
+        return bench.Defended(repaired, series=series, values={"mcr_t": t}, points=points)
+
+    def _split(self, bonafide: bench.ImageData, ctx: bench.DefenseContext
+               ) -> tuple[bench.ImageData, bench.ImageData | None]:
+        """(images the curve trains on, held-out images that score the path points, or None for
+        a fixed t). At least one image on each side."""
+        o = self.options
+        if o.t_selection is TSelection.FIXED:
+            return bonafide, None
+        if len(bonafide) < 2:
+            raise BenchError("mcr: t_selection 'clean_rule' needs at least 2 bonafide images to hold some out; "
+                             "raise bonafide_size or set t_selection = 'fixed'")
+        held = min(len(bonafide) - 1, max(1, round(o.holdout_fraction * len(bonafide))))
+        order = torch.randperm(len(bonafide), device=bonafide.y.device, generator=ctx.generator("mcr_holdout"))
+        return bonafide.subset(order[held:]), bonafide.subset(order[:held])
 
     def _second_endpoint(self, model: nn.Module, bonafide: bench.ImageData, ctx: bench.DefenseContext) -> nn.Module:
         o = self.options
@@ -228,26 +245,26 @@ class ModeConnectivityRepair(bench.Defense):
         recipe = dataclasses.replace(ctx.recipe, epochs=o.finetune_epochs, lr=o.finetune_lr, batch_size=o.batch_size,
                                      weight_decay=5e-4, warmup_fraction=0.0, augment=o.augment and ctx.recipe.augment)
         train_classifier(tuned, bonafide, recipe, ctx, flip=ctx.horizontal_flip, stream="mcr_finetune",
-                         desc="mcr: fine-tune endpoint")
+                         desc="mcr: fine-tune endpoint", samples_per_epoch=o.samples_per_epoch)
         return tuned
 
     def _train(self, net: nn.Module, curve: ParameterCurve, bonafide: bench.ImageData,
                ctx: bench.DefenseContext) -> list[float]:
-        """Train the bend; returns the mean loss (cross-entropy + L2) of each epoch, read from the
-        device once at the end."""
+        """Train the bend on `bonafide` (the training part); returns the mean loss (cross-entropy
+        + L2) of each epoch, read from the device once at the end."""
         o = self.options
         generator = ctx.generator("mcr")
         optimizer = torch.optim.SGD([curve.bend], lr=o.lr, momentum=o.momentum, weight_decay=0.0)
-        steps_per_epoch = math.ceil(len(bonafide) / o.batch_size)
-        ts = torch.rand(o.epochs * steps_per_epoch, device=ctx.device, generator=generator)
+        steps = steps_per_epoch(len(bonafide), o.batch_size, o.samples_per_epoch)
+        ts = torch.rand(o.epochs * steps, device=ctx.device, generator=generator)
         loss_sums = torch.zeros(o.epochs, device=ctx.device)
         augment = o.augment and ctx.recipe.augment
         net.train()
         step = 0
         for epoch in ctx.progress(range(o.epochs), desc="mcr: train curve"):
             optimizer.param_groups[0]["lr"] = o.lr * reference_lr_factor(epoch, o.epochs)
-            order = torch.randperm(len(bonafide), device=ctx.device, generator=generator)
-            for start in range(0, len(bonafide), o.batch_size):
+            order = epoch_order(len(bonafide), o.samples_per_epoch, generator, ctx.device)
+            for start in range(0, len(order), o.batch_size):
                 idx = order[start:start + o.batch_size]
                 images = bonafide.x[idx]
                 if augment:
@@ -263,18 +280,7 @@ class ModeConnectivityRepair(bench.Defense):
                 step += 1
         curve.bend.requires_grad_(False)
         net.eval()
-        return (loss_sums / len(bonafide)).tolist()
-
-    def _clean_rule(self, repaired: PathModel, bonafide: bench.ImageData, ctx: bench.DefenseContext) -> float:
-        """The path point farthest from both endpoints whose bonafide accuracy is at most
-        `max_accuracy_drop` below the worse endpoint's. It uses clean data only (the defender
-        knows no trigger), measured on the images the curve was trained on, so it guards clean
-        accuracy; that the backdoor is gone there is the paper's observation, not checked."""
-        accuracies = {t: clean_accuracy(repaired.point(t), bonafide, ctx) for t in repaired.path_ts}
-        repaired.series["mcr_path_bonafide"] = [{"t": t, "bonafide_acc": a} for t, a in accuracies.items()]
-        floor = min(accuracies[0.0], accuracies[1.0]) - self.options.max_accuracy_drop
-        eligible = [t for t, acc in accuracies.items() if acc >= floor]
-        return max(eligible, key=lambda t: (min(t, 1 - t), accuracies[t]))
+        return (loss_sums / len(order)).tolist()
 
 
 @bench.hookimpl
