@@ -202,3 +202,46 @@ def test_the_none_defense_is_not_attacked_a_second_time(tmp_path, monkeypatch):
         result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / defense), "--no-progress"])
         assert result.exit_code == 0, result.output
         assert CountingAttack.calls == evaluations, defense
+
+
+class NotAModel(bench.Defense):
+    name = "not_a_model"
+    description = "returns a string instead of a model"
+
+    def apply(self, model, bonafide, ctx):
+        return "oops"
+
+
+class UndeclaredValue(bench.Defense):
+    name = "undeclared_value"
+    description = "reports a value its metrics do not declare"
+
+    def apply(self, model, bonafide, ctx):
+        return bench.Defended(model, values={"threshold": 0.3})
+
+
+class ChosenValue(bench.Defense):
+    name = "chosen_value"
+    description = "reports a declared value and a series"
+    metrics = (bench.Metric("threshold", "Threshold", higher_is_better=None, kind=bench.MetricKind.NUMBER),)
+
+    def apply(self, model, bonafide, ctx):
+        return bench.Defended(model, series={"steps": [{"step": 1, "acc": 0.5}]}, values={"threshold": 0.3})
+
+
+def test_what_a_defense_returns_is_checked_and_its_values_are_stored(tmp_path, monkeypatch):
+    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    for cls in (NotAModel, UndeclaredValue, ChosenValue):
+        registry.register(cls, plugin="test", package="tests")
+    monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
+    suite = write_suite(tmp_path / "s.toml", defenses=["not_a_model", "undeclared_value", "chosen_value"],
+                        store=tmp_path / "r.db")
+    result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    assert result.exit_code == 102, result.output  # two failed jobs, the suite went on
+    with ResultStore(tmp_path / "r.db") as store:
+        rows = {r["defense"]: r for r in store.rows()}
+    assert "not_a_model: apply() returned a str" in rows["not_a_model"]["error"]
+    assert "value 'threshold', which its `metrics` do not declare" in rows["undeclared_value"]["error"]
+    ok = rows["chosen_value"]
+    assert ok["status"] == "ok" and ok["metrics"]["threshold"] == 0.3
+    assert ok["metric_info"]["threshold"]["kind"] == "number" and ok["series"]["steps"] == [{"step": 1, "acc": 0.5}]
