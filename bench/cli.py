@@ -90,19 +90,32 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit):
               help="Write the markdown here (e.g. leaderboard/NAME.md) instead of printing it.")
 @click.option("--plots/--no-plots", default=True,
               help="With --output: write PNG figures into <output stem>-figures/ and link them.")
-def report(store, suite, output, plots):
-    """Render leaderboard markdown from a result STORE."""
+@click.option("--all-runs", is_flag=True,
+              help="Also show rows stored by earlier runs of the suite, before its options changed.")
+def report(store, suite, output, plots, all_runs):
+    """Render leaderboard markdown from a result STORE (opened read-only).
+
+    Shows the jobs of the suite's latest run; a store holding several suites needs --suite.
+    """
     from bench.report import render_report
     try:
+        if output is not None:
+            output = output.expanduser()
+            if output.is_dir() or output.name in ("", ".", "..") or output.suffix.lower() != ".md":
+                raise BenchError(f"--output {output}: expected a markdown file name such as leaderboard/NAME.md")
         plot_dir = output.parent / f"{output.stem}-figures" if (output is not None and plots) else None
-        text = render_report(store, suite, plot_dir=plot_dir, plot_link_base=output.parent if output else None)
+        text = render_report(store.expanduser(), suite, plot_dir=plot_dir,
+                             plot_link_base=output.parent if output else None, all_runs=all_runs)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text, encoding="utf-8")
     except BenchError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"--output {output}: cannot write there ({exc.strerror or exc})")
     if output is None:
         click.echo(text, nl=False)
     else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}")
 
 

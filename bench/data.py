@@ -65,10 +65,14 @@ class Dataset(Plugin):
         raise NotImplementedError
 
 
+def cache_root() -> Path:
+    """The cache folder, $BENCH_CACHE_DIR, else ~/.cache/robustness-bench (not created)."""
+    return Path(os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "robustness-bench").expanduser()
+
+
 def cache_dir() -> Path:
-    """Where decoded datasets are cached: $BENCH_CACHE_DIR, else ~/.cache/robustness-bench."""
-    root = os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "robustness-bench"
-    path = Path(root)
+    """Where decoded datasets are cached (`cache_root()`), created if needed."""
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import typing
 from typing import Any
 
 from bench.errors import OptionError, did_you_mean
+
+
+MAX_INT = 2 ** 63 - 1  # what SQLite and torch's generators take
 
 
 def option(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
@@ -91,6 +95,8 @@ def check_value(value: Any, tp: Any, meta: dict, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise OptionError(f"{where}: expected a number, got {_given(value)}")
         value = float(value)
+        if not math.isfinite(value):
+            raise OptionError(f"{where}: expected a finite number, got {value!r}")
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise OptionError(f"{where}: expected an integer, got {_given(value)}")
@@ -101,10 +107,14 @@ def check_value(value: Any, tp: Any, meta: dict, where: str) -> Any:
         if not isinstance(value, str):
             raise OptionError(f"{where}: expected a string, got {_given(value)}")
     lo, hi = meta.get("min"), meta.get("max")
+    if tp is int and lo is None and not -MAX_INT <= value <= MAX_INT:
+        raise OptionError(f"{where}: {value} is out of range; expected an integer of at most 63 bits")
     if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
         bound = f"> {lo}" if meta.get("min_exclusive") else f">= {lo}"
         raise OptionError(f"{where}: {value!r} is out of range; expected a value {bound}"
                           + (f" and <= {hi}" if hi is not None else ""))
+    if hi is None and tp is int and value > MAX_INT:
+        raise OptionError(f"{where}: {value} is out of range; expected a value <= {MAX_INT}")
     if hi is not None and value > hi:
         raise OptionError(f"{where}: {value!r} is out of range; expected a value <= {hi}"
                           + (f" and >= {lo}" if lo is not None else ""))

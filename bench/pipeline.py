@@ -9,7 +9,10 @@ import copy
 import datetime
 import hashlib
 import json
+import numbers
 import platform
+import signal
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -26,7 +29,7 @@ from bench.context import DefenseContext, RunContext
 from bench.data import DatasetSplits, ImageData
 from bench.defenses import Defended
 from bench.errors import BenchError
-from bench.evaluation import clean_accuracy
+from bench.evaluation import clean_accuracy, to_model_input
 from bench.jobs import Job, content_hash
 from bench.metrics import defense_effectiveness_rating
 from bench.models import Classifier, InputShape
@@ -48,20 +51,83 @@ class JobEnvironment:
     show_progress: bool | None = None
 
 
+_user_interrupt = threading.Event()
+
+
+@contextmanager
+def user_interrupts_marked():
+    """While inside, Ctrl-C (SIGINT) sets a flag before raising KeyboardInterrupt, so that a job
+    can tell the user's interrupt (stop the run) from a KeyboardInterrupt or SystemExit a
+    plugin raised itself (one failed job)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        _user_interrupt.set()
+        raise KeyboardInterrupt
+
+    _user_interrupt.clear()
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def execute_job(job: Job, env: JobEnvironment) -> Outcome:
-    """Run a job; a failure becomes a failed Outcome with the traceback, never an exception
-    (except an interrupt, which stops the run)."""
+    """Run a job; a failure becomes a failed Outcome with the traceback, never an exception,
+    except the user's interrupt, which stops the run. A plugin calling sys.exit() or raising
+    KeyboardInterrupt itself fails its job only."""
     started = _now()
     try:
         outcome = run_job(job, env)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as exc:
-        detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc()
+        check_storable(outcome)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and _user_interrupt.is_set():
+            raise
+        if not isinstance(exc, (Exception, KeyboardInterrupt, SystemExit)):
+            raise  # GeneratorExit and the like belong to the interpreter
+        if isinstance(exc, BenchError):
+            detail = str(exc)
+        elif isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            detail = f"a plugin raised {type(exc).__name__} (e.g. called sys.exit()) inside the job\n" \
+                     + traceback.format_exc()
+        else:
+            detail = traceback.format_exc()
         outcome = Outcome(status="failed", error=f"{type(exc).__name__}: {exc}\n{detail}".strip(),
                           device=str(env.device), versions=versions(job, env.registry))
     outcome.started_at, outcome.finished_at = started, _now()
     return outcome
+
+
+def check_storable(outcome: Outcome) -> None:
+    """Metrics must be real numbers and series plain JSON (numbers, strings, lists, dicts), or
+    the job fails here, naming the value, instead of the store failing for the whole run."""
+    for key, value in outcome.metrics.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise BenchError(f"metric '{key}' is a {type(value).__name__} ({str(value)[:60]!r}); attacks and "
+                             "defenses must report plain numbers (e.g. float(tensor))")
+        outcome.metrics[key] = float(value)
+    try:
+        json.dumps(outcome.series)
+    except (TypeError, ValueError) as exc:
+        raise BenchError(f"a series cannot be stored ({exc}); series hold lists of dicts of plain numbers "
+                         "and strings") from None
+
+
+@torch.no_grad()
+def check_finite_outputs(model: nn.Module, images: ImageData, ctx: RunContext, what: str) -> None:
+    """Fail the job when `model` gives NaN or infinite logits on a batch of evaluation images:
+    argmax would turn them into class 0 and a broken model could rank first."""
+    x = to_model_input(images.x[:ctx.eval_batch_size])
+    with ctx.autocast():
+        logits = model.eval()(x)
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+        raise BenchError(f"{what} gives NaN or infinite outputs on {bad} of {len(x)} evaluation images "
+                         "(e.g. diverged training: check lr and the other options)")
 
 
 def run_job(job: Job, env: JobEnvironment) -> Outcome:
@@ -89,6 +155,8 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
     bonafide, evaluation = split_bonafide(splits, torch.cat(withheld) if withheld else None,
                                           job.bonafide_source, job.bonafide_size, job.seed)
 
+    check_finite_outputs(model, evaluation, ctx, "the attacked model")
+
     def measure(predictor: nn.Module) -> dict[str, float]:
         metrics = {"clean_acc": clean_accuracy(predictor, evaluation, ctx)}
         metrics.update(attack.evaluate(predictor, evaluation, ctx, attack_state))
@@ -115,6 +183,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
     with stage("defense"):
         result = as_defended(defense.apply(given, bonafide, defense_ctx), defense.name)
     defended = result.model
+    check_finite_outputs(defended, evaluation, ctx, f"defense '{job.defense.label}': the defended model")
     if endpoint_seconds:
         timings["other_attacked_models"] = round(sum(endpoint_seconds), 4)
         timings["defense"] = round(timings["defense"] - timings["other_attacked_models"], 4)
@@ -204,13 +273,16 @@ def build_model(job: Job, splits: DatasetSplits) -> nn.Module:
 def model_key(job: Job, seed: int, splits: DatasetSplits, device: torch.device, registry: Registry) -> str:
     """Everything the attacked model depends on: its config, the training seed, the seed of the
     attack's own draws (the job's: a second model for the same job carries the same attack),
-    the data read, the kind of device (CUDA trains in bf16), and the providers' versions."""
+    the data read, the kind of device (CUDA trains in bf16), the CPU thread count, and the
+    providers' versions."""
     config = {**job.model_config(), "seed": seed}
     if job.attack.cls.stage is not Stage.TEST_TIME:
         config["attack_seed"] = job.seed
     providers = {kind: _provider(registry, kind, getattr(job, kind).name) for kind in ("dataset", "model", "attack")}
+    # CPU kernels sum in an order that depends on the thread count, so results do too.
+    threads = torch.get_num_threads() if device.type == "cpu" else None
     return content_hash({"config": config, "providers": providers, "bench": bench.__version__,
-                         "data": splits.fingerprint, "device": device.type})
+                         "data": splits.fingerprint, "device": device.type, "cpu_threads": threads})
 
 
 def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironment) -> tuple[nn.Module, dict, bool]:

@@ -5,6 +5,7 @@ defense and bonafide size, each metric as mean +/- std over seeds, the best valu
 from __future__ import annotations
 
 import math
+import sqlite3
 from pathlib import Path
 
 import pandas as pd
@@ -16,19 +17,32 @@ TIME = "defense_time"
 
 
 def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Path | None = None,
-                  plot_link_base: Path | None = None) -> str:
-    """The leaderboard markdown. With `plot_dir`, PNG figures (metrics along stored paths,
-    success metric against bonafide size) are written there and linked relative to
-    `plot_link_base` (the folder of the markdown file)."""
+                  plot_link_base: Path | None = None, all_runs: bool = False) -> str:
+    """The leaderboard markdown of one suite. With `plot_dir`, PNG figures (metrics along stored
+    paths, success metric against bonafide size) are written there and linked relative to
+    `plot_link_base` (the folder of the markdown file). Only the jobs of the suite's latest run
+    are shown (rows from before its options changed stay in the store); `all_runs` shows every
+    stored row of the suite. The store is opened read-only."""
     store_path = Path(store_path)
-    if not store_path.is_file():
-        raise BenchError(f"{store_path}: no such result store; run `bench run SUITE.toml` first")
-    with ResultStore(store_path) as store:
-        rows = store.rows(suite)
-        planned = store.planned_jobs()
+    try:
+        with ResultStore(store_path, read_only=True) as store:
+            rows = store.rows(suite)
+            planned = store.planned_jobs()
+    except sqlite3.DatabaseError as exc:
+        raise BenchError(f"{store_path}: cannot read the result store ({exc})") from None
     if not rows:
         which = f" for suite '{suite}'" if suite else ""
         raise BenchError(f"{store_path}: no results{which}")
+    suites = sorted({r["suite"] for r in rows})
+    if len(suites) > 1:
+        raise BenchError(f"{store_path}: holds results of several suites ({', '.join(suites)}); "
+                         "choose one with --suite NAME")
+    if not all_runs and suites[0] in planned:
+        latest = set(planned[suites[0]][1])
+        rows = [r for r in rows if r["job_key"] in latest]
+        if not rows:
+            raise BenchError(f"{store_path}: no results yet for the latest run of suite '{suites[0]}'; "
+                             "--all-runs shows the older ones")
     ok = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
     lines = _header(rows, ok, failed, store_path) + _missing_lines(ok, planned)
@@ -36,10 +50,10 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
     for r in ok:
         groups.setdefault((r["dataset_label"], r["model_label"], r["attack_label"]), []).append(r)
     for (dataset, model, attack), members in sorted(groups.items()):
-        lines += ["", f"## {dataset} / {model} / {attack}", ""]
+        lines += ["", f"## {md(dataset)} / {md(model)} / {md(attack)}", ""]
         lines += _before_line(members) + [""]
-        protocols = sorted({r["notes"].get("attack_protocol", "") for r in members} - {""})
-        lines += [f"Attack protocol: {p}" for p in protocols] + ([""] if protocols else [])
+        protocols = sorted({str(r["notes"].get("attack_protocol", "")) for r in members} - {""})
+        lines += [f"Attack protocol: {md(p)}" for p in protocols] + ([""] if protocols else [])
         lines.append(_table(members))
         if plot_dir is not None:
             lines += _figures(f"{dataset} / {model} / {attack}", members, plot_dir, plot_link_base or plot_dir)
@@ -48,9 +62,20 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
         for r in sorted(failed, key=lambda r: (r["dataset_label"], r["model_label"], r["attack_label"],
                                                r["defense_label"], r["bonafide_size"], r["seed"])):
             first = (r["error"] or "").splitlines()[0] if r["error"] else ""
-            lines.append(f"- {r['dataset_label']} / {r['model_label']} / {r['attack_label']} / "
-                         f"{r['defense_label']} bonafide={r['bonafide_size']} seed={r['seed']}: {first}")
+            lines.append(f"- {md(r['dataset_label'])} / {md(r['model_label'])} / {md(r['attack_label'])} / "
+                         f"{md(r['defense_label'])} bonafide={r['bonafide_size']} seed={r['seed']}: {md(first)}")
     return "\n".join(lines) + "\n"
+
+
+_MARKDOWN_ESCAPES = {"\\": "\\\\", "|": "\\|", "*": "\\*", "`": "\\`", "[": "\\[", "]": "\\]",
+                     "<": "&lt;", ">": "&gt;", "#": "\\#"}
+
+
+def md(text) -> str:
+    """A string from a suite, a plugin or the store, made inert in markdown: one line, no table
+    breaks, no HTML, no links or emphasis."""
+    text = " ".join(str(text).split())
+    return "".join(_MARKDOWN_ESCAPES.get(ch, ch) for ch in text)
 
 
 def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -> list[str]:
@@ -81,12 +106,13 @@ def _header(rows, ok, failed, store_path) -> list[str]:
     sources = sorted({r["notes"].get("data_source", "?") for r in ok})
     started = min(r["started_at"] for r in rows)
     finished = max(r["finished_at"] for r in rows)
+    suites = [md(name) for name in suites]
     lines = [f"# Leaderboard: {', '.join(suites)}", "",
              f"- Suite: {', '.join(suites)}; {len(rows)} jobs, {len(ok)} succeeded, {len(failed)} failed "
-             f"(store: `{store_path.name}`)",
-             f"- Device: {'; '.join(devices) or 'n/a'}",
-             "- Versions: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in versions.items()),
-             f"- Data: {'; '.join(sources)}",
+             f"(store: {md(store_path.name)})",
+             f"- Device: {md('; '.join(devices)) or 'n/a'}",
+             "- Versions: " + ", ".join(f"{k} {md('/'.join(sorted(v)))}" for k, v in versions.items()),
+             f"- Data: {md('; '.join(sources))}",
              f"- Run: {started[:10]} to {finished[:10]} (UTC)",
              "- Cells: mean ± std over seeds, in percent; defense time in seconds (training the attacked "
              "model is shared by all defenses and not counted); best in bold. "
@@ -130,9 +156,9 @@ def _before_line(members: list[dict]) -> list[str]:
         values = [v for v in values if v is not None]
         if values and info["kind"] == "flag":
             flagged = sum(v > 0 for v in values)
-            parts.append(f"{'⚠ ' if flagged else ''}{info['label'].lower()} in {flagged}/{len(values)} seeds")
+            parts.append(f"{'⚠ ' if flagged else ''}{md(info['label'].lower())} in {flagged}/{len(values)} seeds")
         elif values:
-            parts.append(f"{info['label']} {_cell(values, info['kind'])}")
+            parts.append(f"{md(info['label'])} {_cell(values, info['kind'])}")
     seeds = f"{len(by_seed)} seed{'s' if len(by_seed) != 1 else ''}"
     return [f"Attacked model, before any defense ({seeds}): " + ", ".join(parts)] if parts else []
 
@@ -166,21 +192,21 @@ def _render(frame: pd.DataFrame, stats: pd.DataFrame, specs: list[tuple[str, dic
             best[key] = means.max() if info["higher_is_better"] else means.min()
     table = []
     for (defense, bonafide), row in stats.iterrows():
-        cells = {"Defense": defense, "Bonafide": bonafide if bonafide else "-",
+        cells = {"Defense": md(defense), "Bonafide": bonafide if bonafide else "-",
                  "Seeds": int(row[(TIME, "count")])}
         for key, info in specs:
             mean, std, count = row[(key, "mean")], row[(key, "std")], int(row[(key, "count")])
             if info["kind"] == "flag":
                 flagged = int((frame[(frame.defense == defense) & (frame.bonafide == bonafide)][key] > 0).sum())
-                cells[info["label"]] = f"⚠ {info['label'].lower()} ({flagged}/{count} seeds)" if flagged else ""
+                cells[md(info["label"])] = f"⚠ {md(info['label'].lower())} ({flagged}/{count} seeds)" if flagged else ""
                 continue
             if count == 0:
-                cells[info["label"]] = ""  # e.g. a value only another defense reports
+                cells[md(info["label"])] = ""  # e.g. a value only another defense reports
                 continue
             text = _format(mean, std, info["kind"])
             if key in best and not math.isnan(mean) and math.isclose(mean, best[key], rel_tol=0, abs_tol=1e-12):
                 text = f"**{text}**"
-            cells[info["label"]] = text
+            cells[md(info["label"])] = text
         table.append(cells)
     return pd.DataFrame(table).to_markdown(index=False, disable_numparse=True)
 

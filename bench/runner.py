@@ -14,13 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.cache import ArtifactCache
-from bench.data import cache_dir
+from bench.data import cache_root
 from bench.errors import BenchError, SuiteError
 from bench.executors import Executor, InProcessExecutor
 from bench.jobs import Job, expand
-from bench.pipeline import JobEnvironment, build_model, load_dataset
+from bench.pipeline import JobEnvironment, build_model, load_dataset, user_interrupts_marked
 from bench.registry import Registry
-from bench.store import ResultStore
+from bench.store import ResultStore, check_store_path
 from bench.suite import Suite
 
 
@@ -104,14 +104,21 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
         raise BenchError(f"the time limit must be more than 0 seconds, not {time_limit}")
     started = time.monotonic()  # the limit counts data loading in the preflight too
     jobs = expand(suite)
-    store_path = Path(store_path or suite.store_path)
-    torch_device = resolve_device(device or suite.settings.device.value)
+    if not jobs:
+        raise SuiteError(f"{suite.path}: the [[exclude]] rules drop every job; nothing to run")
+    store_path = Path(store_path or suite.store_path).expanduser()
+    try:
+        torch_device = resolve_device(device or suite.settings.device.value)
+    except BenchError as exc:
+        raise SuiteError(f"{suite.path}: [suite].device: {exc}" if device is None else str(exc)) from None
+    check_store_path(store_path)  # before any data loads
     if torch_device.type == "cuda" and suite.settings.deterministic:
         make_cuda_deterministic()
-    env = JobEnvironment(cache=ArtifactCache(artifact_dir or cache_dir() / "artifacts"), device=torch_device,
-                         registry=registry, show_progress=show_progress)
+    env = JobEnvironment(cache=ArtifactCache(Path(artifact_dir).expanduser() if artifact_dir
+                                             else cache_root() / "artifacts"),
+                         device=torch_device, registry=registry, show_progress=show_progress)
     preflight(suite, jobs, env)
-    with ResultStore(store_path) as store:
+    with ResultStore(store_path) as store, user_interrupts_marked():
         store.record_suite(suite.name, str(suite.path), [job.key for job in jobs],
                            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         done = store.finished_keys()

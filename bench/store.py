@@ -5,10 +5,13 @@ only whole results behind and resumes from them."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.errors import BenchError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -64,9 +67,70 @@ class Outcome:
     finished_at: str = ""
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_store_path(path: Path) -> None:
+    """Refuse, with one line naming the path, a store that cannot be written or is not ours:
+    its folder is a file, it is a folder, it is not SQLite, it is another program's SQLite
+    database, or the location is read-only. Called before any data loads."""
+    path = Path(path)
+    if path.is_dir():
+        raise BenchError(f"{path}: the result store is a folder; name a .db file")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BenchError(f"{path}: cannot create the result store: {existing} is a file, not a folder")
+    if path.exists():
+        describe_store(path)
+        if not os.access(path, os.W_OK):
+            raise BenchError(f"{path}: the result store is read-only; make it writable or pass --store")
+    elif not os.access(existing, os.W_OK):
+        raise BenchError(f"{path}: cannot create the result store: {existing} is not writable; pass --store")
+
+
+def read_only_uri(path: Path) -> str:
+    """An SQLite URI that reads `path` without changing anything beside it: without a
+    write-ahead log no writer is active and `immutable` creates no -wal or -shm files; with one,
+    a read-only connection sees the writer's commits."""
+    wal = path.with_name(path.name + "-wal").exists()
+    return f"file:{path}?{'mode=ro' if wal else 'immutable=1'}"
+
+
+def describe_store(path: Path) -> None:
+    """Raise a `BenchError` unless `path` is empty or a robustness-bench store."""
+    with open(path, "rb") as handle:
+        header = handle.read(len(SQLITE_HEADER))
+    if not header:
+        return  # an empty file becomes a store
+    if header != SQLITE_HEADER:
+        raise BenchError(f"{path}: not an SQLite file, so not a result store")
+    try:
+        db = sqlite3.connect(read_only_uri(path), uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise BenchError(f"{path}: unreadable SQLite file ({exc})") from None
+    if tables and not {"results", "metrics"} <= tables:
+        raise BenchError(f"{path}: an SQLite database that is not a robustness-bench store (its tables: "
+                         f"{', '.join(sorted(tables))}); choose another store file")
+
+
 class ResultStore:
-    def __init__(self, path: str | Path):
+    """The store; `read_only` opens an existing one for reports, never changing it."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
+        if read_only:
+            if not self.path.is_file():
+                raise BenchError(f"{self.path}: no such result store; run `bench run SUITE.toml` first")
+            describe_store(self.path)
+            self._db = sqlite3.connect(read_only_uri(self.path), uri=True, isolation_level=None)
+            return
+        check_store_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -139,5 +203,9 @@ class ResultStore:
         for r in results:
             r["metrics"] = metrics.get(r["job_key"], {})
             for key in ("config", "timings", "versions", "metric_info", "series", "notes"):
-                r[key] = json.loads(r[key])
+                try:
+                    r[key] = json.loads(r[key])
+                except (TypeError, ValueError):
+                    raise BenchError(f"{self.path}: the {key} of job {r['job_key']} is not valid JSON; the store "
+                                     "was changed outside robustness-bench") from None
         return results

@@ -32,6 +32,7 @@ import dataclasses
 import enum
 import itertools
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -66,8 +67,9 @@ class DeviceChoice(enum.Enum):
 class SuiteSettings:
     """The `[suite]` table."""
 
-    name: str = option("", "suite name, recorded with every result (default: the file name)")
-    seeds: list[int] = option([0], "random seeds; every job runs once per seed")
+    name: str = option("", "suite name, recorded with every result (default: the file name); letters, digits, "
+                            "'.', '_' and '-'")
+    seeds: list[int] = option([0], "random seeds; every job runs once per seed", min=0, max=2 ** 63 - 1)
     bonafide_size: list[int] = option([100], "clean images granted to each defense (a list is swept)", min=1)
     bonafide_source: BonafideSource = option(BonafideSource.TEST_HALF, "where bonafide images come from")
     store: str = option("", "SQLite file for results, relative to the working directory "
@@ -114,8 +116,13 @@ class Suite:
         return Path(self.settings.store or f"results/{self.name}.db")
 
 
+SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def load_suite(path: str | Path, registry: Registry) -> Suite:
     path = Path(path)
+    if path.is_dir():
+        raise SuiteError(f"{path}: is a folder, not a suite file; name a .toml file in it")
     if not path.is_file():
         raise SuiteError(f"{path}: no such suite file")
     try:
@@ -137,6 +144,13 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
         if isinstance(settings_table.get(key), int) and not isinstance(settings_table.get(key), bool):
             settings_table[key] = [settings_table[key]]
     settings = parse_options(SuiteSettings, settings_table, f"{path}: [suite]")
+    name = settings.name or path.stem
+    if not SUITE_NAME.fullmatch(name) or len(name) > 100:
+        where = "[suite].name" if settings.name else "the file name (set [suite].name)"
+        raise SuiteError(f"{path}: {where}: {name!r} is not a valid suite name; use letters, digits, '.', '_' "
+                         "and '-', starting with a letter or digit (it names files, so no paths)")
+    if settings.store.startswith("~"):
+        settings = dataclasses.replace(settings, store=str(Path(settings.store).expanduser()))
     for key in ("seeds", "bonafide_size"):
         values = getattr(settings, key)
         if not values:
@@ -164,17 +178,25 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
         specs = []
         for index, entry in enumerate(entries):
             specs.extend(_plugin_specs(entry, kind, f"{path}: {table}[{index}]", registry))
-        labels = [s.label for s in specs]
-        for label in labels:
-            if labels.count(label) > 1:
-                raise SuiteError(f"{path}: {table}: '{label}' is configured twice with the same options; "
-                                 "remove one or give it a distinct label")
+        seen: dict[str, PluginSpec] = {}
+        for spec in specs:
+            other = seen.setdefault(spec.label, spec)
+            if other is spec:
+                continue
+            if other.config() == spec.config():
+                raise SuiteError(f"{path}: {table}: '{spec.label}' is configured twice with the same options; "
+                                 "remove one")
+            raise SuiteError(f"{path}: {table}: the label '{spec.label}' names two configurations with different "
+                             "options; give each its own label")
         plugins[table] = specs
 
     exclude = data.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
         raise SuiteError(f"{path}: 'exclude' must be an array of tables ([[exclude]])")
     for index, entry in enumerate(exclude):
+        if not entry:
+            raise SuiteError(f"{path}: exclude[{index}] is empty and would drop every job; give at least one of "
+                             + ", ".join(EXCLUDE_KEYS))
         for key, value in entry.items():
             where = f"{path}: exclude[{index}].{key}"
             if key not in EXCLUDE_KEYS:
@@ -212,9 +234,11 @@ def _plugin_specs(entry: Any, kind: str, where: str, registry: Registry) -> list
     if not isinstance(entry, dict):
         raise SuiteError(f"{where}: expected a table with a 'name', got {entry!r}")
     entry = dict(entry)
-    name = entry.pop("name", None)
-    if not isinstance(name, str):
+    if "name" not in entry:
         raise SuiteError(f"{where}: missing 'name' (a string naming the {kind} plugin)")
+    name = entry.pop("name")
+    if not isinstance(name, str):
+        raise SuiteError(f"{where}.name: expected a string naming the {kind} plugin, got {name!r}")
     label = entry.pop("label", None)
     if label is not None and not isinstance(label, str):
         raise SuiteError(f"{where}.label: expected a string, got {label!r}")

@@ -29,13 +29,16 @@ name = "none"
 """
 
 
-def run_bad(tmp_path, text):
+def run_bad(tmp_path, text, device="cpu"):
     store = tmp_path / "out" / "results.db"
     suite = tmp_path / "bad.toml"
     suite.write_text(text.format(store=store.as_posix()) if "{store}" in text else text)
-    result = CliRunner().invoke(main, ["run", str(suite), "--device", "cpu", "--no-progress"])
+    options = ["--device", device] if device else []
+    result = CliRunner().invoke(main, ["run", str(suite), *options, "--no-progress"],
+                                env={"BENCH_CACHE_DIR": str(tmp_path / "cache")})
     assert result.exit_code == 2, result.output
     assert not store.exists() and not store.parent.exists(), "bad input must write nothing"
+    assert not (tmp_path / "cache").exists(), "a failed preflight leaves no cache folder"
     assert "Traceback" not in result.output
     message = result.output.strip()
     assert message.count("\n") == 0, message
@@ -116,6 +119,63 @@ CASES = [
      ["model 'small_cnn', attack 'error_injection(layer=\"fc.weight\")'", "no parameter 'fc.weight'"]),
     ("plugin list not an array of tables", "models = 3\n" + replace('[[models]]\nname = "small_cnn"', ''),
      ["'models' must be a non-empty array of tables"]),
+    # non-finite numbers are never options
+    ("nan learning rate", replace("epochs = 1", "epochs = 1\nlr = nan"), ["[training].lr", "expected a finite number"]),
+    ("infinite poison rate", replace('name = "badnets"', 'name = "badnets"\npoison_rate = inf'),
+     ["poison_rate", "expected a finite number, got inf"]),
+    ("nan poison rate", replace('name = "badnets"', 'name = "badnets"\npoison_rate = nan'),
+     ["poison_rate", "expected a finite number, got nan"]),
+    ("nan eps", replace('name = "badnets"', 'name = "pgd"\neps = nan'), ["('pgd').eps", "finite number"]),
+    ("negative infinite weight decay", replace('name = "none"', 'name = "finetune"\nweight_decay = -inf'),
+     ["weight_decay", "finite number"]),
+    ("nan in a sweep", replace('name = "badnets"', 'name = "badnets"\npoison_rate = [0.1, nan]'),
+     ["poison_rate", "finite number"]),
+    ("nan mcr t", replace('name = "none"', 'name = "mcr"\nt = nan'), ["('mcr').t", "finite number"]),
+    # seeds and sizes
+    ("seed beyond 63 bits", replace("seeds = [0]", "seeds = [18446744073709551616]"),
+     ["[suite].seeds[0]", "out of range", "9223372036854775807"]),
+    ("negative seed", replace("seeds = [0]", "seeds = [-1]"), ["[suite].seeds[0]", "-1 is out of range"]),
+    ("repeated seed", replace("seeds = [0]", "seeds = [1, 1]"), ["[suite].seeds", "repeats a value"]),
+    ("empty seeds", replace("seeds = [0]", "seeds = []"), ["[suite].seeds", "at least one value"]),
+    ("zero bonafide size", replace("bonafide_size = 50", "bonafide_size = 0"), ["bonafide_size[0]", "out of range"]),
+    ("seed as a string", replace("seeds = [0]", 'seeds = ["zero"]'), ["[suite].seeds[0]", "expected an integer"]),
+    ("huge integer option", replace('name = "badnets"', 'name = "badnets"\ntarget_class = 99999999999999999999'),
+     ["target_class", "out of range"]),
+    # exclusions
+    ("empty exclude table", GOOD + "\n[[exclude]]\n", ["exclude[0] is empty", "would drop every job"]),
+    ("exclusions that leave no job", GOOD + '\n[[exclude]]\ndataset = "digits"\n',
+     ["the [[exclude]] rules drop every job"]),
+    ("exclude not a table", "exclude = 3\n" + GOOD, ["'exclude' must be an array of tables"]),
+    ("exclude with an unknown key", GOOD + '\n[[exclude]]\nattacks = "badnets"\n',
+     ["exclude[0].attacks", "did you mean 'attack'"]),
+    # names and labels
+    ("plugin name not a string", replace('name = "digits"', "name = 5"), ["datasets[0].name", "expected a string"]),
+    ("plugin table without a name", replace('name = "none"', 'label = "x"'), ["defenses[0]", "missing 'name'"]),
+    ("suite name that is a path", replace("seeds = [0]", 'name = "../../x"\nseeds = [0]'),
+     ["[suite].name", "'../../x' is not a valid suite name"]),
+    ("suite name with a slash", replace("seeds = [0]", 'name = "a/b"\nseeds = [0]'), ["not a valid suite name"]),
+    ("one label for two configurations",
+     replace('[[defenses]]\nname = "none"', '[[defenses]]\nname = "finetune"\nlabel = "ft"\nepochs = 1\n\n'
+             '[[defenses]]\nname = "finetune"\nlabel = "ft"\nepochs = 2'),
+     ["the label 'ft' names two configurations with different options"]),
+    ("the same configuration twice", replace('[[defenses]]\nname = "none"', '[[defenses]]\nname = "none"\n\n'
+                                             '[[defenses]]\nname = "none"'),
+     ["'none' is configured twice with the same options"]),
+    ("label not a string", replace('name = "none"', 'name = "none"\nlabel = 3'), ["defenses[0].label", "expected a string"]),
+    # option types and ranges of the repair defenses
+    ("holdout fraction of 1", replace('name = "none"', 'name = "mcr"\nholdout_fraction = 1.0'),
+     ["holdout_fraction", "out of range"]),
+    ("negative samples per epoch", replace('name = "none"', 'name = "finetune"\nsamples_per_epoch = -5'),
+     ["samples_per_epoch", "-5 is out of range"]),
+    ("t selection typo", replace('name = "none"', 'name = "mcr"\nt_selection = "clean"'),
+     ["t_selection", "expected one of 'fixed', 'clean_rule'"]),
+    ("boolean for an integer", replace("epochs = 1", "epochs = true"), ["[training].epochs", "expected an integer"]),
+    ("string for a boolean", replace('name = "none"', 'name = "finetune"\naugment = "yes"'),
+     ["augment", "expected true or false"]),
+    ("unknown training key", replace("epochs = 1", "epoch = 1"), ["[training]", "did you mean 'epochs'"]),
+    ("unknown top-level table", GOOD + "\n[sweep]\nx = 1\n", ["unknown table 'sweep'"]),
+    ("suite table that is not a table", "suite = 3\n" + GOOD.replace("[suite]\n", "[other]\n", 1),
+     ["unknown table 'other'"]),
 ]
 
 
@@ -125,6 +185,52 @@ def test_bad_suite_is_refused_with_a_precise_message(tmp_path, text, expected):
     assert message.startswith("error: ")
     for fragment in expected:
         assert fragment in message
+
+
+def test_device_cuda_without_cuda_names_the_file_and_key(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    message = run_bad(tmp_path, replace("seeds = [0]", 'seeds = [0]\ndevice = "cuda"'), device=None)
+    assert "bad.toml: [suite].device: device 'cuda' was asked for" in message
+
+
+@pytest.mark.parametrize("problem", ["folder is a file", "store is a folder", "not sqlite", "foreign sqlite"])
+def test_store_problems_are_found_before_any_data_loads(tmp_path, problem, monkeypatch):
+    import sqlite3
+
+    from bench import pipeline
+    store = tmp_path / "out" / "results.db"
+    if problem == "folder is a file":
+        store.parent.write_text("a file")
+        expected = "is a file, not a folder"
+    elif problem == "store is a folder":
+        store.mkdir(parents=True)
+        expected = "the result store is a folder"
+    elif problem == "not sqlite":
+        store.parent.mkdir()
+        store.write_text("hello")
+        expected = "not an SQLite file"
+    else:
+        store.parent.mkdir()
+        with sqlite3.connect(store) as db:
+            db.execute("CREATE TABLE customers (id INTEGER)")
+        expected = "not a robustness-bench store (its tables: customers)"
+    before = store.read_bytes() if store.is_file() else None
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a: pytest.fail("data loaded before the store was checked"))
+    suite = tmp_path / "s.toml"
+    suite.write_text(GOOD.format(store=store.as_posix()))
+    result = CliRunner().invoke(main, ["run", str(suite), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and result.output.strip().count("\n") == 0
+    if before is not None:
+        assert store.read_bytes() == before
+
+
+def test_a_folder_given_as_the_suite(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is a folder, not a suite file" in result.output
 
 
 def test_missing_suite_file(tmp_path):
