@@ -4,6 +4,7 @@ plugin kind and the helpers dataset plugins share (where data lives, where cache
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -75,6 +76,21 @@ def cache_dir() -> Path:
     path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def save_arrays_atomically(path: Path, arrays: dict) -> None:
+    """Write numpy arrays to `path` (.npz) under a unique temporary name, then rename it into
+    place: a reader never sees half a file, and two writers never share a temporary file."""
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.data import DatasetSplits, ImageData, cache_dir, channel_stats
+from bench.data import DatasetSplits, ImageData, cache_dir, channel_stats, save_arrays_atomically
 from bench.errors import BenchError, DataNotFoundError
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -69,9 +69,7 @@ def cached_arrays(dataset: str, fingerprint: str, build: Callable[[], dict[str, 
         with np.load(cached) as arrays:
             return {key: arrays[key] for key in arrays.files}
     arrays = build()
-    tmp = cached.with_suffix(".tmp.npz")  # written aside, then renamed: a reader never sees half a file
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cached)
+    save_arrays_atomically(cached, arrays)
     return arrays
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import bench
-from bench.data import DatasetSplits, ImageData, cache_dir, channel_stats
+from bench.data import DatasetSplits, ImageData, cache_dir, channel_stats, save_arrays_atomically
 from bench.errors import DataNotFoundError
 
 TARBALL = "cifar10-jpeg.tar.gz"
@@ -136,9 +136,7 @@ def _load_image_folder(folder: Path, source: str):
             images = np.stack(list(pool.map(_decode, files[split])))
         arrays[f"x_{split}"] = images.transpose(0, 3, 1, 2).copy()
         arrays[f"y_{split}"] = labels
-    tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cached)
+    save_arrays_atomically(cached, arrays)
     return tuple(torch.from_numpy(arrays[k]) for k in ("x_train", "y_train", "x_test", "y_test")), source
 
 
