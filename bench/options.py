@@ -57,6 +57,39 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+SUPPORTED_TYPES = (int, float, bool, str)
+
+
+def check_options_class(options_cls: Any, owner: str) -> None:
+    """Refuse, naming `owner` and the field, an `Options` class the core cannot validate: not a
+    frozen dataclass, a field without a default, a type other than int, float, bool, str, an
+    Enum or a list of those, or a default outside its own bounds or choices."""
+    if not (isinstance(options_cls, type) and dataclasses.is_dataclass(options_cls)):
+        raise OptionError(f"{owner}.Options must be a dataclass decorated with @dataclass(frozen=True)")
+    if not options_cls.__dataclass_params__.frozen:
+        raise OptionError(f"{owner}.Options must be frozen: use @dataclass(frozen=True)")
+    try:
+        hints = typing.get_type_hints(options_cls)
+    except Exception as exc:
+        raise OptionError(f"{owner}.Options: cannot resolve its type annotations ({exc})") from None
+    for f in dataclasses.fields(options_cls):
+        where = f"{owner}.Options.{f.name}"
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise OptionError(f"{where} has no default; give it one with bench.option(default, doc)")
+        tp = hints[f.name]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else tp
+        if not (item in SUPPORTED_TYPES or (isinstance(item, type) and issubclass(item, enum.Enum))):
+            raise OptionError(f"{where} has type {getattr(tp, '__name__', tp)}; options are int, float, bool, str, "
+                              "an Enum, or a list of one of these")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, enum.Enum):
+            default = default.value
+        try:
+            check_value(default, tp, f.metadata, where)
+        except OptionError as exc:
+            raise OptionError(f"the default is invalid: {exc}") from None
+
+
 def is_scalar_option(options_cls: type, name: str) -> bool:
     """Whether the option takes a single value (a list given for it is then a sweep)."""
     hint = typing.get_type_hints(options_cls)[name]
@@ -74,7 +107,12 @@ def parse_options(options_cls: type, table: dict, where: str) -> Any:
             raise OptionError(f"{where}: unknown option '{key}'{did_you_mean(key, list(fields))}; "
                               f"valid options: {valid}")
         values[key] = check_value(value, hints[key], fields[key].metadata, f"{where}.{key}")
-    return options_cls(**values)
+    try:
+        return options_cls(**values)
+    except OptionError:
+        raise
+    except Exception as exc:  # a plugin's own check in __post_init__
+        raise OptionError(f"{where}: {exc}") from None
 
 
 def check_value(value: Any, tp: Any, meta: dict, where: str) -> Any:

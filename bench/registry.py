@@ -26,9 +26,9 @@ from bench import hookspecs
 from bench.attacks import Attack
 from bench.data import Dataset
 from bench.defenses import Defense
-from bench.errors import PluginLoadError, UnknownPluginError, did_you_mean
+from bench.errors import BenchError, PluginLoadError, UnknownPluginError, did_you_mean
 from bench.models import Model
-from bench.options import describe
+from bench.options import check_options_class
 
 ENTRY_POINT_GROUP = "robustness_bench"
 KINDS: dict[str, type] = {"dataset": Dataset, "model": Model, "attack": Attack, "defense": Defense}
@@ -65,6 +65,7 @@ class Registry:
     def __init__(self):
         self._by_kind: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in KINDS}
         self.problems: list[LoadProblem] = []
+        self.clashes: dict[tuple[str, str], str] = {}  # (kind, name) -> who provides it twice
 
     def register(self, cls: type, *, plugin: str = "<direct>", package: str = "<direct>",
                  version: str = "") -> type:
@@ -77,19 +78,29 @@ class Registry:
                                   "a name must be lowercase letters, digits and underscores")
         taken = self._by_kind[kind].get(cls.name)
         if taken is not None:
-            raise PluginLoadError(f"{kind} '{cls.name}' from {package} (plugin '{plugin}') duplicates the one "
-                                  f"from {taken.package} (plugin '{taken.plugin}'); the first one is kept")
-        describe(cls.Options)  # fails early on an Options class that is not a typed dataclass
+            message = (f"{kind} '{cls.name}' from {package} (plugin '{plugin}') duplicates the one from "
+                       f"{taken.package} (plugin '{taken.plugin}')")
+            self.clashes[(kind, cls.name)] = message
+            raise PluginLoadError(f"{message}; a suite naming it is refused until one is uninstalled")
+        try:
+            check_options_class(cls.Options, f"{kind} '{cls.name}' ({cls.__qualname__})")
+        except BenchError as exc:
+            raise PluginLoadError(str(exc)) from None
         self._by_kind[kind][cls.name] = PluginInfo(kind, cls.name, cls, plugin, package, version)
         return cls
 
     def get(self, kind: str, name: str, where: str = "") -> PluginInfo:
         known = self._by_kind[kind]
+        prefix = f"{where}: " if where else ""
+        if (kind, name) in self.clashes:
+            raise UnknownPluginError(f"{prefix}{self.clashes[kind, name]}: which one to use is ambiguous; "
+                                     "uninstall one of the two packages")
         if name not in known:
-            prefix = f"{where}: " if where else ""
             valid = ", ".join(sorted(known)) or "none installed"
+            failed = "; ".join(f"{p.plugin} ({p.package}): {p.message}" for p in self.problems)
+            hint = f"; plugins that failed to load: {failed}" if failed else ""
             raise UnknownPluginError(f"{prefix}unknown {kind} '{name}'{did_you_mean(name, list(known))}; "
-                                     f"installed {kind}s: {valid}")
+                                     f"installed {kind}s: {valid}{hint}")
         return known[name]
 
     def names(self, kind: str) -> list[str]:
@@ -97,6 +108,22 @@ class Registry:
 
     def all(self) -> list[PluginInfo]:
         return [info for kind in KINDS for _, info in sorted(self._by_kind[kind].items())]
+
+
+def unmarked_hooks(module) -> list[str]:
+    """Warnings for functions of a plugin module that look like hooks but will never be called:
+    a hook name without @bench.hookimpl, or a near-miss of a hook name."""
+    hook_names = [name for name in dir(hookspecs) if name.startswith("register_")]
+    warnings = []
+    for name, value in vars(module).items():
+        if not callable(value) or isinstance(value, type) or getattr(value, "__module__", None) != module.__name__:
+            continue
+        marked = hasattr(value, hookspecs.PROJECT + "_impl")
+        if name in hook_names and not marked:
+            warnings.append(f"{name}() is not decorated with @bench.hookimpl, so it is never called")
+        elif name not in hook_names and name.startswith("register") and did_you_mean(name, hook_names):
+            warnings.append(f"{name}() is not a hook{did_you_mean(name, hook_names)}; it is never called")
+    return warnings
 
 
 _registry: Registry | None = None
@@ -139,11 +166,16 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
         except Exception as exc:  # a broken plugin must not take down the others
             registry.problems.append(LoadProblem(ep.name, package, f"failed to load: {type(exc).__name__}: {exc}"))
             continue
+        for warning in unmarked_hooks(module):
+            registry.problems.append(LoadProblem(ep.name, package, warning))
         try:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
             pm.unregister(name=ep.name)
-            registry.problems.append(LoadProblem(ep.name, package, f"invalid hook: {exc}"))
+            hook_names = [name for name in dir(hookspecs) if name.startswith("register_")]
+            hints = "".join(did_you_mean(name, hook_names) for name, value in vars(module).items()
+                            if hasattr(value, hookspecs.PROJECT + "_impl") and name not in hook_names)
+            registry.problems.append(LoadProblem(ep.name, package, f"invalid hook: {exc}{hints}"))
             continue
         origin[ep.name] = (package, version)
         if trace:
@@ -158,6 +190,9 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
                     registry.register(cls, plugin=_plugin, package=_package, version=_version)
                 except PluginLoadError as exc:
                     registry.problems.append(LoadProblem(_plugin, _package, str(exc)))
+                except Exception as exc:  # one bad class must not hide the ones registered after it
+                    registry.problems.append(LoadProblem(_plugin, _package, f"registering {cls!r} failed: "
+                                                         f"{type(exc).__name__}: {exc}"))
                 if trace:
                     print(f"bench: {hook_name} -> {kind} '{getattr(cls, 'name', cls)}' ({_plugin})", file=sys.stderr)
                 return cls

@@ -77,7 +77,8 @@ def test_broken_plugins_are_reported_by_name_and_the_others_load(broken_site):
     assert problems["broken_import"].package == "broken-import"
     duplicate = problems["dupe_defense"].message
     assert "defense 'finetune' from dupe-defense" in duplicate and "from robustness-bench" in duplicate
-    assert registry.get("defense", "finetune").package == "robustness-bench"  # the first one is kept
+    with pytest.raises(Exception, match="ambiguous"):  # a suite naming it is refused, not silently the built-in
+        registry.get("defense", "finetune")
     assert registry.get("defense", "dupe_ok").package == "dupe-defense"
     assert "register_defence" in problems["typo_hook"].message
     for kind, names in BUILT_INS.items():
@@ -128,3 +129,109 @@ def test_every_builtin_plugin_has_a_description_and_documented_typed_options(reg
             assert option["doc"], f"{info.kind} {info.name}: option {option['name']} has no doc line"
             assert option["type"] in ("int", "float", "bool", "str") or option["type"].startswith(("one of", "list of")), \
                 f"{info.kind} {info.name}: option {option['name']} has type {option['type']}"
+
+
+def registry_with(tmp_path, monkeypatch, source: str):
+    """A registry with the built-ins and one third-party module (its own name per test, since
+    Python caches imported modules), registered under the entry point 'third_plugin'."""
+    module = "third_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)
+    fake_distribution(tmp_path, "third", {module: source}, {"third_plugin": module})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+HEADER = """
+import enum
+from dataclasses import dataclass
+import bench
+"""
+
+
+@pytest.mark.parametrize("options, expected", [
+    ("@dataclass(frozen=True)\n    class Options:\n        k: int", "Options.k has no default"),
+    ("@dataclass\n    class Options:\n        k: int = bench.option(3, 'k')", "must be frozen"),
+    ("class Options:\n        k = 3", "must be a dataclass"),
+    ("@dataclass(frozen=True)\n    class Options:\n        k: tuple = bench.option((1, 2), 'k')", "has type tuple"),
+    ("@dataclass(frozen=True)\n    class Options:\n        k: int = bench.option(0, 'k', min=1)",
+     "the default is invalid", ),
+])
+def test_bad_options_are_refused_at_registration_naming_the_class_and_field(tmp_path, monkeypatch, options, expected):
+    source = HEADER + f"""
+class Bad(bench.Defense):
+    name = "bad"
+    description = "bad options"
+    {options}
+
+class Good(bench.Defense):
+    name = "good_after_bad"
+    description = "registered after the bad one"
+
+@bench.hookimpl
+def register_defenses(register):
+    register(Bad)
+    register(Good)
+"""
+    registry = registry_with(tmp_path, monkeypatch, source)
+    problem = next(p for p in registry.problems if p.plugin == "third_plugin")
+    assert expected in problem.message and "defense 'bad'" in problem.message
+    assert "good_after_bad" in registry.names("defense")  # one bad class hides nothing after it
+    with pytest.raises(bench_errors().UnknownPluginError, match="plugins that failed to load: third_plugin"):
+        registry.get("defense", "bad")
+
+
+def bench_errors():
+    import bench.errors
+    return bench.errors
+
+
+def test_hooks_that_would_never_be_called_are_reported(tmp_path, monkeypatch):
+    source = HEADER + """
+def register_defenses(register):
+    pass
+
+def register_defences(register):
+    pass
+"""
+    registry = registry_with(tmp_path, monkeypatch, source)
+    messages = " ".join(p.message for p in registry.problems if p.plugin == "third_plugin")
+    assert "register_defenses() is not decorated with @bench.hookimpl" in messages
+    assert "register_defences() is not a hook (did you mean 'register_defenses'?)" in messages
+
+
+def test_a_clashing_name_is_an_error_when_a_suite_uses_it(tmp_path, monkeypatch):
+    source = HEADER + """
+class MyNone(bench.Defense):
+    name = "none"
+    description = "clashes with the built-in"
+
+@bench.hookimpl
+def register_defenses(register):
+    register(MyNone)
+"""
+    registry = registry_with(tmp_path, monkeypatch, source)
+    with pytest.raises(bench_errors().UnknownPluginError, match="duplicates the one from robustness-bench.*ambiguous"):
+        registry.get("defense", "none")
+
+
+def test_an_error_in_post_init_is_a_one_line_option_error(tmp_path, monkeypatch):
+    source = HEADER + """
+class Odd(bench.Defense):
+    name = "odd"
+    description = "odd kernels only"
+
+    @dataclass(frozen=True)
+    class Options:
+        kernel: int = bench.option(3, "odd window", min=1)
+
+        def __post_init__(self):
+            if self.kernel % 2 == 0:
+                raise ValueError(f"kernel must be odd, got {self.kernel}")
+
+@bench.hookimpl
+def register_defenses(register):
+    register(Odd)
+"""
+    registry = registry_with(tmp_path, monkeypatch, source)
+    from bench.options import parse_options
+    with pytest.raises(bench_errors().OptionError, match="s.toml: defenses.0.: kernel must be odd, got 4"):
+        parse_options(registry.get("defense", "odd").cls.Options, {"kernel": 4}, "s.toml: defenses[0]")
