@@ -1,15 +1,21 @@
 """Test-time (evasion) attacks in native PyTorch: PGD and its one-step case FGSM, with random
-restarts and expectation over transformation (EOT) for stochastic models, and the evaluation
-protocol the evasion attack plugins share.
+restarts, a cross-entropy or DLR (margin) objective and expectation over transformation (EOT)
+for stochastic models, and the evaluation protocol the evasion attack plugins share
+(`evaluate_evasion`; the pgd plugin's docstring gives it in full).
 
 Everything runs batched on the images' device. The loss is computed in float32 even when the
 forward pass runs under bf16 autocast; per-example results are accumulated as device tensors
 and read back once per evaluation.
 
-A model is *stochastic* when `getattr(model, "stochastic", False)` is true (SAP, randomized
-input transforms). Such a model is attacked twice, with one-sample gradients and with EOT
+A model is *stochastic* when it declares `stochastic = True` or when two forward passes on the
+same images differ (`bench.evaluation.is_stochastic`), so a third-party randomized defense gets
+EOT without declaring anything. Such a model is attacked with one-sample gradients and with EOT
 gradients averaged over `eot_samples` draws, and its predictions are counted over `passes`
 repeated forward passes (Athalye, Carlini & Wagner 2018).
+
+The gradient-free check attack, Square (Andriushchenko et al. 2020), comes from the optional
+`torchattacks` package (`TORCHATTACKS_SUPPORTED`); without it (or with a version outside that
+range) the protocol runs without Square and its protocol line says so.
 """
 
 from __future__ import annotations
@@ -17,28 +23,44 @@ from __future__ import annotations
 import contextlib
 import enum
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.attacks import Attack, Metric, Stage, check_target_class
-from bench.context import RunContext
+from bench.attacks import Attack, Metric, MetricKind, Stage, check_target_class
+from bench.context import RunContext, derived_seed
 from bench.data import ImageData
-from bench.evaluation import to_model_input
+from bench.errors import BenchError
+# eval_mode and is_stochastic live in bench.evaluation (clean accuracy needs them too); they are
+# imported from here by the evasion plugins.
+from bench.evaluation import STOCHASTIC_PROBE_IMAGES, eval_mode, is_stochastic, to_model_input
 from bench.options import option
 
-# What every evasion attack plugin reports (see evaluate_evasion and the pgd plugin).
+# What every evasion attack plugin reports (see evaluate_evasion and the pgd plugin). The
+# headline is the per-image worst case; the per-attack numbers are diagnostics.
 EVASION_METRICS = (
-    Metric("robust_acc", "Robust acc", higher_is_better=True),
-    Metric("asr", "ASR", higher_is_better=False),
-    Metric("robust_acc_eot", "Robust acc (EOT)", higher_is_better=True),
-    Metric("robust_acc_eot_all", "Robust acc (EOT, all passes)", higher_is_better=True),
-    Metric("clean_acc_all_passes", "C-Acc (all passes)", higher_is_better=True),
-    Metric("masking_gap", "Masking gap", higher_is_better=False),
-    Metric("unreliable", "Unreliable", higher_is_better=False),
+    Metric("robust_acc", "Robust acc (worst case)", higher_is_better=True),
+    Metric("asr", "ASR (worst case)", higher_is_better=False),
+    Metric("unreliable", "Unreliable", higher_is_better=False, kind=MetricKind.FLAG),
+    Metric("robust_acc_attack", "Attack", higher_is_better=True, diagnostic=True),
+    Metric("robust_acc_eot", "EOT", higher_is_better=True, diagnostic=True),
+    Metric("robust_acc_eot_all", "EOT, all passes", higher_is_better=True, diagnostic=True),
+    Metric("robust_acc_check_ce", "Check CE-PGD", higher_is_better=True, diagnostic=True),
+    Metric("robust_acc_check_dlr", "Check DLR-PGD", higher_is_better=True, diagnostic=True),
+    Metric("robust_acc_check_square", "Check Square", higher_is_better=True, diagnostic=True),
+    Metric("masking_gap", "Masking gap", higher_is_better=False, diagnostic=True),
+    Metric("clean_acc_one_pass", "C-Acc (one pass)", higher_is_better=True, diagnostic=True),
+    Metric("clean_acc_all_passes", "C-Acc (all passes)", higher_is_better=True, diagnostic=True),
+    Metric("stochastic", "Stochastic", higher_is_better=None, kind=MetricKind.NUMBER, diagnostic=True),
 )
+
+# torchattacks releases whose internals this project reaches into (the autoattack plugin's
+# member attacks and their attribute names): at least the first, below the second.
+TORCHATTACKS_SUPPORTED = ((3, 5), (3, 6))
+TORCHATTACKS_REQUIREMENT = "torchattacks>=3.5,<3.6"
 
 
 class Norm(enum.Enum):
@@ -46,19 +68,41 @@ class Norm(enum.Enum):
     L2 = "l2"
 
 
-def is_stochastic(model: nn.Module) -> bool:
-    return bool(getattr(model, "stochastic", False))
+class Loss(enum.Enum):
+    """The objective PGD ascends: cross-entropy, or the DLR margin (Croce & Hein 2020), which is
+    invariant to scaling and shifting the logits."""
+
+    CE = "ce"
+    DLR = "dlr"
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run `model` in eval mode inside the block, restoring its mode afterwards."""
-    was_training = model.training
-    model.eval()
+def torchattacks_problem() -> str | None:
+    """Why torchattacks cannot be used (not installed, or a version outside
+    `TORCHATTACKS_SUPPORTED`), or None when it can."""
     try:
-        yield model
-    finally:
-        model.train(was_training)
+        import torchattacks
+    except ImportError:
+        return "torchattacks is not installed"
+    version = getattr(torchattacks, "__version__", "unknown")
+    try:
+        major_minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        major_minor = None
+    low, high = TORCHATTACKS_SUPPORTED
+    if major_minor is None or not low <= major_minor < high:
+        return f"torchattacks {version} is installed, outside the supported {TORCHATTACKS_REQUIREMENT}"
+    return None
+
+
+def import_torchattacks(needed_by: str) -> ModuleType:
+    """The torchattacks module, or a `BenchError` naming `needed_by` and the pip command when it
+    is missing or its version is outside `TORCHATTACKS_SUPPORTED`."""
+    problem = torchattacks_problem()
+    if problem is not None:
+        raise BenchError(f"{needed_by} needs {TORCHATTACKS_REQUIREMENT}, but {problem}: "
+                         f"pip install 'robustness-bench[autoattack]' (or pip install '{TORCHATTACKS_REQUIREMENT}')")
+    import torchattacks
+    return torchattacks
 
 
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
@@ -96,20 +140,52 @@ def ascent_direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     return grad / _per_example_norm(grad).clamp_min(1e-12)
 
 
+def dlr_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
+    """Per-example margin objective to ascend, positive once the attack succeeds. Untargeted:
+    DLR = (max_{i != y} z_i - z_y) / (z_pi1 - z_pi3), with z sorted decreasingly (Croce & Hein
+    2020). Targeted (`labels` are the targets; the true labels are not at hand): the targeted CW
+    margin z_t - max_{i != t} z_i, divided like DLR-T by z_pi1 - (z_pi3 + z_pi4) / 2. Both are
+    invariant to scaling and shifting the logits. With fewer classes than the denominator needs
+    (3, or 4 targeted) the plain CW margin is used, which scales with the logits but whose
+    gradient does not vanish as a saturated softmax's does."""
+    z = logits.float()
+    own = z.gather(1, labels[:, None]).squeeze(1)
+    others = z.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+    margin = own - others if targeted else others - own
+    ranked = z.sort(dim=1, descending=True).values
+    classes = z.shape[1]
+    if targeted and classes >= 4:
+        margin = margin / (ranked[:, 0] - (ranked[:, 2] + ranked[:, 3]) / 2 + 1e-12)
+    elif not targeted and classes >= 3:
+        margin = margin / (ranked[:, 0] - ranked[:, 2] + 1e-12)
+    return margin
+
+
 def loss_gradient(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor, *,
-                  targeted: bool, eot_samples: int, autocast: Callable[[], ContextManager]) -> torch.Tensor:
+                  targeted: bool, eot_samples: int, autocast: Callable[[], ContextManager],
+                  loss: Loss = Loss.CE) -> torch.Tensor:
     """Gradient of the attack objective at x + delta, summed over `eot_samples` forward passes
-    (one sample per pass; the sum points the same way as the EOT average). Untargeted attacks
-    ascend the cross-entropy of the true labels; targeted ones descend that of the targets."""
+    (one sample per pass; the sum points the same way as the EOT average). With `Loss.CE`
+    untargeted attacks ascend the cross-entropy of the true labels and targeted ones descend
+    that of the targets; with `Loss.DLR` both ascend `dlr_loss`. Where the objective does not
+    depend on the input (a zero-gradient input quantizer) the gradient is zero."""
     delta = delta.detach().requires_grad_(True)
     grad = torch.zeros_like(delta)
     for _ in range(eot_samples):
         with autocast():
             logits = model(x + delta)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        if targeted:
-            loss = -loss
-        grad += torch.autograd.grad(loss, delta)[0]
+        if loss is Loss.DLR:
+            objective = dlr_loss(logits, labels, targeted).sum()
+        else:
+            objective = F.cross_entropy(logits.float(), labels, reduction="sum")
+            if targeted:
+                objective = -objective
+        if objective.requires_grad:
+            # allow_unused: a model that cuts its input from the graph (a detached quantizer)
+            # has a zero gradient, which must reach the caller as zeros, not as an error.
+            sample_grad = torch.autograd.grad(objective, delta, allow_unused=True)[0]
+            if sample_grad is not None:
+                grad += sample_grad
     return grad
 
 
@@ -122,13 +198,14 @@ def attack_succeeds(model: nn.Module, x_adv: torch.Tensor, labels: torch.Tensor,
 
 def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
                norm: Norm = Norm.LINF, random_start: bool = True, restarts: int = 1, targeted: bool = False,
-               eot_samples: int = 1, generator: torch.Generator | None = None,
+               eot_samples: int = 1, loss: Loss = Loss.CE, generator: torch.Generator | None = None,
                autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) on float images x in [0, 1]; returns
     x_adv with ||x_adv - x|| <= eps in `norm` and x_adv in [0, 1]. `y` holds the true labels,
-    or the target labels when `targeted`. With `restarts` > 1 an example keeps the first
-    restart that succeeds (else the last). The model runs in whatever mode it is in (callers
-    choose: eval to evaluate, train for adversarial training). FGSM is steps=1, step=eps."""
+    or the target labels when `targeted`. `loss` is the objective (cross-entropy or DLR). With
+    `restarts` > 1 an example keeps the first restart that succeeds (else the last). The model
+    runs in whatever mode it is in (callers choose: eval to evaluate, train for adversarial
+    training). FGSM is steps=1, step=eps."""
     x = x.detach()
     best = x
     best_success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -137,7 +214,8 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         if random_start:
             delta = project(random_start_in_ball(x, eps, norm, generator), x, eps, norm)
         for _ in range(steps):
-            grad = loss_gradient(model, x, delta, y, targeted=targeted, eot_samples=eot_samples, autocast=autocast)
+            grad = loss_gradient(model, x, delta, y, targeted=targeted, eot_samples=eot_samples, autocast=autocast,
+                                 loss=loss)
             delta = project(delta + step * ascent_direction(grad, norm), x, eps, norm)
         x_adv = (x + delta).detach()
         if restarts == 1:
@@ -148,6 +226,29 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
         best_success |= success
     return best
+
+
+def square_attack(model: nn.Module, *, eps: float, norm: Norm, queries: int, targeted: bool,
+                  seed: int) -> "PerturbFn":
+    """The Square attack (Andriushchenko et al. 2020; gradient-free random search on the margin)
+    from torchattacks, as RobustBench's AutoAttack runs it: margin loss, p_init 0.8, one
+    restart, no rescaling of the square-size schedule to the query budget
+    (`resc_schedule=False`). Returns `(images, labels or targets) -> adversarial images`.
+    torchattacks reseeds torch's global generator on every call; the call runs inside
+    `torch.random.fork_rng`, so the caller's random state is left as it was."""
+    torchattacks = import_torchattacks("the Square check")
+    attack = torchattacks.Square(model, norm="Linf" if norm is Norm.LINF else "L2", eps=eps, n_queries=queries,
+                                 n_restarts=1, p_init=0.8, loss="margin", resc_schedule=False, seed=seed)
+    if targeted:
+        attack.set_mode_targeted_by_label(quiet=True)
+
+    def perturb(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        attack.set_device(x.device)
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            # contiguous: torchattacks reshapes with .view(), which channels_last tensors refuse
+            return attack(x.contiguous(), y).detach()
+
+    return perturb
 
 
 @dataclass
@@ -166,6 +267,36 @@ class PassCounts:
     def accuracy_all_passes(self) -> torch.Tensor:
         """Share of examples classified correctly in every pass (a device scalar)."""
         return (self.correct == self.passes).float().mean()
+
+    def success(self, targeted: bool) -> torch.Tensor:
+        """The attack's success averaged over examples and passes: target hits when targeted,
+        else misclassifications (a device scalar)."""
+        return self.hits.float().mean() / self.passes if targeted else 1 - self.accuracy()
+
+    def head(self, count: int) -> "PassCounts":
+        """The counts of the first `count` examples."""
+        return PassCounts(self.correct[:count], self.hits[:count], self.passes)
+
+
+def worst_case(runs: list[PassCounts]) -> PassCounts:
+    """Per example, the worst case over the attacks that ran on it: the fewest correct passes
+    and the most target hits. Runs may cover only the first examples (a check subset); the
+    first run covers them all."""
+    correct, hits = runs[0].correct.clone(), runs[0].hits.clone()
+    for run in runs[1:]:
+        count = len(run.correct)
+        correct[:count] = torch.minimum(correct[:count], run.correct)
+        hits[:count] = torch.maximum(hits[:count], run.hits)
+    return PassCounts(correct, hits, runs[0].passes)
+
+
+def attack_success_rate(clean: PassCounts, attacked: PassCounts, targeted: bool) -> torch.Tensor:
+    """Of the images classified correctly in every clean pass, the share of passes in which the
+    attacked image is misclassified (untargeted) or classified as the target (targeted); 0 when
+    no image is clean-correct (a device scalar)."""
+    originally_correct = (clean.correct == clean.passes).float()
+    fooled = attacked.hits if targeted else attacked.passes - attacked.correct
+    return (fooled.float() * originally_correct).sum() / (originally_correct.sum() * attacked.passes).clamp_min(1)
 
 
 PerturbFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, labels or targets) -> adversarial
@@ -214,6 +345,11 @@ class EvasionSettings:
     check_subset: int
     check_steps_factor: int
     check_restarts: int
+    check_square_queries: int  # 0: no Square check
+
+    @property
+    def check_steps(self) -> int:
+        return self.steps * self.check_steps_factor
 
 
 @dataclass(frozen=True)
@@ -226,10 +362,12 @@ class ProtocolOptions:
     subset: int = option(1000, "attack the first N evaluation images; 0: all of them", min=0)
     eot_samples: int = option(10, "stochastic models: gradient samples averaged per EOT step", min=1)
     passes: int = option(10, "stochastic models: forward passes each image is predicted in", min=1)
-    masking_threshold: float = option(0.05, "flag 'unreliable' when this attack's robust accuracy exceeds a "
-                                            "stronger attack's by more", min=0, max=1)
-    check_subset: int = option(200, "deterministic models: images the stronger check attacks", min=1)
-    check_restarts: int = option(3, "deterministic models: the check's random restarts", min=1)
+    masking_threshold: float = option(0.05, "flag 'unreliable' when a check attack's success rate exceeds the "
+                                            "configured attack's by more", min=0, max=1)
+    check_subset: int = option(200, "masking check: attack the first N images of the subset", min=1)
+    check_restarts: int = option(3, "masking check: random restarts of its CE-PGD and DLR-PGD", min=1)
+    check_square_queries: int = option(1000, "masking check: queries of the gradient-free Square attack "
+                                             "(needs torchattacks); 0: no Square check", min=0)
 
 
 class EvasionAttack(Attack):
@@ -251,19 +389,69 @@ class EvasionAttack(Attack):
             norm=o.norm, eps=o.eps, step=step, steps=steps, restarts=restarts, random_start=random_start,
             targeted=o.targeted, target_class=o.target_class, subset=o.subset, eot_samples=o.eot_samples,
             passes=o.passes, masking_threshold=o.masking_threshold, check_subset=o.check_subset,
-            check_steps_factor=o.check_steps_factor, check_restarts=o.check_restarts)
+            check_steps_factor=o.check_steps_factor, check_restarts=o.check_restarts,
+            check_square_queries=o.check_square_queries)
 
     def check_dataset(self, splits):
         check_target_class(self.name, self.options.target_class, splits.num_classes)
+
+    def describe_protocol(self) -> str:
+        return describe_evasion_protocol(self.name, self.settings())
 
     def evaluate(self, model, test, ctx, state):
         check_target_class(self.name, self.options.target_class, ctx.num_classes)
         return evaluate_evasion(model, test, ctx, self.settings(), stream=self.name)
 
 
+def square_check_problem(settings: EvasionSettings) -> str | None:
+    """Why the Square check will not run (turned off, or torchattacks unusable), or None."""
+    if settings.check_square_queries == 0:
+        return "turned off (check_square_queries = 0)"
+    return torchattacks_problem()
+
+
+def describe_evasion_protocol(name: str, settings: EvasionSettings) -> str:
+    """The protocol line under the leaderboard table: the attack, the EOT rule, the worst case
+    and the masking check, including whether Square could run (judged when the job runs)."""
+    s = settings
+    images = f"the first {s.subset}" if s.subset else "all"
+    start = ", random start" if s.random_start else ""
+    goal = "targeted" if s.targeted else "untargeted"
+    square = square_check_problem(s)
+    if square is None:
+        import torchattacks
+        square_text = (f"Square with {s.check_square_queries} queries (torchattacks {torchattacks.__version__}, "
+                       f"resc_schedule off)")
+    else:
+        square_text = f"NO Square check: {square}, so masking that hides every gradient goes undetected"
+    return (f"{name}: {goal} {s.norm.value} eps {s.eps:.4g}, {s.steps} step(s) of {s.step:.4g}, {s.restarts} "
+            f"restart(s){start}, on {images} evaluation images; stochastic models (declared, or two forward passes "
+            f"differ) are also attacked with EOT-{s.eot_samples} and predicted {s.passes} times per image. "
+            f"Robust acc and ASR: per image, the worst case over every attack run on it. Masking check on the first "
+            f"{s.check_subset} images: CE-PGD and DLR-PGD with {s.check_steps} steps x {s.check_restarts} restarts "
+            f"(EOT for stochastic models), {square_text}; 'unreliable' when a check beats the attack by more than "
+            f"{s.masking_threshold:.0%}")
+
+
 def evaluate_evasion(model: nn.Module, test: ImageData, ctx: RunContext, settings: EvasionSettings,
                      stream: str) -> dict[str, float]:
-    """The evasion protocol (see the pgd plugin's docstring); returns the metric values."""
+    """The evasion protocol (the pgd plugin's docstring gives it in full); returns the metric
+    values. On the first `subset` images (targeted with a fixed class: those not of it):
+
+    - the configured attack, with one-sample gradients (`robust_acc_attack`); for a stochastic
+      model (`is_stochastic`) also its EOT variant (`robust_acc_eot`, `robust_acc_eot_all`);
+    - on the first `check_subset` of those images only, the masking checks: CE-PGD and DLR-PGD
+      with `check_steps_factor` times the steps (step 2.5 eps / steps), random start and
+      `check_restarts` restarts, with EOT for stochastic models, and Square with
+      `check_square_queries` queries when torchattacks is usable (`robust_acc_check_*`,
+      accuracies on the check images).
+
+    `robust_acc` and `asr` are per image the worst case over the attacks that image saw: all of
+    them for the first `check_subset` images, the configured attack (and its EOT variant) for
+    the rest. Every adversarial image is predicted `passes` times for a stochastic model, once
+    otherwise. `masking_gap` is the largest amount by which a check's success rate exceeds that
+    of the configured attack (per image, the worse of its variants) on the check images, 0 when
+    none does; `unreliable` is 1 when it exceeds `masking_threshold`."""
     s = settings
     data = test if s.subset == 0 else ImageData(test.x[:s.subset], test.y[:s.subset])
     targets = None
@@ -273,46 +461,50 @@ def evaluate_evasion(model: nn.Module, test: ImageData, ctx: RunContext, setting
             targets = torch.full_like(data.y, s.target_class)
         else:
             targets = (data.y + 1) % ctx.num_classes
-    stochastic = is_stochastic(model)
+    stochastic = is_stochastic(model, to_model_input(data.x[:STOCHASTIC_PROBE_IMAGES]))
     passes = s.passes if stochastic else 1
+    eot_samples = s.eot_samples if stochastic else 1
+    size = min(s.check_subset, len(data))
 
-    def attack_with(stream_name: str, **overrides) -> PerturbFn:
+    def pgd(stream_name: str, **overrides) -> PerturbFn:
         kwargs = dict(eps=s.eps, step=s.step, steps=s.steps, norm=s.norm, random_start=s.random_start,
                       restarts=s.restarts, targeted=s.targeted, eot_samples=1, autocast=ctx.autocast)
         kwargs.update(overrides)
         generator = ctx.generator(f"{stream}:{stream_name}")
         return lambda x, y: pgd_attack(model, x, y, generator=generator, **kwargs)
 
-    def counts(x, y, t, attack, desc) -> PassCounts:
-        return robust_accuracy(model, x, y, attack=attack, targets=t, passes=passes,
+    def counts(attack: PerturbFn | None, desc: str, count: int = len(data)) -> PassCounts:
+        return robust_accuracy(model, data.x[:count], data.y[:count], attack=attack,
+                               targets=None if targets is None else targets[:count], passes=passes,
                                batch_size=ctx.eval_batch_size, autocast=ctx.autocast,
                                progress=lambda it: ctx.progress(it, desc=f"{stream} {desc}"))
 
+    check = dict(steps=s.check_steps, step=2.5 * s.eps / s.check_steps,  # Madry et al.: cross the ball 2.5 times
+                 restarts=s.check_restarts, random_start=True, eot_samples=eot_samples)
     with eval_mode(model):
-        clean = counts(data.x, data.y, None, None, "clean")
-        plain = counts(data.x, data.y, targets, attack_with("plain"), "attack")
-        if stochastic:
-            strongest = counts(data.x, data.y, targets, attack_with("eot", eot_samples=s.eot_samples), "eot")
-            gap = plain.accuracy() - strongest.accuracy()
-        else:
-            strongest = plain
-            size = s.check_subset
-            check_steps = s.steps * s.check_steps_factor
-            # Madry et al.'s rule: steps long enough to cross the ball 2.5 times.
-            strong = counts(data.x[:size], data.y[:size], None if targets is None else targets[:size],
-                            attack_with("check", steps=check_steps, step=2.5 * s.eps / check_steps,
-                                        restarts=s.check_restarts, random_start=True), "check")
-            plain_on_check = PassCounts(plain.correct[:size], plain.hits[:size], 1)
-            # Worst case over both attacks per image, so the gap is never negative.
-            worst = PassCounts(torch.minimum(plain_on_check.correct, strong.correct), strong.hits, 1)
-            gap = plain_on_check.accuracy() - worst.accuracy()
+        clean = counts(None, "clean")
+        attack = counts(pgd("attack"), "attack")
+        # For a deterministic model the EOT variant is the same attack (a sum of identical gradients).
+        eot = counts(pgd("eot", eot_samples=s.eot_samples), "eot") if stochastic else attack
+        checks = {"check_ce": counts(pgd("check_ce", **check), "check CE-PGD", size),
+                  "check_dlr": counts(pgd("check_dlr", loss=Loss.DLR, **check), "check DLR-PGD", size)}
+        if square_check_problem(s) is None:
+            seed = derived_seed(ctx.seed, f"{stream}:check_square") % 2 ** 31
+            square = square_attack(model, eps=s.eps, norm=s.norm, queries=s.check_square_queries,
+                                   targeted=s.targeted, seed=seed)
+            checks["check_square"] = counts(square, "check Square", size)
 
-    originally_correct = (clean.correct == passes).float()
-    fooled = strongest.hits if s.targeted else passes - strongest.correct
-    asr = (fooled.float() * originally_correct).sum() / (originally_correct.sum() * passes)
-    values = {"robust_acc": plain.accuracy(), "asr": asr,
-              "robust_acc_eot": strongest.accuracy(), "robust_acc_eot_all": strongest.accuracy_all_passes(),
-              "clean_acc_all_passes": clean.accuracy_all_passes(), "masking_gap": gap,
-              "unreliable": (gap > s.masking_threshold).float()}
-    numbers = torch.stack([v.float() for v in values.values()]).tolist()  # the one host sync
+    configured = worst_case([attack, eot]).head(size)
+    gaps = [run.success(s.targeted) - configured.success(s.targeted) for run in checks.values()]
+    gap = torch.stack(gaps).max().clamp_min(0)
+    worst = worst_case([attack, eot, *checks.values()])
+    values = {"robust_acc": worst.accuracy(), "asr": attack_success_rate(clean, worst, s.targeted),
+              "unreliable": (gap > s.masking_threshold).float(),
+              "robust_acc_attack": attack.accuracy(), "robust_acc_eot": eot.accuracy(),
+              "robust_acc_eot_all": eot.accuracy_all_passes(),
+              **{f"robust_acc_{key}": run.accuracy() for key, run in checks.items()},
+              "masking_gap": gap, "clean_acc_one_pass": clean.accuracy(),
+              "clean_acc_all_passes": clean.accuracy_all_passes(),
+              "stochastic": torch.tensor(float(stochastic), device=gap.device)}
+    numbers = torch.stack([v.float() for v in values.values()]).tolist()  # the counts are read back once
     return dict(zip(values, numbers))

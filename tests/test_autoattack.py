@@ -1,5 +1,7 @@
 """AutoAttack through torchattacks: at least as strong as PGD, and it says what ran."""
 
+import copy
+
 import pytest
 import torch
 
@@ -31,10 +33,11 @@ def test_autoattack_is_at_least_as_strong_as_pgd(digits_model):
     # a short budget keeps the test fast; the attacks are those of the standard set
     aa = AutoAttack(AutoAttack.Options(eps=0.1, subset=12, iterations=20, square_queries=30)).evaluate(
         model, subset, CTX, {})
-    pgd = PGD(PGD.Options(eps=0.1, step=0.025, subset=12)).evaluate(model, subset, CTX, {})
-    assert 0 <= aa["robust_acc"] <= pgd["robust_acc"] + 1 / 12
+    pgd = PGD(PGD.Options(eps=0.1, step=0.025, subset=12, check_restarts=1, check_square_queries=100)).evaluate(
+        model, subset, CTX, {})
+    assert aa["robust_acc"] <= pgd["robust_acc_attack"] + 1 / 12  # PGD's own number, not pgd's worst case
     assert aa["robust_acc"] < 0.9  # eps 0.1 on 8x8 digits breaks many images
-    assert 0 < aa["asr"] <= 1
+    assert aa["asr"] == pytest.approx(1 - aa["robust_acc"], abs=1e-6)  # all 12 images are clean-correct
 
 
 def test_the_reference_budget_is_set_on_every_member(digits_model):
@@ -48,6 +51,7 @@ def test_the_reference_budget_is_set_on_every_member(digits_model):
     assert members["APGDT"].n_target_classes == members["FAB"].n_target_classes == 9
     assert members["FAB"].multi_targeted and isinstance(members["Square"], torchattacks.Square)
     assert members["Square"].n_queries == 5000
+    assert members["Square"].rescale_schedule is False  # RobustBench runs Square with resc_schedule=False
     few_classes, _ = AutoAttack().build(model, num_classes=4, seed=0)
     assert all(m.n_target_classes == 3 for m in few_classes._autoattack.attacks if hasattr(m, "n_target_classes"))
 
@@ -55,9 +59,11 @@ def test_the_reference_budget_is_set_on_every_member(digits_model):
 def test_channels_last_models_and_inputs_work(digits_model):
     # the CUDA path keeps models and inputs in channels_last; FAB reshapes with .view()
     model, test = digits_model
-    model = model.to(memory_format=torch.channels_last)
-    small = AutoAttack(AutoAttack.Options(eps=0.3, subset=6, iterations=3, square_queries=5))
-    assert 0 <= small.evaluate(model, test.subset(torch.arange(6)), CTX, {})["robust_acc"] <= 1
+    images = test.subset(torch.arange(6))
+    small = AutoAttack(AutoAttack.Options(eps=0.1, subset=6, iterations=3, square_queries=5))
+    contiguous = small.evaluate(model, images, CTX, {})
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert small.evaluate(channels_last, images, CTX, {}) == pytest.approx(contiguous, abs=1e-6)
 
 
 def test_protocol_names_the_attacks_that_ran_and_any_cut_budget():
@@ -68,12 +74,54 @@ def test_protocol_names_the_attacks_that_ran_and_any_cut_budget():
     assert "NOT the standard budget: 10 iterations instead of 100, Square cut to 10 queries" in cut
 
 
+class NoisyLogits(torch.nn.Module):
+    """A third-party randomized defense: noise on the logits, no `stochastic` attribute."""
+
+    def __init__(self, inner: torch.nn.Module, sigma: float):
+        super().__init__()
+        self.inner, self.sigma = inner, sigma
+
+    def forward(self, x):
+        logits = self.inner(x)
+        return logits + self.sigma * logits.std() * torch.randn_like(logits)
+
+
 def test_stochastic_models_get_the_rand_version(digits_model):
+    model, test = digits_model
+    sample = test.x[:16].float() / 255
+    sap = SAP().apply(model, None, DefenseContext(device=torch.device("cpu"), seed=0, num_classes=10))
+    assert AutoAttack()._version(sap, sample) == "rand"  # declared
+    noisy = NoisyLogits(model, sigma=0.5)
+    assert not hasattr(noisy, "stochastic") and AutoAttack()._version(noisy, sample) == "rand"  # detected
+    assert AutoAttack()._version(model, sample) == "standard"
+    assert AutoAttack(AutoAttack.Options(version=Version.STANDARD))._version(noisy, sample) == "standard"
+
+
+def test_stochastic_models_are_counted_over_repeated_passes(digits_model):
+    model, test = digits_model
+    noisy = NoisyLogits(model, sigma=1.0)
+    torch.manual_seed(0)
+    options = AutoAttack.Options(eps=0.1, subset=12, iterations=2, passes=7)
+    attack = AutoAttack(options)
+    metrics = attack.evaluate(noisy, test.subset(torch.arange(12)), CTX, {})
+    assert attack._ran_version == "rand" and "predicted 7 times per image" in attack.describe_protocol()
+    correct_predictions = metrics["robust_acc"] * 12 * 7
+    # A mean over 7 passes per image: a whole number of correct predictions out of 84, not of 12.
+    assert correct_predictions == pytest.approx(round(correct_predictions), abs=1e-4)
+    assert metrics["robust_acc"] * 12 != pytest.approx(round(metrics["robust_acc"] * 12), abs=1e-4)
+
+
+def test_a_torchattacks_version_outside_the_bound_stops_the_attack(digits_model, monkeypatch):
+    import torchattacks
+
+    from bench import BenchError
+
     model, _ = digits_model
-    sap = SAP().apply(model, None, DefenseContext(device=torch.device("cpu"), seed=0,
-                                                                          num_classes=10))
-    assert AutoAttack()._version(sap) == "rand"
-    assert AutoAttack()._version(model) == "standard"
+    monkeypatch.setattr(torchattacks, "__version__", "3.4.0")
+    with pytest.raises(BenchError, match="needs torchattacks>=3.5,<3.6, but torchattacks 3.4.0 is installed"):
+        AutoAttack().build(model, num_classes=10, seed=0)
+    monkeypatch.setattr(torchattacks, "__version__", "3.5.9")
+    AutoAttack().build(model, num_classes=10, seed=0)
 
 
 def test_a_missing_torchattacks_is_reported_before_the_suite_runs(tmp_path, monkeypatch):

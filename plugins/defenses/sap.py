@@ -15,9 +15,21 @@ after every `nn.ReLU` module, every functional `F.relu` / `torch.relu` call and 
 PreAct-ResNet-18 uses; patching `F.relu` globally would not be thread-safe. A model fx
 cannot trace (data-dependent control flow) is refused with an error.
 
-The returned predictor has `stochastic = True`, so the evasion attacks add EOT-PGD and count
+The returned predictor declares `stochastic = True` (its passes differ anyway, which
+`bench.evaluation.is_stochastic` would detect), so the evasion attacks add EOT-PGD and count
 predictions over repeated passes (the honest evaluation of Athalye et al. 2018, under which
-SAP falls to about 0% at eps 8/255 on CIFAR-10).
+SAP falls to about 0% at eps 8/255 on CIFAR-10), and `autoattack` runs its `rand` version.
+
+Predictions are averaged over stochastic passes, as the method is published, at two levels:
+
+- `passes` (default 1): each forward call runs the pruned network that many times and returns
+  the log of the mean softmax. Every call, so every gradient an attack takes and every
+  prediction it counts, is this averaged predictor; 1 is plain SAP, one draw per call.
+- The job's `clean_acc` (`bench.evaluation.clean_accuracy`, for every stochastic model) is the
+  argmax of the softmax averaged over `CLEAN_ACCURACY_PASSES` (10) calls, i.e. over
+  10 x `passes` draws. The evasion attacks report single-call clean accuracy apart, as the
+  diagnostics `clean_acc_one_pass` (the mean over the attack's own `passes` calls) and
+  `clean_acc_all_passes` (correct in all of them).
 """
 
 from __future__ import annotations
@@ -102,7 +114,8 @@ def insert_pruning(model: nn.Module, frac: float, generator: torch.Generator | N
 
 class StochasticallyPruned(nn.Module):
     """The defended predictor: the pruned network, run `passes` times per call; returns the
-    log of the mean softmax (logits of the averaged prediction)."""
+    log of the mean softmax (logits of the averaged prediction), or with one pass the pruned
+    network's logits."""
 
     stochastic = True
 
@@ -127,8 +140,8 @@ class SAP(bench.Defense):
     class Options:
         frac: float = bench.option(1.0, "draws per layer as a fraction of its units (1.0: SAP-100)",
                                    min=0, max=10, min_exclusive=True)
-        passes: int = bench.option(1, "stochastic passes averaged (softmax) in every prediction; 1: plain SAP",
-                                   min=1)
+        passes: int = bench.option(1, "stochastic passes averaged (softmax) in every forward call; 1: plain SAP "
+                                      "(clean_acc still averages 10 calls)", min=1)
 
     def check_model(self, model, sample):
         insert_pruning(model, self.options.frac, None)
