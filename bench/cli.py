@@ -51,15 +51,14 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit):
     written), 3 when --time-limit left jobs to run, 100 + N when N jobs failed (N capped at
     27; this wins over 3), 130 when interrupted.
     """
-    from bench.jobs import expand
-    from bench.runner import run_suite
+    from bench.runner import check_suite, run_suite
     from bench.suite import load_suite
     suite = None
     try:
         registry = load_plugins()
         suite = load_suite(suite_file, registry)
         if dry_run:
-            jobs = expand(suite)
+            jobs = check_suite(suite, registry, device=device, artifact_dir=cache_dir)
             for i, job in enumerate(jobs, 1):
                 click.echo(f"{i:4d}  {job.key}  {job.describe()}")
             click.echo(f"{len(jobs)} jobs; store: {store or suite.store_path}")
@@ -136,7 +135,8 @@ def plugins(show_options):
                 default = getattr(o["default"], "value", o["default"])
                 lower = "> " if o["min_exclusive"] else ">= "
                 bounds = "".join([f", {lower}{o['min']}" if o["min"] is not None else "",
-                                  f", <= {o['max']}" if o["max"] is not None else ""])
+                                  f", <= {o['max']}" if o["max"] is not None else "",
+                                  ", one of " + ", ".join(repr(c) for c in o["choices"]) if o["choices"] else ""])
                 click.echo(f"  {o['name']} ({o['type']}, default {default!r}{bounds}): {o['doc']}")
     if registry.problems:
         click.echo("\nPlugins that failed to load:", err=True)

@@ -96,7 +96,9 @@ def execute_job(job: Job, env: JobEnvironment) -> Outcome:
                      + traceback.format_exc()
         else:
             detail = traceback.format_exc()
-        outcome = Outcome(status="failed", error=f"{type(exc).__name__}: {exc}\n{detail}".strip(),
+        error = f"{type(exc).__name__}: {detail}" if isinstance(exc, BenchError) else \
+            f"{type(exc).__name__}: {exc}\n{detail}".strip()
+        outcome = Outcome(status="failed", error=error,
                           device=str(env.device), versions=versions(job, env.registry))
     outcome.started_at, outcome.finished_at = started, _now()
     return outcome

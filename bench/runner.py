@@ -93,6 +93,34 @@ def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
                              f"images dataset '{job.dataset.label}' can grant the defender ({origin})")
 
 
+def prepare(suite: Suite, registry: Registry, *, device: str | None = None, artifact_dir: Path | None = None,
+            show_progress: bool | None = None, store_path: Path | None = None) -> tuple[list[Job], JobEnvironment]:
+    """Everything checked before a job runs, writing nothing: the jobs, the device, the store
+    (when given, before any data loads), then the preflight on the data and models."""
+    jobs = expand(suite)
+    if not jobs:
+        raise SuiteError(f"{suite.path}: the [[exclude]] rules drop every job; nothing to run")
+    try:
+        torch_device = resolve_device(device or suite.settings.device.value)
+    except BenchError as exc:
+        raise SuiteError(f"{suite.path}: [suite].device: {exc}" if device is None else str(exc)) from None
+    if store_path is not None:
+        check_store_path(store_path)
+    if torch_device.type == "cuda" and suite.settings.deterministic:
+        make_cuda_deterministic()
+    env = JobEnvironment(cache=ArtifactCache(Path(artifact_dir).expanduser() if artifact_dir
+                                             else cache_root() / "artifacts"),
+                         device=torch_device, registry=registry, show_progress=show_progress)
+    preflight(suite, jobs, env)
+    return jobs, env
+
+
+def check_suite(suite: Suite, registry: Registry, *, device: str | None = None,
+                artifact_dir: Path | None = None) -> list[Job]:
+    """`bench run --dry-run`: the same checks as a run (data, models, options), nothing written."""
+    return prepare(suite, registry, device=device, artifact_dir=artifact_dir)[0]
+
+
 def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = None, device: str | None = None,
               artifact_dir: Path | None = None, executor: Executor | None = None,
               show_progress: bool | None = None, echo: Callable[[str], None] = print,
@@ -103,28 +131,16 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
     if time_limit is not None and time_limit <= 0:
         raise BenchError(f"the time limit must be more than 0 seconds, not {time_limit}")
     started = time.monotonic()  # the limit counts data loading in the preflight too
-    jobs = expand(suite)
-    if not jobs:
-        raise SuiteError(f"{suite.path}: the [[exclude]] rules drop every job; nothing to run")
     store_path = Path(store_path or suite.store_path).expanduser()
-    try:
-        torch_device = resolve_device(device or suite.settings.device.value)
-    except BenchError as exc:
-        raise SuiteError(f"{suite.path}: [suite].device: {exc}" if device is None else str(exc)) from None
-    check_store_path(store_path)  # before any data loads
-    if torch_device.type == "cuda" and suite.settings.deterministic:
-        make_cuda_deterministic()
-    env = JobEnvironment(cache=ArtifactCache(Path(artifact_dir).expanduser() if artifact_dir
-                                             else cache_root() / "artifacts"),
-                         device=torch_device, registry=registry, show_progress=show_progress)
-    preflight(suite, jobs, env)
+    jobs, env = prepare(suite, registry, device=device, artifact_dir=artifact_dir, show_progress=show_progress,
+                        store_path=store_path)
     with ResultStore(store_path) as store, user_interrupts_marked():
         store.record_suite(suite.name, str(suite.path), [job.key for job in jobs],
                            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         done = store.finished_keys()
         todo = [job for job in jobs if job.key not in done]
         echo(f"{suite.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already in {store_path}, "
-             f"{len(todo)} to run on {torch_device}")
+             f"{len(todo)} to run on {env.device}")
         failed, succeeded, left = [], 0, 0
         disable = None if show_progress is None else not show_progress
         previous, longest = time.monotonic(), 0.0

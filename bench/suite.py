@@ -259,8 +259,9 @@ def _plugin_specs(entry: Any, kind: str, where: str, registry: Registry) -> list
         defaults = to_plain(options_cls())
         changed = {k: v for k, v in options.items() if v != defaults[k]}
         spec_label = label or name
-        if sweeps or (label is None and changed):
-            shown = {k: options[k] for k in (sweeps or changed)}
-            spec_label += "(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items()) + ")"
+        if label is None and changed:  # a swept value equal to the default is not repeated
+            spec_label += "(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) + ")"
+        elif label is not None and sweeps:  # a label names the sweep; each point still needs its own
+            spec_label += "(" + ", ".join(f"{k}={json.dumps(options[k])}" for k in sweeps) + ")"
         specs.append(PluginSpec(kind, name, options, spec_label, info.cls, parsed))
     return specs

@@ -247,3 +247,12 @@ def test_good_suite_dry_run_lists_jobs(tmp_path):
     assert "digits / small_cnn / badnets / none seed=0" in result.output
     assert "1 jobs" in result.output
     assert not (tmp_path / "r.db").exists()
+
+
+def test_dry_run_makes_the_same_checks_as_a_run(tmp_path):
+    suite = tmp_path / "s.toml"
+    suite.write_text(replace('name = "none"', 'name = "fine_pruning"\nlayer = "net.conv9"').format(
+        store=(tmp_path / "r.db").as_posix()))
+    result = CliRunner().invoke(main, ["run", str(suite), "--dry-run", "--device", "cpu"])
+    assert result.exit_code == 2 and "the model has no module 'net.conv9'" in result.output
+    assert not (tmp_path / "r.db").exists()
