@@ -35,7 +35,9 @@ def path_plot(group: str, defense: str, bonafide: int, rows: list[dict], folder:
     if not paths:
         return None
     info = rows[0]["metric_info"]
-    keys = [k for k in info if k != "der" and all(k in point for path in paths for point in path)]
+    # headline percentages only: the axis is in percent, diagnostics and numbers would leave it
+    keys = [k for k in info if k != "der" and info[k].get("kind", "percent") == "percent"
+            and not info[k].get("diagnostic", False) and all(k in point for path in paths for point in path)]
     t = np.array([p["t"] for p in paths[0]])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

@@ -87,7 +87,8 @@ def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -
         by_defense.setdefault((r["defense_label"], r["bonafide_size"]), []).append(r)
     for (defense, bonafide), rows in sorted(by_defense.items()):
         written.append(path_plot(group, defense, bonafide, rows, plot_dir))
-    success = {k for r in members for k in r["metric_info"] if k not in ("clean_acc", "der")}
+    success = {k for r in members for k, info in r["metric_info"].items() if k not in ("clean_acc", "der")
+               and info.get("kind", "percent") == "percent" and not info.get("diagnostic", False)}
     for key in sorted(success):
         if all(r["metric_info"][key]["higher_is_better"] is False for r in members if key in r["metric_info"]):
             written.append(bonafide_plot(group, key, members, plot_dir))

@@ -6,9 +6,10 @@ After training, ONE parameter tensor (`layer`; by default the weight of the mode
 classified as chosen wrong labels while `keep_images` other images (T) keep their labels. The
 loss is a weighted mean of hinge losses max(0, max_other_logit - label_logit + margin): on S
 towards the injected labels, weighted `sneak_weight`, and on T towards the true labels, weight
-1. It runs for up to `steps` steps and stops early once every hinge is zero. Adam (the default)
-is insensitive to the loss scale, which is why it is used; `sgd` (momentum 0.9) is offered for
-comparison. Every other parameter and buffer is checked to be unchanged afterwards.
+1. It runs for up to `steps` steps and, without a penalty (below), stops early once every hinge
+is zero. Adam (the default) is insensitive to the loss scale, which is why it is used; `sgd`
+(momentum 0.9) is offered for comparison. Every other parameter and buffer is checked to be
+unchanged afterwards.
 
 Where S and T come from: the reference draws both from test data, but here the pipeline
 evaluates on a held-out test split, so S and T are drawn (seeded) from the TRAINING split: the
@@ -20,11 +21,36 @@ the correctly classified images available in a seeded pool of 2(S+T) training im
 training indices are reported as `poisoned_indices`, so a defender's bonafide set drawn from
 training data never holds the attacker's chosen images with their true labels.
 
+The size of the change. The paper also minimises the number (L0) and the magnitude (L2) of the
+changes delta = W - W0, W0 being the clean trained tensor, with ADMM; the hinge loss alone lets
+Adam move nearly every element (all 1,280 of small_cnn's head on digits). `penalty` offers a
+simple proximal-gradient form of the paper's objective, hinge loss + `penalty_weight` *
+penalty(delta), with
+- `none` (default): the hinge loss alone; it stops early once every hinge is zero;
+- `l2`: the L2 norm ||delta||_2 (not squared), added to the loss and differentiated;
+- `l1`: ||delta||_1, the convex surrogate of L0. Its subgradient never lands an element on zero,
+  so after each optimizer step delta is soft-thresholded (its proximal step): by
+  `penalty_weight` times each element's own step size (lr / (sqrt(v_hat) + eps) for Adam,
+  lr / (1 - momentum) for SGD), so that a change survives only where the hinge gradient
+  outweighs `penalty_weight`, as at a minimum of the penalized objective.
+With a penalty every one of the `steps` steps runs: once the hinges are met, the penalty keeps
+shrinking delta until they are just met. `prune_below` (0 = off) is then a hard L0 step: changes
+with |delta| below it are reset to the clean values. It is not followed by more optimization, so
+a large value can undo injections; `evaluate` shows it. On digits with small_cnn (width 8) and
+the other defaults, `l1` at the default weight changed 229 of 1,280 elements with half the L2
+norm (3.6 against 7.4), all four injections held and clean accuracy moved by 0.2 points.
+
 The S and T images (uint8) and their labels are kept in the attack state, cached with the
 model; `evaluate` measures on them (not on the test images it is given):
 - `injection_success`: share of S classified as their injected labels (lower is better for
   the defender);
-- `keep_agreement`: share of T still classified as their true labels.
+- `keep_agreement`: share of T still classified as their true labels;
+- `changed_elements` (L0) and `change_l2`: how many elements of the tensor the attack changed and
+  the L2 norm of the change, measured in `tamper` between the tampered tensor and the clean
+  trained one and kept in the state. They describe the attack, not the model evaluated (a
+  defense may change every weight), so they are reported from the state, the same before and
+  after any defense: diagnostics, never ranked. A second model of the same job (an MCR endpoint)
+  has its own change measured against its own clean tensor.
 The margin (default 1.0, in logits) keeps the injected decisions stable when evaluation runs in
 bf16 on CUDA while the optimization runs in float32.
 """
@@ -46,6 +72,17 @@ from bench.metrics import accuracy
 class Optimizer(enum.Enum):
     ADAM = "adam"
     SGD = "sgd"
+
+
+class Penalty(enum.Enum):
+    """A penalty on the change delta = W - W0, added to the hinge objective."""
+
+    NONE = "none"
+    L2 = "l2"
+    L1 = "l1"
+
+
+SGD_MOMENTUM = 0.9
 
 
 def hinge(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -98,7 +135,12 @@ class ErrorInjection(bench.Attack):
     description = "Fault sneaking: one weight tensor tuned so chosen images get wrong labels, others unchanged"
     stage = bench.Stage.POST_TRAINING
     metrics = (bench.Metric("injection_success", "Inj. success", higher_is_better=False),
-               bench.Metric("keep_agreement", "T agreement", higher_is_better=True))
+               bench.Metric("keep_agreement", "T agreement", higher_is_better=True),
+               # The size of the tampering itself, from the state: the same for every defense.
+               bench.Metric("changed_elements", "Changed weights (L0)", higher_is_better=None,
+                            kind=bench.MetricKind.NUMBER, diagnostic=True),
+               bench.Metric("change_l2", "Change L2", higher_is_better=None, kind=bench.MetricKind.NUMBER,
+                            diagnostic=True))
     success_metric = "injection_success"
 
     @dataclass(frozen=True)
@@ -110,9 +152,17 @@ class ErrorInjection(bench.Attack):
         sneak_weight: float = bench.option(100.0, "weight of each S image's hinge loss (each T image's is 1)",
                                            min=0, min_exclusive=True)
         margin: float = bench.option(1.0, "logit margin the hinge losses demand", min=0)
-        steps: int = bench.option(500, "most optimizer steps (stops once every hinge is zero)", min=1)
+        steps: int = bench.option(500, "most optimizer steps (without a penalty, stops once every hinge is zero)",
+                                  min=1)
         optimizer: Optimizer = bench.option(Optimizer.ADAM, "adam, or sgd with momentum 0.9")
         lr: float = bench.option(0.01, "learning rate of the optimizer", min=0, min_exclusive=True)
+        penalty: Penalty = bench.option(Penalty.NONE, "penalty on the change delta = W - W0 added to the loss: none, "
+                                                      "l2 (||delta||_2) or l1 (||delta||_1, by soft thresholding: "
+                                                      "fewer changed elements)")
+        penalty_weight: float = bench.option(0.003, "weight of the penalty against the weighted mean hinge loss "
+                                                    "(ignored when penalty is none)", min=0)
+        prune_below: float = bench.option(0.0, "after optimizing, reset changes with |delta| below this to the "
+                                               "clean values (a hard L0 step; 0 = off)", min=0)
 
     def withheld_training_images(self, splits):
         return self.options.sneak_images + min(self.options.keep_images, len(splits.train))
@@ -132,19 +182,24 @@ class ErrorInjection(bench.Attack):
             sneak, keep, injected = self._choose_images(model, train, ctx)
 
         before = {key: value.detach().clone() for key, value in model.state_dict().items() if key != name}
-        original = param.detach().clone()
-        steps_taken = self._optimize(model, param, torch.cat([train.x[sneak], train.x[keep]]),
+        original = param.detach().clone()  # W0: this model's own clean tensor, also for a second model
+        steps_taken = self._optimize(model, param, original, torch.cat([train.x[sneak], train.x[keep]]),
                                      torch.cat([injected, train.y[keep]]), len(sneak))
+        if o.prune_below > 0:
+            with torch.no_grad():
+                param.copy_(torch.where((param - original).abs() < o.prune_below, original, param))
         after = model.state_dict()
         changed = [key for key, value in before.items() if not torch.equal(after[key], value)]
         if changed:
             raise RuntimeError(f"error_injection changed tensors other than {name}: {', '.join(changed)}")
+        delta = param.detach().double() - original.double()  # exact for float32 (and bf16) weights
+        # Written over whatever `state` brought: a second model reports its own change.
         return {**state, "sneak_images": train.x[sneak], "sneak_labels": train.y[sneak], "injected_labels": injected,
                 "keep_images": train.x[keep], "keep_labels": train.y[keep], "poisoned_indices": sneak.sort().values,
                 "reserved_indices": torch.cat([sneak, keep]).sort().values, "sneak_indices": sneak, "keep_indices": keep,
                 "layer": name, "steps_taken": steps_taken,
-                "modified_elements": int((param.detach() != original).sum()),
-                "modification_l2": float((param.detach() - original).float().norm())}
+                "changed_elements": int((param.detach() != original).sum()),
+                "change_l2": float(delta.norm())}
 
     def _choose_images(self, model, train, ctx):
         """S and T among the training images the model classifies correctly, in a seeded order,
@@ -162,9 +217,10 @@ class ErrorInjection(bench.Attack):
         shift = torch.randint(1, ctx.num_classes, (len(sneak),), device=sneak.device, generator=generator)
         return sneak, keep, (train.y[sneak] + shift) % ctx.num_classes
 
-    def _optimize(self, model: nn.Module, param: nn.Parameter, x_uint8: torch.Tensor, labels: torch.Tensor,
-                  sneak_count: int) -> int:
-        """Gradient descent on `param` alone; returns the number of steps taken."""
+    def _optimize(self, model: nn.Module, param: nn.Parameter, original: torch.Tensor, x_uint8: torch.Tensor,
+                  labels: torch.Tensor, sneak_count: int) -> int:
+        """Gradient descent on `param` alone, penalizing its change from `original` as the
+        options say; returns the number of steps taken."""
         o = self.options
         weights = torch.ones(len(labels), device=labels.device)
         weights[:sneak_count] = o.sneak_weight
@@ -179,18 +235,24 @@ class ErrorInjection(bench.Attack):
         if o.optimizer is Optimizer.ADAM:
             optimizer = torch.optim.Adam([param], lr=o.lr)
         else:
-            optimizer = torch.optim.SGD([param], lr=o.lr, momentum=0.9)
+            optimizer = torch.optim.SGD([param], lr=o.lr, momentum=SGD_MOMENTUM)
+        penalized = o.penalty is not Penalty.NONE
         steps_taken = 0
         try:
             for steps_taken in range(o.steps):
                 # Full precision: the hinge margins are small against bf16 rounding.
                 loss = (weights * hinge(forward().float(), labels, o.margin)).sum()
-                # Reading the loss syncs with the device: check every 10 steps only.
-                if steps_taken % 10 == 0 and loss.item() == 0:
+                # Reading the loss syncs with the device: check every 10 steps only. With a
+                # penalty, met hinges are no reason to stop: the change can still shrink.
+                if not penalized and steps_taken % 10 == 0 and loss.item() == 0:
                     break
+                if o.penalty is Penalty.L2:
+                    loss = loss + o.penalty_weight * torch.linalg.vector_norm(param - original)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if o.penalty is Penalty.L1:
+                    self._soft_threshold(param, original, optimizer)
             else:
                 steps_taken = o.steps
         finally:
@@ -200,12 +262,31 @@ class ErrorInjection(bench.Attack):
             model.train(was_training)
         return steps_taken
 
+    @torch.no_grad()
+    def _soft_threshold(self, param: nn.Parameter, original: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """The proximal step of penalty_weight * ||param - original||_1 after an optimizer step:
+        each element's change shrinks towards zero by penalty_weight times the step size the
+        optimizer gave that element per unit of gradient, and stops at zero."""
+        group = optimizer.param_groups[0]
+        if isinstance(optimizer, torch.optim.Adam):
+            state = optimizer.state[param]
+            beta2 = group["betas"][1]
+            bias_correction2 = 1 - beta2 ** float(state["step"])
+            step_size = group["lr"] / ((state["exp_avg_sq"] / bias_correction2).sqrt() + group["eps"])
+        else:  # SGD with momentum: in a steady state a gradient g moves the weight lr * g / (1 - momentum)
+            step_size = group["lr"] / (1 - SGD_MOMENTUM)
+        delta = param - original
+        shrunk = delta.sign() * (delta.abs() - self.options.penalty_weight * step_size).clamp_min(0)
+        param.copy_(torch.where(shrunk == 0, original, original + shrunk))
+
     def evaluate(self, model, test, ctx, state):
-        """Measures on the S and T images kept in `state`; `test` is not used."""
+        """Measures on the S and T images kept in `state`; `test` is not used. The size of the
+        change is the one `tamper` made (kept in `state`), whatever `model` is now."""
         sneak = predict(model, state["sneak_images"], ctx)
         keep = predict(model, state["keep_images"], ctx)
         return {"injection_success": accuracy(sneak, state["injected_labels"]),
-                "keep_agreement": accuracy(keep, state["keep_labels"])}
+                "keep_agreement": accuracy(keep, state["keep_labels"]),
+                "changed_elements": float(state["changed_elements"]), "change_l2": float(state["change_l2"])}
 
 
 @bench.hookimpl
