@@ -1,5 +1,5 @@
 """Helpers for testing plugins the way the built-ins are tested: write a small suite, run it
-on the CPU, read the stored rows.
+on the CPU, read the stored rows; or call a defense's `apply` directly on a small trained model.
 
     from bench.testing import write_suite, run_suite_file
 
@@ -7,6 +7,13 @@ on the CPU, read the stored rows.
         suite = write_suite(tmp_path / "suite.toml", defenses=["none", {"name": "my_defense"}])
         rows = run_suite_file(suite, tmp_path)
         assert all(r["status"] == "ok" for r in rows)
+
+A row (`run_suite_file`'s result, one per job) is a dict with the job's identity (`suite`,
+`dataset`, `model`, `attack`, `defense` and their `*_label`s, `seed`, `bonafide_size`),
+`status` ("ok" or "failed"), `metrics` (key -> number, after the defense, plus `*_before`
+and `der`), `metric_info` (key -> label, higher_is_better, kind, diagnostic), `timings`
+(stage -> seconds), `series` (name -> list of dicts), `notes`, `config`, `device`,
+`versions`, `error` (with the traceback, for failed jobs) and `started_at`/`finished_at`.
 """
 
 from __future__ import annotations
@@ -47,6 +54,30 @@ def write_suite(path: str | Path, *, datasets: list = ("digits",), models: list 
 def _key_values(table: dict) -> list[str]:
     # JSON literals of strings, numbers, booleans and flat lists are valid TOML.
     return [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+
+
+def trained_digits_model(epochs: int = 3, width: int = 8, seed: int = 0):
+    """(a small CNN trained on clean digits, the digits splits, a `bench.DefenseContext` on the
+    CPU): enough to call a defense's `apply(model, bonafide, ctx)` directly in a test."""
+    import dataclasses
+
+    import torch
+
+    from bench.context import DefenseContext
+    from bench.models import Classifier, InputShape
+    from bench.training import train_classifier
+    from bench_plugins.datasets.digits import Digits
+    from bench_plugins.models.small_cnn import SmallCNN
+
+    splits = Digits().load()
+    torch.manual_seed(seed)
+    net = SmallCNN(SmallCNN.Options(width=width)).build(InputShape(1, 8, 8, splits.num_classes))
+    model = Classifier(net, splits.mean, splits.std)
+    recipe = dataclasses.replace(SmallCNN.recipe, epochs=epochs)
+    ctx = DefenseContext(device=torch.device("cpu"), seed=seed, num_classes=splits.num_classes,
+                         horizontal_flip=False, show_progress=False, recipe=recipe)
+    train_classifier(model, splits.train, recipe, ctx, flip=False)
+    return model.eval(), splits, ctx
 
 
 def run_suite_file(suite_path: str | Path, workdir: str | Path, registry: Registry | None = None,

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.registry import ENTRY_POINT_GROUP, build_registry
 from bench.testing import write_suite
@@ -235,3 +236,26 @@ def register_defenses(register):
     from bench.options import parse_options
     with pytest.raises(bench_errors().OptionError, match="s.toml: defenses.0.: kernel must be odd, got 4"):
         parse_options(registry.get("defense", "odd").cls.Options, {"kernel": 4}, "s.toml: defenses[0]")
+
+
+def test_defenses_can_be_tested_directly_on_a_small_trained_model():
+    from bench.evaluation import clean_accuracy
+    from bench.testing import trained_digits_model
+    from bench_plugins.defenses.finetune import FineTune
+
+    model, splits, ctx = trained_digits_model(epochs=2)
+    before = clean_accuracy(model, splits.test, ctx)
+    assert before > 0.5  # trained: far above chance (10%)
+    bonafide = splits.test.subset(torch.arange(100))
+    tuned = FineTune(FineTune.Options(epochs=1, samples_per_epoch=0)).apply(model, bonafide, ctx)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(),
+                                                      trained_digits_model(epochs=2)[0].state_dict().values()))
+
+
+def test_the_example_plugin_refuses_an_even_kernel_when_the_suite_is_read(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    import bench_median_filter
+    from bench.errors import OptionError
+    from bench.options import parse_options
+    with pytest.raises(OptionError, match="s.toml: defenses.0.: kernel must be odd, got 4"):
+        parse_options(bench_median_filter.MedianFilter.Options, {"kernel": 4}, "s.toml: defenses[0]")

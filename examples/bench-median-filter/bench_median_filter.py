@@ -32,9 +32,11 @@ class MedianFilter(bench.Defense):
     class Options:
         kernel: int = bench.option(3, "side of the (odd) filter window, in pixels", min=1)
 
+        def __post_init__(self):  # checked when the suite is read, before anything runs
+            if self.kernel % 2 == 0:
+                raise ValueError(f"kernel must be odd, got {self.kernel}")
+
     def apply(self, model, bonafide, ctx):
-        if self.options.kernel % 2 == 0:
-            raise bench.BenchError(f"median_filter: kernel must be odd, got {self.options.kernel}")
         return MedianFiltered(model, self.options.kernel)
 
 
