@@ -104,7 +104,9 @@ def test_stochastic_models_are_counted_over_repeated_passes(digits_model):
     options = AutoAttack.Options(eps=0.1, subset=12, iterations=2, passes=7)
     attack = AutoAttack(options)
     metrics = attack.evaluate(noisy, test.subset(torch.arange(12)), CTX, {})
-    assert attack._ran_version == "rand" and "predicted 7 times per image" in attack.describe_protocol()
+    assert metrics["rand_version"] == 1.0 and "predicted 7 times per image" in attack.describe_protocol()
+    # the protocol line is the same whatever ran before (a cached evaluation cannot change it)
+    assert AutoAttack(options).describe_protocol() == attack.describe_protocol()
     correct_predictions = metrics["robust_acc"] * 12 * 7
     # A mean over 7 passes per image: a whole number of correct predictions out of 84, not of 12.
     assert correct_predictions == pytest.approx(round(correct_predictions), abs=1e-4)

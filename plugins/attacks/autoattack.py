@@ -62,7 +62,9 @@ class AutoAttack(bench.Attack):
     description = "AutoAttack (APGD-CE, APGD-T, FAB-T, Square; the RobustBench protocol) via torchattacks"
     stage = bench.Stage.TEST_TIME
     metrics = (bench.Metric("robust_acc", "Robust acc", higher_is_better=True),
-               bench.Metric("asr", "ASR", higher_is_better=False))
+               bench.Metric("asr", "ASR", higher_is_better=False),
+               bench.Metric("rand_version", "Rand version ran", higher_is_better=None, kind=bench.MetricKind.NUMBER,
+                            diagnostic=True))
     success_metric = "asr"
 
     @dataclass(frozen=True)
@@ -80,7 +82,6 @@ class AutoAttack(bench.Attack):
         passes: int = bench.option(10, "stochastic models: forward passes each adversarial image is predicted in "
                                        "(accuracy is the mean, as in pgd)", min=1)
 
-    _ran_version: str | None = None  # the version the last evaluate() ran (auto resolves per model)
 
     def _version(self, model, sample: torch.Tensor | None = None) -> str:
         """The version to run on `model`: the chosen one, or for `auto` `rand` when the model is
@@ -95,7 +96,7 @@ class AutoAttack(bench.Attack):
     def describe_protocol(self) -> str:
         torchattacks = import_torchattacks(NEEDED_BY)
         o = self.options
-        version = self._ran_version or o.version.value
+        version = o.version.value  # what `auto` chose for each model is the metric `rand_version`
         runs = {"auto": f"standard ({ATTACKS_RUN['standard']}) or, for stochastic models (declared or detected), "
                         f"rand ({ATTACKS_RUN['rand']})",
                 "standard": f"standard ({ATTACKS_RUN['standard']})", "rand": f"rand ({ATTACKS_RUN['rand']})"}[version]
@@ -138,8 +139,7 @@ class AutoAttack(bench.Attack):
         images, labels = test.x[:count], test.y[:count]
         sample = to_model_input(images[:STOCHASTIC_PROBE_IMAGES])
         passes = o.passes if is_stochastic(model, sample) else 1
-        attack, self._ran_version = self.build(model, ctx.num_classes,
-                                               derived_seed(ctx.seed, "autoattack") % 2 ** 31, sample)
+        attack, version = self.build(model, ctx.num_classes, derived_seed(ctx.seed, "autoattack") % 2 ** 31, sample)
         progress = lambda it: ctx.progress(it, desc="autoattack")  # noqa: E731
         # Predictions in float32, as the attacks ran; contiguous inputs, since FAB reshapes with
         # .view(), which channels_last tensors (CUDA) refuse.
@@ -148,7 +148,7 @@ class AutoAttack(bench.Attack):
             robust = robust_accuracy(model, images, labels, attack=lambda x, y: attack(x.contiguous(), y),
                                      passes=passes, batch_size=ctx.eval_batch_size, progress=progress)
         numbers = torch.stack([robust.accuracy(), attack_success_rate(clean, robust, targeted=False)]).tolist()
-        return {"robust_acc": numbers[0], "asr": numbers[1]}
+        return {"robust_acc": numbers[0], "asr": numbers[1], "rand_version": float(version == "rand")}
 
 
 @bench.hookimpl
