@@ -228,7 +228,7 @@ def test_the_rule_steps_away_from_a_middle_that_loses_held_out_accuracy():
 def test_clean_rule_scores_points_on_held_out_images_only(digits, trained_pair):
     start, end = trained_pair
     bonafide = digits.test.subset(torch.arange(100))
-    held_out_seen, trained_on = [], []
+    trained_on = []
     options = ModeConnectivityRepair.Options(epochs=2, path_points=5, samples_per_epoch=0, holdout_fraction=0.2)
     defense = ModeConnectivityRepair(options)
     training_part, held_out = defense._split(bonafide, context())

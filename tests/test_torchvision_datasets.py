@@ -48,15 +48,22 @@ def test_mnist_like_sets_read_the_official_idx_files(tmp_path, dataset_cls, fold
     assert np.array_equal(splits.test.y.numpy(), arrays["t10k"][1].astype(np.int64))
     assert splits.num_classes == 10 and len(splits.mean) == 1 and not dataset_cls.horizontal_flip
     assert splits.mean[0] == pytest.approx(arrays["train"][0].mean() / 255, abs=1e-3)
+    assert splits.std[0] == pytest.approx(arrays["train"][0].std(ddof=1) / 255, abs=1e-3)
 
 
 def test_mnist_root_can_be_the_environment_or_the_raw_folder_itself(tmp_path, monkeypatch):
-    write_idx(tmp_path / "elsewhere" / "MNIST" / "raw")
+    arrays = write_idx(tmp_path / "elsewhere" / "MNIST" / "raw")
     monkeypatch.setenv("BENCH_MNIST_ROOT", str(tmp_path / "elsewhere"))
-    assert len(Mnist().load().train) == 12
+    assert np.array_equal(Mnist().load().train.x[:, 0].numpy(), arrays["train"][0])
     monkeypatch.delenv("BENCH_MNIST_ROOT")
     options = Mnist.Options(root=str(tmp_path / "elsewhere" / "MNIST" / "raw"), train_images=5)
-    assert len(Mnist(options).load().train) == 5
+    subset = Mnist(options).load()
+    # five distinct training images, with their labels, in the files' order; the mean is theirs
+    images, labels = arrays["train"]
+    rows = [next(i for i in range(12) if np.array_equal(images[i], image)) for image in subset.train.x[:, 0].numpy()]
+    assert len(rows) == 5 and rows == sorted(set(rows)) and subset.train.y.tolist() == labels[rows].tolist()
+    assert subset.mean[0] == pytest.approx(images[rows].mean() / 255, abs=1e-4)
+    assert len(subset.test) == 6
 
 
 def test_missing_mnist_files_name_where_the_loader_looked_and_how_to_get_them(tmp_path):
@@ -96,7 +103,8 @@ def test_svhn_reads_the_mat_files_and_maps_label_10_to_digit_0(tmp_path, monkeyp
     assert np.array_equal(splits.train.x[3].permute(1, 2, 0).numpy(), arrays["train"][0][..., 3])
     expected = arrays["train"][1].ravel() % 10
     assert splits.train.y.tolist() == expected.tolist() and 0 in splits.train.y.tolist()
-    assert len(splits.mean) == 3 and not Svhn.horizontal_flip
+    assert splits.mean == pytest.approx(tuple(arrays["train"][0].mean(axis=(0, 1, 3)) / 255), abs=1e-4)
+    assert not Svhn.horizontal_flip
 
 
 def test_svhn_files_that_are_not_the_official_ones_are_reported(tmp_path):

@@ -1,7 +1,14 @@
+import dataclasses
+
+import pytest
 import torch
 
-from bench.training import lr_schedule, random_crop_flip
-from bench.models import TrainRecipe
+import bench
+from bench.evaluation import clean_accuracy
+from bench.models import Classifier, TrainRecipe
+from bench.training import lr_schedule, random_crop_flip, train_classifier
+from bench_plugins.datasets.digits import Digits
+from bench_plugins.models.small_cnn import SmallCNN
 
 
 def test_crop_without_padding_or_flip_is_identity():
@@ -9,21 +16,48 @@ def test_crop_without_padding_or_flip_is_identity():
     assert torch.equal(random_crop_flip(x, 0, False, torch.Generator().manual_seed(0)), x)
 
 
-def test_each_image_is_a_shifted_or_mirrored_window_of_itself():
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
-    out = random_crop_flip(x, 1, True, torch.Generator().manual_seed(3))
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
-    for i in range(2):
-        windows = [padded[i, :, r:r + 4, c:c + 4] for r in range(3) for c in range(3)]
-        windows += [w.flip(-1) for w in windows]
-        assert any(torch.equal(out[i], w) for w in windows)
+def crops_drawn(padding: int, flip: bool, count: int = 400) -> list[tuple[int, int, bool]]:
+    """(row shift, column shift, mirrored) of each augmented copy of one 4x4 image whose 16
+    pixels are distinct and non-zero, so that each window of the padded image is told apart."""
+    image = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4)
+    out = random_crop_flip(image.expand(count, 1, 4, 4), padding, flip, torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(image[0], (padding,) * 4)
+    windows = {(r, c, mirrored): padded[:, r:r + 4, c:c + 4].flip(-1) if mirrored else padded[:, r:r + 4, c:c + 4]
+               for r in range(2 * padding + 1) for c in range(2 * padding + 1) for mirrored in (False, True)}
+    drawn = []
+    for copy in out:
+        (crop,) = [key for key, window in windows.items() if torch.equal(copy, window)]  # exactly one window
+        drawn.append(crop)
+    return drawn
 
 
-def test_schedule_warms_up_then_decays_to_zero():
+def test_each_image_gets_its_own_random_window_of_every_shift_and_mirroring():
+    drawn = crops_drawn(padding=1, flip=True)
+    # all 3 x 3 shifts, each mirrored or not: 18 crops, each drawn about 400 / 18 = 22 times
+    assert set(drawn) == {(r, c, m) for r in range(3) for c in range(3) for m in (False, True)}
+    assert 150 < sum(m for _, _, m in drawn) < 250  # half are mirrored
+    assert {m for _, _, m in crops_drawn(padding=1, flip=False)} == {False}
+    assert {(r, c) for r, c, _ in crops_drawn(padding=0, flip=True)} == {(0, 0)}
+
+
+def test_schedule_warms_up_linearly_then_decays_linearly_to_zero():
+    # 10 steps, 20% warm-up: 2 steps rising to the peak, then 8 falling by 1/8 each
     factor = lr_schedule(TrainRecipe(warmup_fraction=0.2), total_steps=10)
-    values = [factor(s) for s in range(10)]
-    assert values[0] < values[1] == 1.0
-    assert values[-1] < values[2] and values[-1] >= 0
+    assert [factor(s) for s in range(11)] == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25,
+                                                            0.125, 0.0])
+    no_warmup = lr_schedule(TrainRecipe(warmup_fraction=0.0), total_steps=10)
+    assert [no_warmup(s) for s in (0, 1, 4, 9)] == pytest.approx([1.0, 1.0, 6 / 9, 1 / 9])
+
+
+def test_a_small_cnn_trained_three_epochs_reads_held_out_digits_far_above_chance(one_cpu_thread):
+    splits = Digits().load()
+    ctx = bench.RunContext(device=torch.device("cpu"), seed=0, num_classes=10, show_progress=False)
+    ctx.seed_global_rng("model")
+    net = SmallCNN(SmallCNN.Options(width=8)).build(bench.InputShape(1, 8, 8, 10))
+    model = Classifier(net, splits.mean, splits.std)
+    losses = train_classifier(model, splits.train, dataclasses.replace(SmallCNN.recipe, epochs=3), ctx, flip=False)
+    assert losses[0] > losses[1] > losses[2]
+    assert clean_accuracy(model, splits.test, ctx) > 0.9  # chance is 0.1
 
 
 def test_reference_schedule_values():
