@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench.adversarial import Norm, attack_success_rate, eval_mode, import_torchattacks, is_stochastic, robust_accuracy
-from bench.context import derived_seed
-from bench.evaluation import STOCHASTIC_PROBE_IMAGES, to_model_input
+from bench.toolkit import Norm, attack_success_rate, eval_mode, import_torchattacks, is_stochastic, robust_accuracy
+from bench.toolkit import derived_seed
+from bench.toolkit import STOCHASTIC_PROBE_IMAGES, to_model_input
 
 STANDARD_ITERATIONS = 100  # APGD, APGD-T and FAB in Croce & Hein's reference code
 STANDARD_SQUARE_QUERIES = 5000

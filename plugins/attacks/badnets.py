@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench.errors import BenchError
-from bench.backdoor import AllToOneBackdoor
+from bench import BenchError
+from bench.toolkit import AllToOneBackdoor
 
 
 class Corner(enum.Enum):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench.backdoor import AllToOneBackdoor
+from bench.toolkit import AllToOneBackdoor
 
 
 class Trigger(enum.Enum):

@@ -64,9 +64,10 @@ import torch
 from torch import nn
 
 import bench
-from bench.errors import BenchError, did_you_mean
-from bench.evaluation import predict, to_model_input
-from bench.metrics import accuracy
+from bench.toolkit import did_you_mean
+from bench import BenchError
+from bench.toolkit import predict, to_model_input
+from bench.toolkit import accuracy
 
 
 class Optimizer(enum.Enum):

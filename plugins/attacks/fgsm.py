@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import bench
-from bench.adversarial import EvasionAttack, EvasionSettings, Norm, ProtocolOptions
+from bench.toolkit import EvasionAttack, EvasionSettings, Norm, ProtocolOptions
 
 
 class FGSM(EvasionAttack):

@@ -17,8 +17,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.data import DatasetSplits, ImageData, cache_dir, channel_stats, save_arrays_atomically
-from bench.errors import BenchError, DataNotFoundError
+from bench.toolkit import cache_dir, channel_stats, save_arrays_atomically
+from bench import DatasetSplits, ImageData
+from bench import BenchError, DataNotFoundError
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 

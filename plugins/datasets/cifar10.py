@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 import bench
-from bench.data import DatasetSplits, ImageData, cache_dir, channel_stats, save_arrays_atomically
-from bench.errors import DataNotFoundError
+from bench.toolkit import cache_dir, channel_stats, save_arrays_atomically
+from bench import DatasetSplits, ImageData
+from bench import DataNotFoundError
 
 TARBALL = "cifar10-jpeg.tar.gz"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 import bench
-from bench.data import DatasetSplits, ImageData, channel_stats
+from bench.toolkit import channel_stats
+from bench import DatasetSplits, ImageData
 
 
 class Digits(bench.Dataset):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 import bench
-from bench.data import DatasetSplits
+from bench import DatasetSplits
 from bench_plugins.datasets._torchvision_files import cached_arrays, make_splits, not_found, root_candidates
 
 NUM_CLASSES = 43

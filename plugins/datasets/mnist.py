@@ -22,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 
 import bench
-from bench.data import DatasetSplits
+from bench import DatasetSplits
 from bench_plugins.datasets._torchvision_files import make_splits, not_found, root_candidates
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 import bench
-from bench.data import DatasetSplits
-from bench.errors import DataNotFoundError
+from bench import DatasetSplits
+from bench import DataNotFoundError
 from bench_plugins.datasets._torchvision_files import make_splits, not_found, require_module, root_candidates
 
 SPLIT_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}

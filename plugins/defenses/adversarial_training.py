@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench.adversarial import Norm, pgd_attack
-from bench.training import train_classifier
+from bench.toolkit import Norm, pgd_attack
+from bench.toolkit import train_classifier
 
 FGSM_RS_STEP_RATIO = 1.25  # Wong et al. 2020: a step of 1.25 eps avoids catastrophic overfitting at 8/255
 

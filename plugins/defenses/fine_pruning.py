@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 import bench
-from bench.errors import BenchError
-from bench.evaluation import clean_accuracy, to_model_input
-from bench.training import REFERENCE_SAMPLES_PER_EPOCH, train_classifier
+from bench import BenchError
+from bench.toolkit import clean_accuracy, to_model_input
+from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH, train_classifier
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU)
 

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import bench
-from bench.training import REFERENCE_SAMPLES_PER_EPOCH, train_classifier
+from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH, train_classifier
 
 
 class FineTune(bench.Defense):

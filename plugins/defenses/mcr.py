@@ -42,10 +42,9 @@ from torch import nn
 from torch.func import functional_call
 
 import bench
-from bench.errors import BenchError
-from bench.evaluation import clean_accuracy, to_model_input
-from bench.training import (REFERENCE_SAMPLES_PER_EPOCH, epoch_order, random_crop_flip, reference_lr_factor,
-                            steps_per_epoch, train_classifier)
+from bench import BenchError
+from bench.toolkit import clean_accuracy, to_model_input
+from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH, epoch_order, random_crop_flip, reference_lr_factor, steps_per_epoch, train_classifier
 
 
 class Curve(enum.Enum):

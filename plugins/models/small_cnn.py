@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 import bench
-from bench.models import GridAvgPool
+from bench.toolkit import GridAvgPool
 
 
 class SmallCNN(bench.Model):

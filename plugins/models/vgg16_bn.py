@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 import bench
-from bench.models import GridAvgPool
+from bench.toolkit import GridAvgPool
 
 # Channels of each convolution as multiples of `width` (64 in the published network); "M" is a
 # 2x2 max-pooling.

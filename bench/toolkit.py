@@ -1,0 +1,51 @@
+"""The public toolkit for plugin authors: everything a plugin may import from robustness-bench
+besides the names in `bench` itself. The built-in plugins use only `bench` and `bench.toolkit`
+(a test enforces it), so they are examples a third party can copy; every other module of the
+core may change without notice.
+
+`API_VERSION` grows by one whenever a name here changes incompatibly; a plugin that depends on
+the toolkit can state what it was written for with `bench.toolkit.require_api(1)`, which fails
+with a clear message on an incompatible robustness-bench.
+
+What is here:
+- data: `cache_dir`, `channel_stats`, `save_arrays_atomically` (for dataset plugins);
+- training: `train_classifier`, `random_crop_flip`, `epoch_order`, `steps_per_epoch`,
+  `reference_lr_factor`, `REFERENCE_SAMPLES_PER_EPOCH` (the MCR reference's epoch);
+- prediction: `to_model_input`, `predict`, `clean_accuracy`, `is_stochastic`, `eval_mode`,
+  `STOCHASTIC_PROBE_IMAGES`, `accuracy`;
+- attack bases: `AllToOneBackdoor` (trigger backdoors), `EvasionAttack`, `ProtocolOptions`,
+  `EvasionSettings`, `Norm` (evasion attacks with the shared protocol), and `pgd_attack`,
+  `robust_accuracy`, `attack_success_rate`, `import_torchattacks`;
+- models: `GridAvgPool` (deterministic global pooling);
+- errors and seeds: `did_you_mean`, `derived_seed`.
+"""
+
+from bench.adversarial import (EvasionAttack, EvasionSettings, Norm, ProtocolOptions, attack_success_rate,
+                               import_torchattacks, pgd_attack, robust_accuracy)
+from bench.backdoor import AllToOneBackdoor
+from bench.context import derived_seed
+from bench.data import cache_dir, channel_stats, save_arrays_atomically
+from bench.errors import BenchError, did_you_mean
+from bench.evaluation import (STOCHASTIC_PROBE_IMAGES, clean_accuracy, eval_mode, is_stochastic, predict,
+                              to_model_input)
+from bench.metrics import accuracy
+from bench.models import GridAvgPool
+from bench.training import (REFERENCE_SAMPLES_PER_EPOCH, epoch_order, random_crop_flip, reference_lr_factor,
+                            steps_per_epoch, train_classifier)
+
+API_VERSION = 1
+
+
+def require_api(version: int) -> None:
+    """Fail with a clear message unless this robustness-bench provides toolkit API `version`."""
+    if version != API_VERSION:
+        raise BenchError(f"this plugin needs bench.toolkit API version {version}; the installed robustness-bench "
+                         f"provides version {API_VERSION}")
+
+
+__all__ = ["API_VERSION", "AllToOneBackdoor", "EvasionAttack", "EvasionSettings", "GridAvgPool", "Norm",
+           "ProtocolOptions", "REFERENCE_SAMPLES_PER_EPOCH", "STOCHASTIC_PROBE_IMAGES", "accuracy",
+           "attack_success_rate", "cache_dir", "channel_stats", "clean_accuracy", "derived_seed", "did_you_mean",
+           "epoch_order", "eval_mode", "import_torchattacks", "is_stochastic", "pgd_attack", "predict",
+           "random_crop_flip", "reference_lr_factor", "require_api", "robust_accuracy", "save_arrays_atomically",
+           "steps_per_epoch", "to_model_input", "train_classifier"]

@@ -1,0 +1,38 @@
+"""The public plugin API: `bench` and `bench.toolkit`, and the built-ins use nothing else."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import bench
+import bench.toolkit
+
+ROOT = Path(__file__).parent.parent
+PUBLIC = {"bench", "bench.toolkit"}
+
+
+def bench_imports(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "bench":
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names if a.name.split(".")[0] == "bench"}
+    return modules
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "plugins").rglob("*.py")) + [
+    ROOT / "examples" / "bench-median-filter" / "bench_median_filter.py"], ids=lambda p: p.name)
+def test_plugins_import_only_the_public_api(path):
+    assert bench_imports(path) <= PUBLIC, f"{path.name} reaches into {bench_imports(path) - PUBLIC}"
+
+
+def test_the_toolkit_exports_what_it_lists_and_versions_it():
+    assert set(bench.toolkit.__all__) == {n for n in dir(bench.toolkit) if not n.startswith("_")} - {
+        "BenchError"}  # re-exported from bench, used by require_api
+    for name in bench.toolkit.__all__:
+        assert getattr(bench.toolkit, name) is not None
+    bench.toolkit.require_api(bench.toolkit.API_VERSION)
+    with pytest.raises(bench.BenchError, match="needs bench.toolkit API version 99"):
+        bench.toolkit.require_api(99)
