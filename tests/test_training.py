@@ -78,7 +78,7 @@ def test_an_epoch_repeats_small_data_evenly_to_fill_its_samples():
     assert sorted(epoch_order(20_000, 10_000, torch.Generator(), "cpu").tolist()) == list(range(20_000))
 
 
-def test_repair_defenses_take_the_same_number_of_steps_whatever_the_bonafide_size(monkeypatch):
+def test_repair_defenses_take_the_same_number_of_steps_whatever_the_bonafide_size(monkeypatch, one_cpu_thread):
     """The MCR reference's budget: 10,000 samples per epoch, so one epoch is 79 steps of 128
     whether the defender has 50 or 2500 images (one pass over 50 images would be 1 step)."""
     import bench
