@@ -63,3 +63,10 @@ def test_every_committed_suite_is_valid_and_its_leaderboard_names_it(registry):
         if leaderboard.is_file():  # a committed leaderboard comes from this suite, whole
             text = leaderboard.read_text()
             assert f"- Suite: {suite.name}; {len(expand(suite))} jobs, {len(expand(suite))} succeeded" in text
+
+
+def test_python_minus_m_bench_is_the_cli():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "Usage: bench" in result.stdout and "report" in result.stdout
