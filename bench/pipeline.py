@@ -89,15 +89,12 @@ def execute_job(job: Job, env: JobEnvironment) -> Outcome:
             raise
         if not isinstance(exc, (Exception, KeyboardInterrupt, SystemExit)):
             raise  # GeneratorExit and the like belong to the interpreter
-        if isinstance(exc, BenchError):
-            detail = str(exc)
-        elif isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            detail = f"a plugin raised {type(exc).__name__} (e.g. called sys.exit()) inside the job\n" \
-                     + traceback.format_exc()
+        if isinstance(exc, BenchError):  # a message the user can act on; no traceback
+            error = f"{type(exc).__name__}: {exc}"
         else:
-            detail = traceback.format_exc()
-        error = f"{type(exc).__name__}: {detail}" if isinstance(exc, BenchError) else \
-            f"{type(exc).__name__}: {exc}\n{detail}".strip()
+            exiting = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            note = f"a plugin raised {type(exc).__name__} (e.g. called sys.exit()) inside the job\n" if exiting else ""
+            error = f"{type(exc).__name__}: {exc}\n{note}{traceback.format_exc()}".strip()
         outcome = Outcome(status="failed", error=error,
                           device=str(env.device), versions=versions(job, env.registry))
     outcome.started_at, outcome.finished_at = started, _now()
@@ -183,15 +180,17 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
     defense_ctx.seed_global_rng("defense")
     given = copy.deepcopy(model)
     with stage("defense"):
-        result = as_defended(defense.apply(given, bonafide, defense_ctx), defense.name)
+        result = as_defended(defense.apply(given, bonafide, defense_ctx), defense)
     defended = result.model
-    check_finite_outputs(defended, evaluation, ctx, f"defense '{job.defense.label}': the defended model")
+    unchanged = defense.returns_model_unchanged and defended is given
+    if not unchanged:
+        check_finite_outputs(defended, evaluation, ctx, f"defense '{job.defense.label}': the defended model")
     if endpoint_seconds:
         timings["other_attacked_models"] = round(sum(endpoint_seconds), 4)
         timings["defense"] = round(timings["defense"] - timings["other_attacked_models"], 4)
     with stage("evaluate"):
         # Attacking the same model again would repeat the before-defense numbers exactly.
-        after = dict(before) if defense.returns_model_unchanged and defended is given else measure(defended)
+        after = dict(before) if unchanged else measure(defended)
     series = {name: list(records) for name, records in result.series.items()}
     if result.points is not None:
         with stage("evaluate_points"):
@@ -209,8 +208,6 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         info["der"] = DER.info()
     declared = {m.key: m for m in defense.metrics}
     for key, value in result.values.items():
-        if key not in declared:
-            raise BenchError(f"{defense.name}: reported the value '{key}', which its `metrics` do not declare")
         metrics[key] = float(value)
         info[key] = declared[key].info()
     return Outcome(
@@ -222,18 +219,22 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         device=_device_name(env.device), versions=versions(job, env.registry))
 
 
-def as_defended(result: Any, defense_name: str) -> Defended:
-    """A defense's return value as a `Defended`; anything but a model is refused, naming the
-    defense, so the job fails with a reason instead of later with an obscure one."""
-    if isinstance(result, Defended):
-        if not isinstance(result.model, nn.Module):
-            raise BenchError(f"{defense_name}: apply() returned a Defended whose model is a "
-                             f"{type(result.model).__name__}, not a torch.nn.Module")
-        return result
+def as_defended(result: Any, defense) -> Defended:
+    """A defense's return value as a `Defended`, checked before anything is measured on it: a
+    model, and only values the defense's `metrics` declare; otherwise the job fails here, naming
+    the defense."""
     if isinstance(result, nn.Module):
         return Defended(result)
-    raise BenchError(f"{defense_name}: apply() returned a {type(result).__name__}; it must return the defended "
-                     "torch.nn.Module or a bench.Defended")
+    if not isinstance(result, Defended):
+        raise BenchError(f"{defense.name}: apply() returned a {type(result).__name__}; it must return the defended "
+                         "torch.nn.Module or a bench.Defended")
+    if not isinstance(result.model, nn.Module):
+        raise BenchError(f"{defense.name}: apply() returned a Defended whose model is a "
+                         f"{type(result.model).__name__}, not a torch.nn.Module")
+    undeclared = sorted(set(result.values) - {m.key for m in defense.metrics})
+    if undeclared:
+        raise BenchError(f"{defense.name}: reported the value '{undeclared[0]}', which its `metrics` do not declare")
+    return result
 
 
 def make_context(job: Job, env: JobEnvironment, splits: DatasetSplits, seed: int | None = None) -> RunContext:
