@@ -10,7 +10,8 @@ with a clear message on an incompatible robustness-bench.
 What is here:
 - data: `cache_dir`, `channel_stats`, `save_arrays_atomically` (for dataset plugins);
 - training: `train_classifier`, `random_crop_flip`, `epoch_order`, `steps_per_epoch`,
-  `reference_lr_factor`, `REFERENCE_SAMPLES_PER_EPOCH` (the MCR reference's epoch);
+  `reference_lr_factor`, `cosine_lr_factor`, `REFERENCE_SAMPLES_PER_EPOCH` (the MCR reference's
+  epoch);
 - prediction: `to_model_input`, `predict`, `clean_accuracy`, `is_stochastic`, `eval_mode`,
   `STOCHASTIC_PROBE_IMAGES`, `accuracy`;
 - attack bases: `AllToOneBackdoor` (trigger backdoors), `EvasionAttack`, `ProtocolOptions`,
@@ -30,8 +31,8 @@ from bench.evaluation import (STOCHASTIC_PROBE_IMAGES, clean_accuracy, eval_mode
                               to_model_input)
 from bench.metrics import accuracy
 from bench.models import GridAvgPool
-from bench.training import (REFERENCE_SAMPLES_PER_EPOCH, epoch_order, random_crop_flip, reference_lr_factor,
-                            steps_per_epoch, train_classifier)
+from bench.training import (REFERENCE_SAMPLES_PER_EPOCH, cosine_lr_factor, epoch_order, random_crop_flip,
+                            reference_lr_factor, steps_per_epoch, train_classifier)
 
 API_VERSION = 1
 
@@ -45,7 +46,7 @@ def require_api(version: int) -> None:
 
 __all__ = ["API_VERSION", "AllToOneBackdoor", "EvasionAttack", "EvasionSettings", "GridAvgPool", "Norm",
            "ProtocolOptions", "REFERENCE_SAMPLES_PER_EPOCH", "STOCHASTIC_PROBE_IMAGES", "accuracy",
-           "attack_success_rate", "cache_dir", "channel_stats", "clean_accuracy", "derived_seed", "did_you_mean",
+           "attack_success_rate", "cache_dir", "channel_stats", "clean_accuracy", "cosine_lr_factor", "derived_seed", "did_you_mean",
            "epoch_order", "eval_mode", "import_torchattacks", "is_stochastic", "pgd_attack", "predict",
            "random_crop_flip", "reference_lr_factor", "require_api", "robust_accuracy", "save_arrays_atomically",
            "steps_per_epoch", "to_model_input", "train_classifier"]

@@ -76,6 +76,12 @@ def reference_lr_factor(epoch: int, epochs: int) -> float:
     return 0.01
 
 
+def cosine_lr_factor(epoch: int, epochs: int) -> float:
+    """Per-epoch cosine annealing to zero (torch's CosineAnnealingLR with T_max = epochs, stepped
+    once per epoch, as BackdoorBench's defenses use it), for epoch 0..epochs-1."""
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
 def lr_schedule(recipe: TrainRecipe, total_steps: int):
     """Linear warm-up to `recipe.lr`, then linear decay to zero, as a LambdaLR factor."""
     warmup = max(1, int(recipe.warmup_fraction * total_steps))
@@ -91,13 +97,18 @@ def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx
                      *, flip: bool, stream: str = "train", desc: str = "train",
                      perturb: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                      samples_per_epoch: int = 0, reference_schedule: bool = False,
+                     cosine_schedule: bool = False, nesterov: bool | None = None,
                      ) -> list[float]:
     """Train `model` in place on `data` (already on `ctx.device`) following `recipe`.
     `perturb(x, y, generator)`, if given, replaces each augmented float batch before the step
     (adversarial training). `samples_per_epoch` repeats small data to fill each epoch (see
     `epoch_order`). `reference_schedule` replaces the recipe's warm-up and linear decay by the
-    MCR reference's per-epoch schedule (`reference_lr_factor`). Returns the mean training loss
-    of each epoch."""
+    MCR reference's per-epoch schedule (`reference_lr_factor`), `cosine_schedule` by per-epoch
+    cosine annealing (`cosine_lr_factor`). `nesterov` (default: whenever momentum is used) picks
+    Nesterov or plain momentum; the reference baselines use plain. Returns the mean training
+    loss of each epoch."""
+    if reference_schedule and cosine_schedule:
+        raise ValueError("train_classifier: choose reference_schedule or cosine_schedule, not both")
     generator = ctx.generator(stream)
     model.train()
     decay, no_decay = [], []
@@ -106,18 +117,20 @@ def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx
             (no_decay if p.dim() <= 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0)
+        lr=recipe.lr, momentum=recipe.momentum,
+        nesterov=recipe.momentum > 0 if nesterov is None else nesterov and recipe.momentum > 0)
     total_steps = recipe.epochs * steps_per_epoch(len(data), recipe.batch_size, samples_per_epoch)
-    if reference_schedule:
+    per_epoch = reference_lr_factor if reference_schedule else cosine_lr_factor if cosine_schedule else None
+    if per_epoch is not None:
         scheduler = None
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(recipe, total_steps))
     epoch_losses = []
     bar = ctx.progress(range(recipe.epochs), desc=desc)
     for epoch in bar:
-        if reference_schedule:
+        if per_epoch is not None:
             for group in optimizer.param_groups:
-                group["lr"] = recipe.lr * reference_lr_factor(epoch, recipe.epochs)
+                group["lr"] = recipe.lr * per_epoch(epoch, recipe.epochs)
         order = epoch_order(len(data), samples_per_epoch, generator, ctx.device)
         loss_sum = torch.zeros((), device=ctx.device)
         for start in range(0, len(order), recipe.batch_size):

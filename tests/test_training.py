@@ -118,3 +118,44 @@ def test_repair_defenses_take_the_same_number_of_steps_whatever_the_bonafide_siz
             defense.apply(model(), bonafide, ctx)
             counted[name, size] = len(steps)
     assert counted == {(name, size): 79 for name in defenses for size in (50, 2500)}
+
+
+def test_cosine_schedule_values():
+    from bench.training import cosine_lr_factor
+    assert [cosine_lr_factor(e, 4) for e in range(4)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-6)
+
+
+def test_the_baselines_train_as_their_references_do(monkeypatch, one_cpu_thread):
+    """finetune: train_baseline.py's plain momentum and per-epoch schedule; fine_pruning:
+    BackdoorBench's plain momentum and per-epoch cosine annealing. Recorded per optimizer step."""
+    from bench_plugins.defenses.fine_pruning import FinePruning
+    from bench_plugins.defenses.finetune import FineTune
+
+    seen = []
+    original_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        group = self.param_groups[0]
+        seen.append((group["nesterov"], group["momentum"], round(group["lr"], 6)))
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    shape = bench.InputShape(1, 8, 8, 10)
+    generator = torch.Generator().manual_seed(0)
+    bonafide = bench.ImageData(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=generator),
+                               torch.randint(0, 10, (64,), generator=generator))
+    runs = {"finetune": FineTune(FineTune.Options(epochs=4, samples_per_epoch=0, batch_size=64, lr=0.1)),
+            "fine_pruning": FinePruning(FinePruning.Options(epochs=4, samples_per_epoch=0, batch_size=64, lr=0.1))}
+    lrs = {}
+    for name, defense in runs.items():
+        torch.manual_seed(0)
+        model = Classifier(SmallCNN(SmallCNN.Options(width=2)).build(shape), (0.5,), (0.25,)).eval()
+        ctx = bench.DefenseContext(device=torch.device("cpu"), seed=0, num_classes=10, recipe=SmallCNN.recipe,
+                                   attacked_model_with_seed=lambda seed: model)
+        seen.clear()
+        defense.apply(model, bonafide, ctx)
+        assert {(nesterov, momentum) for nesterov, momentum, _ in seen} == {(False, 0.9)}
+        lrs[name] = [lr for _, _, lr in seen]
+    # one step per epoch; reference: constant to half, then down to 1% at 90% (epoch 3 of 4 is at 100%)
+    assert lrs["finetune"] == pytest.approx([0.1, 0.1, 0.1 * (1 - 0.25 / 0.4 * 0.99), 0.001])
+    assert lrs["fine_pruning"] == pytest.approx([0.1, 0.085355, 0.05, 0.014645], abs=1e-6)

@@ -3,7 +3,7 @@ MCR and pruning defenses are compared with.
 
 Defaults follow the MCR reference's baseline (IBM/model-sanitization `train_baseline.py`): 100
 epochs of 10,000 samples (the bonafide images repeated to fill each epoch, so the budget does
-not shrink with the bonafide size), batch 128, SGD lr 0.015 with momentum 0.9 and weight decay
+not shrink with the bonafide size), batch 128, SGD lr 0.015 with (plain) momentum 0.9 and weight decay
 1e-4, lr constant for half of training then linearly down to 1% by 90%, and no augmentation
 (the reference loads the bonafide images with the test transform).
 """
@@ -41,7 +41,8 @@ class FineTune(bench.Defense):
                                      weight_decay=o.weight_decay, warmup_fraction=0.0,
                                      augment=o.augment and ctx.recipe.augment)
         train_classifier(model, bonafide, recipe, ctx, flip=ctx.horizontal_flip, stream="finetune",
-                         desc="finetune", samples_per_epoch=o.samples_per_epoch, reference_schedule=True)
+                         desc="finetune", samples_per_epoch=o.samples_per_epoch, reference_schedule=True,
+                         nesterov=False)
         return model
 
 
