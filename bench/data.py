@@ -1,12 +1,10 @@
 """Image data as the core passes it around: uint8 tensors in NCHW layout, plus the dataset
-plugin kind and the helpers dataset plugins share (where data lives, where caches go)."""
+plugin kind. Where dataset plugins cache decoded files is `bench.artifacts` (exported by
+`bench.toolkit`)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -64,33 +62,6 @@ class Dataset(Plugin):
 
     def load(self) -> DatasetSplits:
         raise NotImplementedError
-
-
-def cache_root() -> Path:
-    """The cache folder, $BENCH_CACHE_DIR, else ~/.cache/robustness-bench (not created)."""
-    return Path(os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "robustness-bench").expanduser()
-
-
-def cache_dir() -> Path:
-    """Where decoded datasets are cached (`cache_root()`), created if needed."""
-    path = cache_root()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def save_arrays_atomically(path: Path, arrays: dict) -> None:
-    """Write numpy arrays to `path` (.npz) under a unique temporary name, then rename it into
-    place: a reader never sees half a file, and two writers never share a temporary file."""
-    import numpy as np
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

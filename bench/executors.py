@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol
 
-from bench.jobs import Job
-from bench.pipeline import JobEnvironment, execute_job
-from bench.store import Outcome
+from bench.artifacts import JobEnvironment
+from bench.jobs import Job, Outcome
+from bench.stages import execute_job
 
 
 class Executor(Protocol):

@@ -1,17 +1,47 @@
-"""The cross product: a suite expands into jobs, one per (dataset, model, attack, defense,
-seed, bonafide size). `expand` is a pure function of the suite."""
+"""What the core passes around: a configured plugin (`PluginSpec`), a job (one dataset,
+model, attack, defense, seed and bonafide size, every plugin resolved) and its `Outcome`.
+Plain data only: the stages that run a job, the store that keeps outcomes and the expansion
+that makes jobs all import from here, never the other way round."""
 
 from __future__ import annotations
 
-import dataclasses
+import enum
 import hashlib
-import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from bench.attacks import Stage
 from bench.models import TrainRecipe
-from bench.suite import PluginSpec, Suite
+
+
+class BonafideSource(enum.Enum):
+    """Where the defender's clean images come from."""
+
+    TEST_HALF = "test_half"  # half of the test set; results on the other half (MCR reference code)
+    TRAIN = "train"  # unpoisoned training images; results on the whole test set (BackdoorBench)
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One configured plugin of a suite, resolved: its kind, name, validated options, label,
+    class and provider (the package and version that registered it). Only kind, name,
+    options and label define it; the rest follows from the installed plugins."""
+
+    kind: str
+    name: str
+    options: dict
+    label: str
+    cls: type = field(compare=False, repr=False)
+    parsed: Any = field(compare=False, repr=False, default=None)  # the Options instance
+    provider: str = field(compare=False, default="")  # e.g. "robustness-bench 0.4.0"
+
+    def instantiate(self):
+        """A fresh plugin instance with these options."""
+        return self.cls(self.parsed)
+
+    def config(self) -> dict:
+        return {"name": self.name, "options": self.options}
 
 
 @dataclass(frozen=True)
@@ -23,7 +53,7 @@ class Job:
     defense: PluginSpec
     seed: int
     bonafide_size: int  # 0 for a defense that uses no bonafide data
-    bonafide_source: str
+    bonafide_source: BonafideSource
     training: dict  # the resolved training recipe, as plain values
     eval_batch_size: int
 
@@ -41,7 +71,7 @@ class Job:
             "defense": self.defense.config(),
             "seed": self.seed,
             "bonafide_size": self.bonafide_size,
-            "bonafide_source": self.bonafide_source,
+            "bonafide_source": self.bonafide_source.value,
             "training": self.training,
         }
 
@@ -66,28 +96,18 @@ def content_hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
 
 
-def expand(suite: Suite) -> list[Job]:
-    """All jobs of the suite, in a stable order, without excluded or repeated ones."""
-    settings = suite.settings
-    jobs, seen = [], set()
-    for dataset, model, attack, defense, seed, size in itertools.product(
-            suite.plugins["datasets"], suite.plugins["models"], suite.plugins["attacks"],
-            suite.plugins["defenses"], settings.seeds, settings.bonafide_size):
-        size = size if defense.cls.uses_bonafide else 0
-        recipe = dataclasses.replace(model.cls.recipe, **suite.training)
-        job = Job(suite.name, dataset, model, attack, defense, seed, size,
-                  settings.bonafide_source.value, dataclasses.asdict(recipe), settings.eval_batch_size)
-        if job.key in seen or _excluded(job, suite.exclude):
-            continue
-        seen.add(job.key)
-        jobs.append(job)
-    return jobs
+@dataclass
+class Outcome:
+    """What running one job produced (or how it failed)."""
 
-
-def _excluded(job: Job, exclude: list[dict]) -> bool:
-    def matches(key, value):
-        if key in ("seed", "bonafide_size"):
-            return getattr(job, key) == value
-        spec = getattr(job, key)
-        return value in (spec.name, spec.label)
-    return any(all(matches(k, v) for k, v in rule.items()) for rule in exclude)
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric_info: dict[str, dict] = field(default_factory=dict)  # key -> {label, higher_is_better}
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    series: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # e.g. metrics along a path
+    notes: dict[str, Any] = field(default_factory=dict)  # cache hits, data source, ...
+    device: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    started_at: str = ""
+    finished_at: str = ""

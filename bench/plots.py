@@ -1,6 +1,7 @@
 """Leaderboard figures (PNG, matplotlib's Agg backend), drawn from stored rows only:
-- for every defense that stored a `path` series, clean accuracy and the attack's metrics
-  along the path (mean over seeds, shaded +/- std);
+- for every series of measured points a defense stored (e.g. MCR's `path`: records holding one
+  coordinate such as t and the job's metrics), clean accuracy and the attack's metrics against
+  that coordinate (mean over seeds, shaded +/- std);
 - for every group swept over bonafide sizes, the attack's success metric against bonafide size,
   one line per defense."""
 
@@ -29,16 +30,37 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def path_plot(group: str, defense: str, bonafide: int, rows: list[dict], folder: Path) -> Path | None:
-    """Metrics along the stored `path` series of these rows (one row per seed)."""
-    paths = [r["series"]["path"] for r in rows if r["series"].get("path")]
+def point_series(rows: list[dict]) -> dict[str, str]:
+    """The series of these rows that hold measured points: series name -> its coordinate. A
+    record of such a series has the job's metrics (clean accuracy at least, as the core measures
+    every point a defense yields) and exactly one other number, the coordinate. No series name
+    is special."""
+    found: dict[str, str] = {}
+    for r in rows:
+        metrics = set(r["metric_info"]) | {"clean_acc"}
+        for name, records in r["series"].items():
+            if not records or not all(isinstance(p, dict) and "clean_acc" in p for p in records):
+                continue
+            others = {k for p in records for k in p if k not in metrics}
+            if len(others) == 1:
+                (coordinate,) = others
+                if all(isinstance(p.get(coordinate), (int, float)) for p in records):
+                    found.setdefault(name, coordinate)
+    return found
+
+
+def series_plot(group: str, defense: str, bonafide: int, series: str, coordinate: str, rows: list[dict],
+                folder: Path) -> Path | None:
+    """Metrics against `coordinate` along the stored point series `series` of these rows (one
+    row per seed)."""
+    paths = [r["series"][series] for r in rows if r["series"].get(series)]
     if not paths:
         return None
     info = rows[0]["metric_info"]
     # headline percentages only: the axis is in percent, diagnostics and numbers would leave it
     keys = [k for k in info if k != "der" and info[k].get("kind", "percent") == "percent"
             and not info[k].get("diagnostic", False) and all(k in point for path in paths for point in path)]
-    t = np.array([p["t"] for p in paths[0]])
+    t = np.array([p[coordinate] for p in paths[0]])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for key in keys:
@@ -47,13 +69,13 @@ def path_plot(group: str, defense: str, bonafide: int, rows: list[dict], folder:
         ax.plot(t, mean, marker="o", markersize=3, label=info[key]["label"])
         if len(values) > 1:
             ax.fill_between(t, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("t along the path")
+    ax.set_xlabel(f"{coordinate} along the {series}")
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
     ax.set_title(f"{group}\n{defense}, bonafide {bonafide}, {len(paths)} seed(s)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = folder / f"path-{_slug(group)}-{_slug(defense)}-{bonafide}.png"
+    path = folder / f"{_slug(series)}-{_slug(group)}-{_slug(defense)}-{bonafide}.png"
     _save(fig, path)
     return path
 

@@ -79,14 +79,15 @@ def md(text) -> str:
 
 
 def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -> list[str]:
-    from bench.plots import bonafide_plot, path_plot
+    from bench.plots import bonafide_plot, point_series, series_plot
 
     written = []
     by_defense: dict[tuple, list[dict]] = {}
     for r in members:
         by_defense.setdefault((r["defense_label"], r["bonafide_size"]), []).append(r)
     for (defense, bonafide), rows in sorted(by_defense.items()):
-        written.append(path_plot(group, defense, bonafide, rows, plot_dir))
+        for series, coordinate in sorted(point_series(rows).items()):
+            written.append(series_plot(group, defense, bonafide, series, coordinate, rows, plot_dir))
     success = {k for r in members for k, info in r["metric_info"].items() if k not in ("clean_acc", "der")
                and info.get("kind", "percent") == "percent" and not info.get("diagnostic", False)}
     for key in sorted(success):

@@ -13,12 +13,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from bench.cache import ArtifactCache
-from bench.data import cache_root
+from bench.artifacts import ArtifactCache, JobEnvironment, cache_root
 from bench.errors import BenchError, SuiteError
 from bench.executors import Executor, InProcessExecutor
-from bench.jobs import Job, expand
-from bench.pipeline import JobEnvironment, build_model, load_dataset, user_interrupts_marked
+from bench.expansion import expand
+from bench.jobs import Job
+from bench.preflight import preflight
+from bench.stages import user_interrupts_marked
 from bench.registry import Registry
 from bench.store import ResultStore, check_store_path
 from bench.suite import Suite
@@ -51,48 +52,6 @@ def make_cuda_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
-    """Problems that only the data or the model reveals, found before anything is written:
-    missing files, options a dataset or model cannot satisfy (a target class it lacks, a layer
-    it lacks), a bonafide budget larger than the defender's pool."""
-    checked, models = set(), {}
-    for job in jobs:
-        where = f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}'"
-        try:
-            splits = load_dataset(job, env.device)
-        except BenchError as exc:
-            raise SuiteError(f"{where}: {exc}") from None
-        except Exception as exc:  # a plugin's own failure: name it, no traceback
-            raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
-        attack = job.attack.instantiate()
-        if (job.dataset.label, job.attack.label) not in checked:
-            try:
-                attack.check_dataset(splits)
-            except BenchError as exc:
-                raise SuiteError(f"{where}: {exc}") from None
-            checked.add((job.dataset.label, job.attack.label))
-        model_id = (job.dataset.label, job.model.label)
-        if model_id not in models:
-            with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the RNG as it was
-                models[model_id] = (build_model(job, splits).eval(), torch.zeros(2, *splits.train.x.shape[1:]))
-        for spec in (job.attack, job.defense):
-            if (*model_id, spec.kind, spec.label) in checked:
-                continue
-            try:
-                spec.instantiate().check_model(*models[model_id])
-            except BenchError as exc:
-                raise SuiteError(f"{suite.path}: model '{job.model.label}', {spec.kind} '{spec.label}': {exc}") from None
-            checked.add((*model_id, spec.kind, spec.label))
-        if job.bonafide_source == "test_half":
-            pool, origin = len(splits.test) // 2, "half of its test set"
-        else:
-            pool = len(splits.train) - attack.withheld_training_images(splits)
-            origin = f"training images that attack '{job.attack.label}' leaves alone"
-        if job.bonafide_size > pool:
-            raise SuiteError(f"{suite.path}: [suite].bonafide_size {job.bonafide_size} is more than the {pool} "
-                             f"images dataset '{job.dataset.label}' can grant the defender ({origin})")
-
-
 def prepare(suite: Suite, registry: Registry, *, device: str | None = None, artifact_dir: Path | None = None,
             show_progress: bool | None = None, store_path: Path | None = None) -> tuple[list[Job], JobEnvironment]:
     """Everything checked before a job runs, writing nothing: the jobs, the device, the store
@@ -110,7 +69,7 @@ def prepare(suite: Suite, registry: Registry, *, device: str | None = None, arti
         make_cuda_deterministic()
     env = JobEnvironment(cache=ArtifactCache(Path(artifact_dir).expanduser() if artifact_dir
                                              else cache_root() / "artifacts"),
-                         device=torch_device, registry=registry, show_progress=show_progress)
+                         device=torch_device, show_progress=show_progress)
     preflight(suite, jobs, env)
     return jobs, env
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bench.errors import BenchError
+from bench.jobs import Outcome
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -48,23 +47,6 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (job_key, name)
 );
 """
-
-
-@dataclass
-class Outcome:
-    """What running one job produced (or how it failed)."""
-
-    status: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    metric_info: dict[str, dict] = field(default_factory=dict)  # key -> {label, higher_is_better}
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    series: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # e.g. metrics along a path
-    notes: dict[str, Any] = field(default_factory=dict)  # cache hits, data source, ...
-    device: str = ""
-    versions: dict[str, str] = field(default_factory=dict)
-    error: str | None = None
-    started_at: str = ""
-    finished_at: str = ""
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"

@@ -30,31 +30,23 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import itertools
-import json
 import re
 import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bench.errors import SuiteError, did_you_mean
+from bench.expansion import plugin_specs
+from bench.jobs import BonafideSource, PluginSpec
 from bench.models import TrainRecipe
-from bench.options import check_value, is_scalar_option, option, parse_options, to_plain
+from bench.options import check_value, option, parse_options
 from bench.registry import Registry
 
 PLUGIN_TABLES = {"datasets": "dataset", "models": "model", "attacks": "attack", "defenses": "defense"}
 TOP_LEVEL_KEYS = ("suite", "training", *PLUGIN_TABLES, "exclude")
 EXCLUDE_KEYS = ("dataset", "model", "attack", "defense", "seed", "bonafide_size")
 PLUGIN_KINDS = {kind: table for table, kind in PLUGIN_TABLES.items()}
-
-
-class BonafideSource(enum.Enum):
-    """Where the defender's clean images come from."""
-
-    TEST_HALF = "test_half"  # half of the test set; results on the other half (MCR reference code)
-    TRAIN = "train"  # unpoisoned training images; results on the whole test set (BackdoorBench)
 
 
 class DeviceChoice(enum.Enum):
@@ -78,25 +70,6 @@ class SuiteSettings:
     eval_batch_size: int = option(1024, "images per evaluation batch", min=1)
     deterministic: bool = option(True, "deterministic CUDA kernels, so a rerun job reproduces its numbers "
                                        "(torch warns about ops without one; false: maybe faster, not reproducible)")
-
-
-@dataclass(frozen=True)
-class PluginSpec:
-    """One configured plugin of a suite: its kind, name, validated options and a label."""
-
-    kind: str
-    name: str
-    options: dict
-    label: str
-    cls: type = field(compare=False, repr=False)
-    parsed: Any = field(compare=False, repr=False, default=None)  # the Options instance
-
-    def instantiate(self):
-        """A fresh plugin instance with these options."""
-        return self.cls(self.parsed)
-
-    def config(self) -> dict:
-        return {"name": self.name, "options": self.options}
 
 
 @dataclass(frozen=True)
@@ -177,7 +150,7 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
             raise SuiteError(f"{path}: '{table}' must be a non-empty array of tables ([[{table}]])")
         specs = []
         for index, entry in enumerate(entries):
-            specs.extend(_plugin_specs(entry, kind, f"{path}: {table}[{index}]", registry))
+            specs.extend(plugin_specs(entry, kind, f"{path}: {table}[{index}]", registry))
         seen: dict[str, PluginSpec] = {}
         for spec in specs:
             other = seen.setdefault(spec.label, spec)
@@ -226,42 +199,3 @@ def _table(data: dict, key: str, path: Path) -> dict:
     if not isinstance(value, dict):
         raise SuiteError(f"{path}: '{key}' must be a table ([{key}]), got {type(value).__name__}")
     return dict(value)
-
-
-def _plugin_specs(entry: Any, kind: str, where: str, registry: Registry) -> list[PluginSpec]:
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, dict):
-        raise SuiteError(f"{where}: expected a table with a 'name', got {entry!r}")
-    entry = dict(entry)
-    if "name" not in entry:
-        raise SuiteError(f"{where}: missing 'name' (a string naming the {kind} plugin)")
-    name = entry.pop("name")
-    if not isinstance(name, str):
-        raise SuiteError(f"{where}.name: expected a string naming the {kind} plugin, got {name!r}")
-    label = entry.pop("label", None)
-    if label is not None and not isinstance(label, str):
-        raise SuiteError(f"{where}.label: expected a string, got {label!r}")
-    info = registry.get(kind, name, where)
-    where = f"{where} ('{name}')"
-    options_cls = info.cls.Options
-    fields = {f.name for f in dataclasses.fields(options_cls)}
-    sweeps = {k: v for k, v in entry.items()
-              if k in fields and isinstance(v, list) and is_scalar_option(options_cls, k)}
-    for key, values in sweeps.items():
-        if not values:
-            raise SuiteError(f"{where}.{key}: an empty list sweeps nothing; give at least one value")
-    specs = []
-    for combo in itertools.product(*sweeps.values()) if sweeps else [()]:
-        table = {**entry, **dict(zip(sweeps, combo))}
-        parsed = parse_options(options_cls, table, where)
-        options = to_plain(parsed)
-        defaults = to_plain(options_cls())
-        changed = {k: v for k, v in options.items() if v != defaults[k]}
-        spec_label = label or name
-        if label is None and changed:  # a swept value equal to the default is not repeated
-            spec_label += "(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) + ")"
-        elif label is not None and sweeps:  # a label names the sweep; each point still needs its own
-            spec_label += "(" + ", ".join(f"{k}={json.dumps(options[k])}" for k in sweeps) + ")"
-        specs.append(PluginSpec(kind, name, options, spec_label, info.cls, parsed))
-    return specs

@@ -25,7 +25,8 @@ from bench.adversarial import (EvasionAttack, EvasionSettings, Norm, ProtocolOpt
                                import_torchattacks, pgd_attack, robust_accuracy)
 from bench.backdoor import AllToOneBackdoor
 from bench.context import derived_seed
-from bench.data import cache_dir, channel_stats, save_arrays_atomically
+from bench.artifacts import cache_dir, save_arrays_atomically
+from bench.data import channel_stats
 from bench.errors import BenchError, did_you_mean
 from bench.evaluation import (STOCHASTIC_PROBE_IMAGES, clean_accuracy, eval_mode, is_stochastic, predict,
                               to_model_input)

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from bench.cache import ArtifactCache, STALE_TEMPORARY_SECONDS
+from bench.artifacts import ArtifactCache, STALE_TEMPORARY_SECONDS
 
 
 def quiet_cache(root, messages):

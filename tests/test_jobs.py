@@ -1,4 +1,4 @@
-from bench.jobs import expand
+from bench.expansion import expand
 from bench.suite import parse_suite
 from pathlib import Path
 

@@ -41,7 +41,7 @@ def test_readme_example_plugin_matches_the_shipped_example():
 def test_the_suite_in_the_readme_is_valid(registry):
     import tomllib
 
-    from bench.jobs import expand
+    from bench.expansion import expand
     from bench.suite import parse_suite
 
     start = README.index("## Writing a suite")
@@ -53,7 +53,7 @@ def test_the_suite_in_the_readme_is_valid(registry):
 
 
 def test_every_committed_suite_is_valid_and_its_leaderboard_names_it(registry):
-    from bench.jobs import expand
+    from bench.expansion import expand
     from bench.suite import load_suite
 
     for path in sorted((ROOT / "suites").glob("*.toml")):

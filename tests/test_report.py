@@ -4,7 +4,8 @@ from click.testing import CliRunner
 
 from bench.cli import main
 from bench.report import render_report
-from bench.store import Outcome, ResultStore
+from bench.jobs import Outcome
+from bench.store import ResultStore
 
 INFO = {"clean_acc": {"label": "C-Acc", "higher_is_better": True, "kind": "percent", "diagnostic": False},
         "asr": {"label": "ASR", "higher_is_better": False, "kind": "percent", "diagnostic": False},
@@ -80,6 +81,23 @@ def test_report_draws_paths_and_bonafide_sweeps_and_links_them(tmp_path):
     text = out.read_text()
     for name in figures:
         assert f"](demo-figures/{name})" in text
+
+
+def test_any_series_of_measured_points_is_drawn_whatever_its_name(tmp_path):
+    """The report knows no plugin's series names: a third-party defense's `sweep` of measured
+    points along `alpha` is drawn; a series of its own numbers (no metrics) is not."""
+    with ResultStore(tmp_path / "r.db") as store:
+        for seed in (0, 1):
+            sweep = [{"alpha": a / 4, "clean_acc": 0.9, "asr": 1 - a / 4} for a in range(5)]
+            own = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(5)]
+            store.record(fake_job("smoothing", seed, 100), Outcome(
+                status="ok", metrics={"clean_acc": 0.9, "asr": 0.1}, metric_info=INFO, timings={"defense": 1.0},
+                series={"sweep": sweep, "losses": own}, device="cpu",
+                started_at="2026-11-23T10:00:00", finished_at="2026-11-23T10:01:00"))
+    out = tmp_path / "demo.md"
+    assert CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--output", str(out)]).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "demo-figures").glob("*.png")) == [
+        "sweep-digits-small-cnn-badnets-smoothing-100.png"]
 
 
 def test_unreliable_rows_are_flagged_not_averaged(tmp_path):

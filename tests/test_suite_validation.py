@@ -92,7 +92,7 @@ CASES = [
     # problems only the data reveals, still caught before anything is written
     ("bonafide budget above the pool",
      replace("bonafide_size = 50", "bonafide_size = 400").replace('name = "none"', 'name = "finetune"'),
-     ["[suite].bonafide_size 400 is more than the 269 images", "'digits'", "half of its test set"]),
+     ["[suite].bonafide_size 400 is more than the 269 images", "'digits'", "half of the test set"]),
     ("target class the dataset lacks", replace('name = "badnets"', 'name = "badnets"\ntarget_class = 12'),
      ["attack 'badnets(target_class=12)'", "target_class 12 does not exist", "classes 0..9"]),
     ("trigger larger than the images", replace('name = "badnets"', 'name = "badnets"\ntrigger_size = 9'),
@@ -101,7 +101,7 @@ CASES = [
      ["dataset 'cifar10(root=\"/nonexistent/cifar\")'", "looked in: /nonexistent/cifar", "BENCH_CIFAR10_ROOT"]),
     ("bonafide budget above the training images the attack leaves alone",
      replace("bonafide_size = 50", 'bonafide_size = 1200\nbonafide_source = "train"').replace('name = "none"', 'name = "finetune"'),
-     ["[suite].bonafide_size 1200 is more than the 1132 images", "leaves alone"]),
+     ["[suite].bonafide_size 1200 is more than the 1132 images", "attack left alone"]),
     ("poison rate the non-target classes cannot supply",
      replace('name = "badnets"', 'name = "badnets"\npoison_rate = 0.95'),
      ["poison_rate 0.95 asks for 1195 poisoned images", "outside the target class"]),
@@ -199,7 +199,7 @@ def test_device_cuda_without_cuda_names_the_file_and_key(tmp_path):
 def test_store_problems_are_found_before_any_data_loads(tmp_path, problem, monkeypatch):
     import sqlite3
 
-    from bench import pipeline
+    from bench import preflight
     store = tmp_path / "out" / "results.db"
     if problem == "folder is a file":
         store.parent.write_text("a file")
@@ -217,7 +217,7 @@ def test_store_problems_are_found_before_any_data_loads(tmp_path, problem, monke
             db.execute("CREATE TABLE customers (id INTEGER)")
         expected = "not a robustness-bench store (its tables: customers)"
     before = store.read_bytes() if store.is_file() else None
-    monkeypatch.setattr(pipeline, "load_dataset", lambda *a: pytest.fail("data loaded before the store was checked"))
+    monkeypatch.setattr(preflight, "load_dataset", lambda *a: pytest.fail("data loaded before the store was checked"))
     suite = tmp_path / "s.toml"
     suite.write_text(GOOD.format(store=store.as_posix()))
     result = CliRunner().invoke(main, ["run", str(suite), "--device", "cpu", "--no-progress"])

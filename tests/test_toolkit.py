@@ -36,3 +36,17 @@ def test_the_toolkit_exports_what_it_lists_and_versions_it():
     bench.toolkit.require_api(bench.toolkit.API_VERSION)
     with pytest.raises(bench.BenchError, match="needs bench.toolkit API version 99"):
         bench.toolkit.require_api(99)
+
+
+@pytest.mark.parametrize("module, never", [
+    ("jobs", {"bench.stages", "bench.artifacts", "bench.store", "bench.registry", "bench.suite", "bench.runner"}),
+    ("expansion", {"bench.stages", "bench.artifacts", "bench.store", "bench.runner", "bench.suite"}),
+    ("artifacts", {"bench.stages", "bench.store", "bench.registry", "bench.suite", "bench.runner"}),
+    ("stages", {"bench.store", "bench.registry", "bench.suite", "bench.runner"}),
+    ("preflight", {"bench.stages", "bench.store", "bench.runner"}),
+    ("store", {"bench.stages", "bench.artifacts", "bench.registry", "bench.runner"}),
+])
+def test_the_data_flows_one_way(module, never):
+    """suite -> expansion -> jobs -> preflight/stages (with artifacts) -> store -> report: a
+    module never imports one downstream of it, so a job runs without the store or the registry."""
+    assert not bench_imports(ROOT / "bench" / f"{module}.py") & never

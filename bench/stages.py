@@ -1,13 +1,13 @@
-"""One job, start to end: load data, obtain the attacked model (trained once, then cached),
-split off the defender's bonafide set, measure before the defense, apply the defense, measure
-after. `run_job` is a function of the job and the artifact cache alone, so any executor (this
-process, a pool, a cluster) can run it."""
+"""The stages of one job, start to end: load data, obtain the attacked model (trained once,
+then cached), split off the defender's bonafide set, measure before the defense, apply the
+defense, measure after. `run_job` is a function of the job and the artifact cache alone (the
+job carries its resolved plugins), so any executor (this process, a pool, a cluster) can run
+it; what it builds and caches is in `bench.artifacts`."""
 
 from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import json
 import numbers
 import platform
@@ -16,39 +16,25 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 import bench
-from bench.attacks import Attack, Metric, Stage
-from bench.cache import ArtifactCache
+from bench.artifacts import (JobEnvironment, attacked_model, load_dataset, make_context, model_key,
+                             split_bonafide)
+from bench.attacks import Attack, Metric
 from bench.context import DefenseContext, RunContext
-from bench.data import DatasetSplits, ImageData
+from bench.data import ImageData
 from bench.defenses import Defended
 from bench.errors import BenchError
 from bench.evaluation import clean_accuracy, to_model_input
-from bench.jobs import Job, content_hash
+from bench.jobs import Job, Outcome, content_hash
 from bench.metrics import defense_effectiveness_rating
-from bench.models import Classifier, InputShape
-from bench.registry import Registry
-from bench.store import Outcome
-from bench.training import train_classifier
 
 CLEAN_ACCURACY = Metric("clean_acc", "C-Acc", higher_is_better=True)
 DER = Metric("der", "DER", higher_is_better=True)
-
-
-@dataclass
-class JobEnvironment:
-    """What a job runs with besides its spec: the artifact cache, the device and the plugins."""
-
-    cache: ArtifactCache
-    device: torch.device
-    registry: Registry
-    show_progress: bool | None = None
 
 
 _user_interrupt = threading.Event()
@@ -96,7 +82,7 @@ def execute_job(job: Job, env: JobEnvironment) -> Outcome:
             note = f"a plugin raised {type(exc).__name__} (e.g. called sys.exit()) inside the job\n" if exiting else ""
             error = f"{type(exc).__name__}: {exc}\n{note}{traceback.format_exc()}".strip()
         outcome = Outcome(status="failed", error=error,
-                          device=str(env.device), versions=versions(job, env.registry))
+                          device=str(env.device), versions=versions(job))
     outcome.started_at, outcome.finished_at = started, _now()
     return outcome
 
@@ -162,8 +148,8 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         return metrics
 
     with stage("evaluate_before"):
-        before_key = content_hash({"model": model_key(job, job.seed, splits, env.device, env.registry),
-                                   "attack": job.attack.config(), "bonafide_source": job.bonafide_source,
+        before_key = content_hash({"model": model_key(job, job.seed, splits, env.device),
+                                   "attack": job.attack.config(), "bonafide_source": job.bonafide_source.value,
                                    "seed": job.seed, "eval_batch_size": job.eval_batch_size})
         before, before_hit = env.cache.get_or_create("evaluations", before_key, lambda: measure(model))
 
@@ -216,7 +202,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         notes={"model_cache": "hit" if model_hit else "miss", "evaluation_cache": "hit" if before_hit else "miss",
                "data_source": splits.source, "bonafide_images": len(bonafide), "evaluation_images": len(evaluation),
                "attack_protocol": attack.describe_protocol()},
-        device=_device_name(env.device), versions=versions(job, env.registry))
+        device=_device_name(env.device), versions=versions(job))
 
 
 def as_defended(result: Any, defense) -> Defended:
@@ -237,132 +223,18 @@ def as_defended(result: Any, defense) -> Defended:
     return result
 
 
-def make_context(job: Job, env: JobEnvironment, splits: DatasetSplits, seed: int | None = None) -> RunContext:
-    return RunContext(device=env.device, seed=job.seed if seed is None else seed,
-                      num_classes=splits.num_classes, eval_batch_size=job.eval_batch_size,
-                      horizontal_flip=job.dataset.cls.horizontal_flip, show_progress=env.show_progress)
 
 
-_loaded_datasets: dict[tuple[str, str], DatasetSplits] = {}
 
 
-def load_dataset(job: Job, device: torch.device) -> DatasetSplits:
-    """The dataset's splits on the device, decoded once per process and kept (two at most)."""
-    key = (json.dumps(job.dataset.config(), sort_keys=True), str(device))
-    if key not in _loaded_datasets:
-        if len(_loaded_datasets) >= 2:
-            _loaded_datasets.pop(next(iter(_loaded_datasets)))
-        cpu = job.dataset.instantiate().load()
-        _loaded_datasets[key] = DatasetSplits(cpu.train.to(device), cpu.test.to(device), cpu.num_classes,
-                                              cpu.mean, cpu.std, cpu.source, fingerprint=data_fingerprint(cpu))
-    return _loaded_datasets[key]
 
 
-def data_fingerprint(splits: DatasetSplits) -> str:
-    """A hash of every pixel and label, so that cached models follow the data actually read
-    (e.g. the JPEG copy versus the official CIFAR-10 files under the same suite)."""
-    digest = hashlib.sha256()
-    for tensor in (splits.train.x, splits.train.y, splits.test.x, splits.test.y):
-        digest.update(tensor.contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:20]
-
-
-def build_model(job: Job, splits: DatasetSplits) -> nn.Module:
-    _, channels, height, width = splits.train.x.shape
-    net = job.model.instantiate().build(InputShape(channels, height, width, splits.num_classes))
-    return Classifier(net, splits.mean, splits.std)
-
-
-def model_key(job: Job, seed: int, splits: DatasetSplits, device: torch.device, registry: Registry) -> str:
-    """Everything the attacked model depends on: its config, the training seed, the seed of the
-    attack's own draws (the job's: a second model for the same job carries the same attack),
-    the data read, the kind of device (CUDA trains in bf16), the CPU thread count, and the
-    providers' versions."""
-    config = {**job.model_config(), "seed": seed}
-    if job.attack.cls.stage is not Stage.TEST_TIME:
-        config["attack_seed"] = job.seed
-    providers = {kind: _provider(registry, kind, getattr(job, kind).name) for kind in ("dataset", "model", "attack")}
-    # CPU kernels sum in an order that depends on the thread count, so results do too.
-    threads = torch.get_num_threads() if device.type == "cpu" else None
-    return content_hash({"config": config, "providers": providers, "bench": bench.__version__,
-                         "data": splits.fingerprint, "device": device.type, "cpu_threads": threads})
-
-
-def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironment) -> tuple[nn.Module, dict, bool]:
-    """The model trained (on poisoned data) and tampered with as the job's attack says, for
-    `seed`: built once and then read from the cache, by this and every later job."""
-    attack: Attack = job.attack.instantiate()
-    ctx = make_context(job, env, splits, seed)
-    attack_ctx = make_context(job, env, splits)  # the attack draws with the job's seed
-
-    def create() -> dict[str, Any]:
-        # Whether this runs (cache miss) or not (hit) must not change what the caller draws next.
-        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-            ctx.seed_global_rng("model")
-            train, state = splits.train, {}
-            if attack.stage is Stage.TRAINING:
-                train, state = attack.poison(splits.train, attack_ctx)
-            model = ctx.prepare(build_model(job, splits))
-            losses = train_classifier(model, train, job.recipe, ctx, flip=ctx.horizontal_flip,
-                                      desc=f"train {job.model.label} seed={seed}")
-            if attack.stage is Stage.POST_TRAINING:
-                if seed != job.seed:  # a second model of this job carries the job's own tampering
-                    state = {**attacked_model(job, job.seed, splits, env)[1], **state}
-                state = attack.tamper(model, splits, attack_ctx, state)
-        return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                "attack_state": _to_device(state, "cpu"), "train_losses": losses}
-
-    value, hit = env.cache.get_or_create("models", model_key(job, seed, splits, env.device, env.registry), create)
-    model = build_model(job, splits)
-    model.load_state_dict(value["state_dict"])
-    model = ctx.prepare(model).eval()
-    return model, _to_device(value["attack_state"], env.device), hit
-
-
-def split_bonafide(splits: DatasetSplits, withheld_indices: torch.Tensor | None, source: str,
-                   size: int, seed: int) -> tuple[ImageData, ImageData]:
-    """(bonafide set for the defender, evaluation set). `test_half`: a seeded half of the test
-    set is the defender's pool, the other half is evaluated. `train`: the pool is the training
-    images the attack neither altered nor measures itself on, and the whole test set is
-    evaluated."""
-    generator = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:bonafide".encode()).hexdigest()[:15], 16))
-    if source == "test_half":
-        order = torch.randperm(len(splits.test), generator=generator)
-        half = len(order) // 2
-        pool, evaluation = order[:half], splits.test.subset(order[half:])
-        origin, base = "half of the test set", splits.test
-    else:
-        candidates = torch.ones(len(splits.train), dtype=torch.bool)
-        if withheld_indices is not None:
-            candidates[withheld_indices.cpu()] = False
-        pool = candidates.nonzero().squeeze(1)[torch.randperm(int(candidates.sum()), generator=generator)]
-        evaluation, origin, base = splits.test, "training images the attack left alone", splits.train
-    if size > len(pool):
-        raise BenchError(f"bonafide_size {size} is more than the {len(pool)} images available "
-                         f"({origin}); lower [suite].bonafide_size")
-    return base.subset(pool[:size]), evaluation
-
-
-def versions(job: Job, registry: Registry) -> dict[str, str]:
+def versions(job: Job) -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "robustness-bench": bench.__version__}
     for kind in ("dataset", "model", "attack", "defense"):
-        out[f"{kind}:{getattr(job, kind).name}"] = _provider(registry, kind, getattr(job, kind).name)
+        spec = getattr(job, kind)
+        out[f"{kind}:{spec.name}"] = spec.provider
     return out
-
-
-def _provider(registry: Registry, kind: str, name: str) -> str:
-    info = registry.get(kind, name)
-    return f"{info.package} {info.version}".strip()
-
-
-def _to_device(value: Any, device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
 
 
 def _device_name(device: torch.device) -> str:

@@ -1,0 +1,52 @@
+"""Checks that only the data or the models reveal, run before anything is written (by `bench
+run` and `bench run --dry-run` alike), with the same code the jobs use: the dataset loads, each
+attack accepts it, each attack and defense accepts the model, and the defender's pool holds the
+bonafide budget."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.artifacts import JobEnvironment, bonafide_pool_size, build_model, check_bonafide_size, load_dataset
+from bench.errors import BenchError, SuiteError
+from bench.jobs import Job
+from bench.suite import Suite
+
+
+def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
+    """Problems that only the data or the model reveals, found before anything is written:
+    missing files, options a dataset or model cannot satisfy (a target class it lacks, a layer
+    it lacks), a bonafide budget larger than the defender's pool."""
+    checked, models = set(), {}
+    for job in jobs:
+        where = f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}'"
+        try:
+            splits = load_dataset(job, env.device)
+        except BenchError as exc:
+            raise SuiteError(f"{where}: {exc}") from None
+        except Exception as exc:  # a plugin's own failure: name it, no traceback
+            raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
+        attack = job.attack.instantiate()
+        if (job.dataset.label, job.attack.label) not in checked:
+            try:
+                attack.check_dataset(splits)
+            except BenchError as exc:
+                raise SuiteError(f"{where}: {exc}") from None
+            checked.add((job.dataset.label, job.attack.label))
+        model_id = (job.dataset.label, job.model.label)
+        if model_id not in models:
+            with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the RNG as it was
+                models[model_id] = (build_model(job, splits).eval(), torch.zeros(2, *splits.train.x.shape[1:]))
+        for spec in (job.attack, job.defense):
+            if (*model_id, spec.kind, spec.label) in checked:
+                continue
+            try:
+                spec.instantiate().check_model(*models[model_id])
+            except BenchError as exc:
+                raise SuiteError(f"{suite.path}: model '{job.model.label}', {spec.kind} '{spec.label}': {exc}") from None
+            checked.add((*model_id, spec.kind, spec.label))
+        pool = bonafide_pool_size(splits, job.bonafide_source, attack.withheld_training_images(splits))
+        try:
+            check_bonafide_size(job.bonafide_size, pool, job.bonafide_source)
+        except BenchError as exc:
+            raise SuiteError(f"{where}: [suite].{exc}") from None
