@@ -38,6 +38,7 @@ from bench.hookspecs import PROJECT
 __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+from bench.analyses import Analysis, AnalysisData, AnalysisResult, Figure, ModelRecipe  # noqa: E402
 from bench.attacks import Attack, Metric, MetricKind, Stage  # noqa: E402
 from bench.context import DefenseContext, RunContext  # noqa: E402
 from bench.data import Dataset, DatasetSplits, ImageData  # noqa: E402
@@ -46,6 +47,7 @@ from bench.errors import BenchError, DataNotFoundError, OptionError, SuiteError,
 from bench.models import InputShape, Model, TrainRecipe  # noqa: E402
 from bench.options import option  # noqa: E402
 
-__all__ = ["Attack", "BenchError", "DataNotFoundError", "Dataset", "DatasetSplits", "Defended", "Defense",
-           "DefenseContext", "ImageData", "InputShape", "Metric", "MetricKind", "Model", "OptionError", "RunContext",
+__all__ = ["Analysis", "AnalysisData", "AnalysisResult", "Attack", "BenchError", "DataNotFoundError", "Dataset", "DatasetSplits", "Defended", "Defense",
+           "DefenseContext", "Figure", "ImageData", "InputShape", "Metric", "MetricKind", "Model", "ModelRecipe",
+           "OptionError", "RunContext",
            "Stage", "SuiteError", "TrainRecipe", "UnknownPluginError", "hookimpl", "option"]

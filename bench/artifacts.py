@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -31,8 +32,9 @@ from torch import nn
 
 import bench
 from bench.attacks import Attack, Stage
-from bench.context import RunContext
+from bench.context import DefenseContext, RunContext
 from bench.data import DatasetSplits, ImageData
+from bench.defenses import Defended
 from bench.errors import BenchError
 from bench.jobs import BonafideSource, Job, content_hash
 from bench.models import Classifier, InputShape
@@ -95,18 +97,29 @@ class ArtifactCache:
         """The cached value under (kind, key), or `create()` stored there. Returns (value, hit).
         The value must be made of tensors and plain Python values (dicts, lists, numbers,
         strings), as `torch.load(weights_only=True)` accepts."""
+        value = self.get(kind, key)
+        if value is not None:
+            return value, True
+        value = create()
+        self.put(kind, key, value)
+        return value, False
+
+    def get(self, kind: str, key: str) -> Any | None:
+        """The checked value under (kind, key), or None (a damaged entry is reported and evicted)."""
         path = self.path(kind, key)
         if path.is_file():
             try:
-                return read_entry(path, kind, key), True
+                return read_entry(path, kind, key)
             except CacheEntryError as exc:
                 self.report(f"cache: {path}: {exc}; rebuilding it")
                 path.unlink(missing_ok=True)
-        value = create()
+        return None
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path.parent)
         write_entry(path, kind, key, value)
-        return value, False
 
 
 def write_entry(path: Path, kind: str, key: str, value: Any) -> None:
@@ -199,9 +212,11 @@ def model_key(job: Job, seed: int, splits: DatasetSplits, device: torch.device) 
     the data read, the kind of device (CUDA trains in bf16), the CPU thread count, and the
     providers' versions."""
     config = {**job.model_config(), "seed": seed}
-    if job.attack.cls.stage is not Stage.TEST_TIME:
+    kinds = ("dataset", "model")
+    if job.changes_model:
         config["attack_seed"] = job.seed
-    providers = {kind: getattr(job, kind).provider for kind in ("dataset", "model", "attack")}
+        kinds += ("attack",)
+    providers = {kind: getattr(job, kind).provider for kind in kinds}
     # CPU kernels sum in an order that depends on the thread count, so results do too.
     threads = torch.get_num_threads() if device.type == "cpu" else None
     return content_hash({"config": config, "providers": providers, "bench": bench.__version__,
@@ -211,7 +226,7 @@ def model_key(job: Job, seed: int, splits: DatasetSplits, device: torch.device) 
 def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironment) -> tuple[nn.Module, dict, bool]:
     """The model trained (on poisoned data) and tampered with as the job's attack says, for
     `seed`: built once and then read from the cache, by this and every later job."""
-    attack: Attack = job.attack.instantiate()
+    attack: Attack | None = job.attack.instantiate() if job.changes_model else None
     ctx = make_context(job, env, splits, seed)
     attack_ctx = make_context(job, env, splits)  # the attack draws with the job's seed
 
@@ -220,12 +235,12 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
             ctx.seed_global_rng("model")
             train, state = splits.train, {}
-            if attack.stage is Stage.TRAINING:
+            if attack is not None and attack.stage is Stage.TRAINING:
                 train, state = attack.poison(splits.train, attack_ctx)
             model = ctx.prepare(build_model(job, splits))
             losses = train_classifier(model, train, job.recipe, ctx, flip=ctx.horizontal_flip,
                                       desc=f"train {job.model.label} seed={seed}")
-            if attack.stage is Stage.POST_TRAINING:
+            if attack is not None and attack.stage is Stage.POST_TRAINING:
                 if seed != job.seed:  # a second model of this job carries the job's own tampering
                     state = {**attacked_model(job, job.seed, splits, env)[1], **state}
                 state = attack.tamper(model, splits, attack_ctx, state)
@@ -237,6 +252,63 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
     model.load_state_dict(value["state_dict"])
     model = ctx.prepare(model).eval()
     return model, to_device(value["attack_state"], env.device), hit
+
+
+def defended_key(job: Job, splits: DatasetSplits, device: torch.device) -> str:
+    """Everything a defended model depends on: the attacked model, the defense and its provider,
+    and the defender's bonafide data (size, source, and the seed that draws it)."""
+    return content_hash({"model": model_key(job, job.seed, splits, device), "defense": job.defense.config(),
+                         "provider": job.defense.provider, "bonafide_size": job.bonafide_size,
+                         "bonafide_source": job.bonafide_source.value, "seed": job.seed})
+
+
+def as_defended(result: Any, defense) -> Defended:
+    """A defense's return value as a `Defended`, checked before anything is measured on it: a
+    model, and only values the defense's `metrics` declare; otherwise the job fails here, naming
+    the defense."""
+    if isinstance(result, nn.Module):
+        return Defended(result)
+    if not isinstance(result, Defended):
+        raise BenchError(f"{defense.name}: apply() returned a {type(result).__name__}; it must return the defended "
+                         "torch.nn.Module or a bench.Defended")
+    if not isinstance(result.model, nn.Module):
+        raise BenchError(f"{defense.name}: apply() returned a Defended whose model is a "
+                         f"{type(result.model).__name__}, not a torch.nn.Module")
+    undeclared = sorted(set(result.values) - {m.key for m in defense.metrics})
+    if undeclared:
+        raise BenchError(f"{defense.name}: reported the value '{undeclared[0]}', which its `metrics` do not declare")
+    return result
+
+
+def _same_structure(model: nn.Module, reference: nn.Module) -> bool:
+    return ([type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+            and list(model.state_dict()) == list(reference.state_dict()))
+
+
+def defended_model(job: Job, model: nn.Module, bonafide: ImageData, splits: DatasetSplits, env: JobEnvironment,
+                   defense_ctx: DefenseContext) -> tuple[Defended, float | None]:
+    """The job's defense applied to (a copy of) `model`, or read from the cache: a defended model
+    with the attacked model's structure (fine-tuning, adversarial training) is stored under
+    `defended_key` with its series, values and defense seconds, so a leaderboard job and an
+    analysis that need the same defended model build it once. Returns (the result, the stored
+    defense seconds on a cache hit, else None). Wrappers (stochastic defenses, masks) and
+    defenses that yield points are not cached."""
+    defense = job.defense.instantiate()
+    key = defended_key(job, splits, env.device)
+    cached = None if defense.returns_model_unchanged else env.cache.get("defended", key)
+    if cached is not None:
+        restored = build_model(job, splits)
+        restored.load_state_dict(cached["state_dict"])
+        return Defended(defense_ctx.prepare(restored).eval(), series=cached["series"],
+                        values=cached["values"]), cached["seconds"]
+    start = time.perf_counter()
+    result = as_defended(defense.apply(copy.deepcopy(model), bonafide, defense_ctx), defense)
+    seconds = time.perf_counter() - start
+    if not defense.returns_model_unchanged and result.points is None and _same_structure(result.model, model):
+        env.cache.put("defended", key, {"state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()},
+                                        "series": result.series, "values": dict(result.values),
+                                        "seconds": round(seconds, 4)})
+    return result, None
 
 
 BONAFIDE_POOL_ORIGIN = {BonafideSource.TEST_HALF: "half of the test set",
@@ -255,13 +327,23 @@ def check_bonafide_size(size: int, pool: int, source: BonafideSource) -> None:
                          f"({BONAFIDE_POOL_ORIGIN[source]}); lower [suite].bonafide_size")
 
 
+def _bonafide_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:bonafide".encode()).hexdigest()[:15], 16))
+
+
+def bonafide_test_indices(splits: DatasetSplits, size: int, seed: int) -> torch.Tensor:
+    """The test images a `test_half` bonafide set of `size` drawn with `seed` holds (what
+    `split_bonafide` gives the defender), so analyses can keep them out of their evaluation."""
+    return torch.randperm(len(splits.test), generator=_bonafide_generator(seed))[:size]
+
+
 def split_bonafide(splits: DatasetSplits, withheld_indices: torch.Tensor | None, source: BonafideSource,
                    size: int, seed: int) -> tuple[ImageData, ImageData]:
     """(bonafide set for the defender, evaluation set). `test_half`: a seeded half of the test
     set is the defender's pool, the other half is evaluated. `train`: the pool is the training
     images the attack neither altered nor measures itself on, and the whole test set is
     evaluated."""
-    generator = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:bonafide".encode()).hexdigest()[:15], 16))
+    generator = _bonafide_generator(seed)
     withheld = 0 if withheld_indices is None else len(withheld_indices.unique())
     check_bonafide_size(size, bonafide_pool_size(splits, source, withheld), source)
     if source is BonafideSource.TEST_HALF:

@@ -9,8 +9,9 @@ import itertools
 import json
 from typing import Any
 
+from bench.analyses import ModelRecipe
 from bench.errors import SuiteError
-from bench.jobs import Job, PluginSpec
+from bench.jobs import AnalysisJob, BonafideSource, Job, ModelNeed, PluginSpec
 from bench.options import is_scalar_option, parse_options, to_plain
 from bench.registry import Registry
 
@@ -56,6 +57,42 @@ def plugin_specs(entry: Any, kind: str, where: str, registry: Registry) -> list[
         specs.append(PluginSpec(kind, name, options, spec_label, info.cls, parsed,
                                 provider=f"{info.package} {info.version}".strip()))
     return specs
+
+
+def resolve_model_needs(spec: PluginSpec, where: str, registry: Registry) -> tuple[tuple[str, ModelNeed], ...]:
+    """The models an analysis asks for (`models()`), each recipe's defense resolved and its
+    options validated like a suite table's, so a bad recipe fails before anything runs."""
+    try:
+        recipes = spec.instantiate().models()
+    except Exception as exc:
+        raise SuiteError(f"{where}: models() failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(recipes, dict) or not all(isinstance(r, ModelRecipe) for r in recipes.values()):
+        raise SuiteError(f"{where}: models() must return a dict of name -> bench.ModelRecipe")
+    needs = []
+    for name, recipe in recipes.items():
+        place = f"{where}: model '{name}'"
+        (defense,) = plugin_specs({"name": recipe.defense, **recipe.options}, "defense", place, registry)
+        try:
+            source = BonafideSource(recipe.bonafide_source)
+        except ValueError:
+            raise SuiteError(f"{place}: bonafide_source {recipe.bonafide_source!r} is not one of "
+                             f"{', '.join(s.value for s in BonafideSource)}") from None
+        if recipe.bonafide_size < 0 or recipe.seed_offset < 0:
+            raise SuiteError(f"{place}: bonafide_size and seed_offset must be 0 or more")
+        needs.append((name, ModelNeed(defense, recipe.seed_offset, recipe.bonafide_size, source)))
+    return tuple(needs)
+
+
+def expand_analyses(suite) -> list[AnalysisJob]:
+    """One analysis job per analysis spec x dataset x model x seed of `suite`, in a stable order."""
+    settings = suite.settings
+    jobs = []
+    for analysis, dataset, model, seed in itertools.product(
+            suite.plugins.get("analyses", []), suite.plugins["datasets"], suite.plugins["models"], settings.seeds):
+        recipe = dataclasses.replace(model.cls.recipe, **suite.training)
+        jobs.append(AnalysisJob(suite.name, analysis, dataset, model, seed, dataclasses.asdict(recipe),
+                                settings.eval_batch_size, suite.analysis_models[analysis.label]))
+    return jobs
 
 
 def expand(suite) -> list[Job]:

@@ -2,7 +2,7 @@
 
 Every hook is called once per plugin, at start-up, with a keyword argument `register`: a
 callable that takes a plugin class (a subclass of `bench.Attack`, `bench.Defense`,
-`bench.Dataset` or `bench.Model` with a unique `name`) and returns it, so it can double as a
+`bench.Dataset`, `bench.Model` or `bench.Analysis` with a unique `name`) and returns it, so it can double as a
 decorator. A hook returns nothing. Implement only the hooks you need; an implementation may
 take fewer arguments than the spec (pluggy), and a spec only ever gains arguments.
 """
@@ -33,3 +33,8 @@ def register_attacks(register):
 @hookspec
 def register_defenses(register):
     """Called once at start-up. `register(cls)` adds a `bench.Defense` subclass."""
+
+
+@hookspec
+def register_analyses(register):
+    """Called once at start-up. `register(cls)` adds a `bench.Analysis` subclass."""

@@ -49,7 +49,7 @@ class Job:
     suite: str
     dataset: PluginSpec
     model: PluginSpec
-    attack: PluginSpec
+    attack: PluginSpec | None  # None: a model no attack touched (what analyses ask for)
     defense: PluginSpec
     seed: int
     bonafide_size: int  # 0 for a defense that uses no bonafide data
@@ -67,7 +67,7 @@ class Job:
             "suite": self.suite,
             "dataset": self.dataset.config(),
             "model": self.model.config(),
-            "attack": self.attack.config(),
+            "attack": self.attack.config() if self.attack else None,
             "defense": self.defense.config(),
             "seed": self.seed,
             "bonafide_size": self.bonafide_size,
@@ -82,14 +82,68 @@ class Job:
     def model_config(self) -> dict:
         """What the attacked model depends on: a test-time attack does not change it, so all
         test-time attacks (and every defense) share one trained model."""
-        attack = None if self.attack.cls.stage is Stage.TEST_TIME else self.attack.config()
+        attack = None if not self.changes_model else self.attack.config()
         return {"dataset": self.dataset.config(), "model": self.model.config(), "attack": attack,
                 "training": self.training, "seed": self.seed}
 
+    @property
+    def changes_model(self) -> bool:
+        """Whether the attack touches the model (training-time or post-training)."""
+        return self.attack is not None and self.attack.cls.stage is not Stage.TEST_TIME
+
     def describe(self) -> str:
         bonafide = f" bonafide={self.bonafide_size}" if self.bonafide_size else ""
-        return (f"{self.dataset.label} / {self.model.label} / {self.attack.label} / "
+        attack = self.attack.label if self.attack else "no attack"
+        return (f"{self.dataset.label} / {self.model.label} / {attack} / "
                 f"{self.defense.label}{bonafide} seed={self.seed}")
+
+
+@dataclass(frozen=True)
+class ModelNeed:
+    """A model an analysis asked for (a `bench.ModelRecipe`), resolved: the defense that makes
+    it (`none`: the trained model as it is), the seed offset and the defender's bonafide data."""
+
+    defense: PluginSpec
+    seed_offset: int
+    bonafide_size: int
+    bonafide_source: BonafideSource
+
+    def config(self) -> dict:
+        return {"defense": self.defense.config(), "seed_offset": self.seed_offset,
+                "bonafide_size": self.bonafide_size, "bonafide_source": self.bonafide_source.value}
+
+
+@dataclass(frozen=True)
+class AnalysisJob:
+    """One analysis on one dataset, model family and seed, with the models it needs."""
+
+    suite: str
+    analysis: PluginSpec
+    dataset: PluginSpec
+    model: PluginSpec
+    seed: int
+    training: dict
+    eval_batch_size: int
+    needs: tuple[tuple[str, ModelNeed], ...]
+
+    def config(self) -> dict:
+        return {"suite": self.suite, "analysis": self.analysis.config(), "dataset": self.dataset.config(),
+                "model": self.model.config(), "seed": self.seed, "training": self.training,
+                "models": {name: need.config() for name, need in self.needs}}
+
+    @property
+    def key(self) -> str:
+        return content_hash(self.config())
+
+    def model_job(self, need: ModelNeed) -> Job:
+        """The job-shaped spec that builds (and caches) one needed model, exactly as a suite
+        job with no attack and that defense would: the same cache keys."""
+        return Job(self.suite, self.dataset, self.model, None, need.defense, self.seed + need.seed_offset,
+                   need.bonafide_size if need.defense.cls.uses_bonafide else 0, need.bonafide_source,
+                   self.training, self.eval_batch_size)
+
+    def describe(self) -> str:
+        return f"analysis {self.analysis.label} on {self.dataset.label} / {self.model.label} seed={self.seed}"
 
 
 def content_hash(value) -> str:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -103,5 +104,44 @@ def bonafide_plot(group: str, metric_key: str, rows: list[dict], folder: Path) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path = folder / f"bonafide-{_slug(group)}-{metric_key}.png"
+    _save(fig, path)
+    return path
+
+
+def analysis_plot(group: str, figure: dict, rows: list[dict], folder: Path) -> Path | None:
+    """One figure an analysis asked for (`bench.Figure.info()`): each y key against x, one line
+    per y key and value of the figure's group key, mean over the rows (seeds), +/- std shaded."""
+    x_key, y_keys, group_key = figure["x"], figure["y"], figure.get("group", "")
+    lines: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in rows:
+        for record in r["series"].get(figure["series"], []):
+            if x_key not in record:
+                continue
+            for y in y_keys:
+                if isinstance(record.get(y), (int, float)):
+                    name = (str(record.get(group_key, "")) if group_key else "", y)
+                    lines.setdefault(name, {}).setdefault(float(record[x_key]), []).append(float(record[y]))
+    if not lines:
+        return None
+    scale = 100 if figure.get("percent", True) else 1
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for (group_value, y), points in sorted(lines.items()):
+        xs = sorted(points)
+        mean = np.array([np.mean(points[x]) for x in xs]) * scale
+        std = np.array([np.std(points[x]) for x in xs]) * scale
+        label = f"{group_value}: {y}" if group_value and len(y_keys) > 1 else (group_value or y)
+        ax.plot(xs, mean, marker="o", markersize=3, label=label)
+        if any(len(points[x]) > 1 for x in xs):
+            ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel(figure.get("xlabel") or x_key)
+    ax.set_ylabel(figure.get("ylabel") or ("%" if scale == 100 else ""))
+    if scale == 100:
+        ax.set_ylim(-2, 102)
+    ax.set_title(f"{group}\n{figure['title']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    digest = hashlib.sha256(group.encode()).hexdigest()[:8]  # labels with options make long names
+    path = folder / f"analysis-{_slug(group.split('(')[0])}-{digest}-{_slug(figure['title'])}.png"
     _save(fig, path)
     return path

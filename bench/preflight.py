@@ -9,16 +9,20 @@ import torch
 
 from bench.artifacts import JobEnvironment, bonafide_pool_size, build_model, check_bonafide_size, load_dataset
 from bench.errors import BenchError, SuiteError
-from bench.jobs import Job
+from bench.jobs import AnalysisJob, Job
 from bench.suite import Suite
 
 
-def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
+def preflight(suite: Suite, jobs: list[Job | AnalysisJob], env: JobEnvironment) -> None:
     """Problems that only the data or the model reveals, found before anything is written:
     missing files, options a dataset or model cannot satisfy (a target class it lacks, a layer
     it lacks), a bonafide budget larger than the defender's pool."""
-    checked, models = set(), {}
+    checked: set = set()
+    models: dict = {}
     for job in jobs:
+        if isinstance(job, AnalysisJob):
+            _check_analysis(suite, job, env, checked, models)
+            continue
         where = f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}'"
         try:
             splits = load_dataset(job, env.device)
@@ -50,3 +54,35 @@ def preflight(suite: Suite, jobs: list[Job], env: JobEnvironment) -> None:
             check_bonafide_size(job.bonafide_size, pool, job.bonafide_source)
         except BenchError as exc:
             raise SuiteError(f"{where}: [suite].{exc}") from None
+
+
+def _check_analysis(suite: Suite, job: AnalysisJob, env: JobEnvironment, checked: set, models: dict) -> None:
+    where = f"{suite.path}: analysis '{job.analysis.label}', dataset '{job.dataset.label}'"
+    try:
+        splits = load_dataset(job, env.device)
+    except BenchError as exc:
+        raise SuiteError(f"{where}: {exc}") from None
+    except Exception as exc:
+        raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
+    model_id = (job.dataset.label, job.model.label)
+    if model_id not in models:
+        with torch.random.fork_rng(devices=[]):
+            models[model_id] = (build_model(job, splits).eval(), torch.zeros(2, *splits.train.x.shape[1:]))
+    specs = [job.analysis] + [need.defense for _, need in job.needs]
+    for spec in specs:
+        if (*model_id, spec.kind, spec.label) in checked:
+            continue
+        try:
+            spec.instantiate().check_model(*models[model_id])
+        except BenchError as exc:
+            raise SuiteError(f"{suite.path}: model '{job.model.label}', analysis '{job.analysis.label}', "
+                             f"{spec.kind} '{spec.label}': {exc}") from None
+        checked.add((*model_id, spec.kind, spec.label))
+    for name, need in job.needs:
+        if not need.defense.cls.uses_bonafide or need.bonafide_size == 0:
+            continue
+        try:
+            check_bonafide_size(need.bonafide_size, bonafide_pool_size(splits, need.bonafide_source, 0),
+                                need.bonafide_source)
+        except BenchError as exc:
+            raise SuiteError(f"{where}: model '{name}': {exc}") from None

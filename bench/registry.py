@@ -23,6 +23,7 @@ from typing import Iterable
 import pluggy
 
 from bench import hookspecs
+from bench.analyses import Analysis
 from bench.attacks import Attack
 from bench.data import Dataset
 from bench.defenses import Defense
@@ -31,9 +32,10 @@ from bench.models import Model
 from bench.options import check_options_class
 
 ENTRY_POINT_GROUP = "robustness_bench"
-KINDS: dict[str, type] = {"dataset": Dataset, "model": Model, "attack": Attack, "defense": Defense}
+KINDS: dict[str, type] = {"dataset": Dataset, "model": Model, "attack": Attack, "defense": Defense,
+                          "analysis": Analysis}
 HOOKS = {"dataset": "register_datasets", "model": "register_models",
-         "attack": "register_attacks", "defense": "register_defenses"}
+         "attack": "register_attacks", "defense": "register_defenses", "analysis": "register_analyses"}
 BUILTIN_PACKAGE = "robustness-bench"
 
 
@@ -72,7 +74,7 @@ class Registry:
         kind = next((k for k, base in KINDS.items() if isinstance(cls, type) and issubclass(cls, base)), None)
         if kind is None:
             raise PluginLoadError(f"plugin '{plugin}' registered {cls!r}, which is not a subclass of "
-                                  "bench.Dataset, bench.Model, bench.Attack or bench.Defense")
+                                  "bench.Dataset, bench.Model, bench.Attack, bench.Defense or bench.Analysis")
         if not cls.name or not cls.name.replace("_", "").isalnum() or cls.name != cls.name.lower():
             raise PluginLoadError(f"plugin '{plugin}' registered {cls.__qualname__} with name {cls.name!r}; "
                                   "a name must be lowercase letters, digits and underscores")

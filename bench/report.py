@@ -27,25 +27,30 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
     try:
         with ResultStore(store_path, read_only=True) as store:
             rows = store.rows(suite)
+            analysis_rows = store.analysis_rows(suite)
             planned = store.planned_jobs()
     except sqlite3.DatabaseError as exc:
         raise BenchError(f"{store_path}: cannot read the result store ({exc})") from None
-    if not rows:
+    if not rows and not analysis_rows:
         which = f" for suite '{suite}'" if suite else ""
         raise BenchError(f"{store_path}: no results{which}")
-    suites = sorted({r["suite"] for r in rows})
+    suites = sorted({r["suite"] for r in rows + analysis_rows})
     if len(suites) > 1:
         raise BenchError(f"{store_path}: holds results of several suites ({', '.join(suites)}); "
                          "choose one with --suite NAME")
     if not all_runs and suites[0] in planned:
         latest = set(planned[suites[0]][1])
         rows = [r for r in rows if r["job_key"] in latest]
-        if not rows:
+        analysis_rows = [r for r in analysis_rows if r["job_key"] in latest]
+        if not rows and not analysis_rows:
             raise BenchError(f"{store_path}: no results yet for the latest run of suite '{suites[0]}'; "
                              "--all-runs shows the older ones")
+    everything = rows + analysis_rows
     ok = [r for r in rows if r["status"] == "ok"]
-    failed = [r for r in rows if r["status"] != "ok"]
-    lines = _header(rows, ok, failed, store_path) + _missing_lines(ok, planned)
+    ok_analyses = [r for r in analysis_rows if r["status"] == "ok"]
+    failed = [r for r in everything if r["status"] != "ok"]
+    lines = _header(everything, ok + ok_analyses, failed, store_path, jobs=bool(rows))
+    lines += _missing_lines(ok + ok_analyses, planned)
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
         groups.setdefault((r["dataset_label"], r["model_label"], r["attack_label"]), []).append(r)
@@ -57,11 +62,17 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
         lines.append(_table(members))
         if plot_dir is not None:
             lines += _figures(f"{dataset} / {model} / {attack}", members, plot_dir, plot_link_base or plot_dir)
+    lines += _analysis_sections(ok_analyses, plot_dir, plot_link_base or plot_dir)
     if failed:
         lines += ["", "## Failed jobs", ""]
-        for r in sorted(failed, key=lambda r: (r["dataset_label"], r["model_label"], r["attack_label"],
-                                               r["defense_label"], r["bonafide_size"], r["seed"])):
+        for r in sorted(failed, key=lambda r: (r["dataset_label"], r["model_label"], r.get("attack_label", ""),
+                                               r.get("defense_label", r.get("analysis_label", "")),
+                                               r.get("bonafide_size", 0), r["seed"])):
             first = (r["error"] or "").splitlines()[0] if r["error"] else ""
+            if "analysis" in r:
+                lines.append(f"- analysis {md(r['analysis_label'])} on {md(r['dataset_label'])} / "
+                             f"{md(r['model_label'])} seed={r['seed']}: {md(first)}")
+                continue
             lines.append(f"- {md(r['dataset_label'])} / {md(r['model_label'])} / {md(r['attack_label'])} / "
                          f"{md(r['defense_label'])} bonafide={r['bonafide_size']} seed={r['seed']}: {md(first)}")
     return "\n".join(lines) + "\n"
@@ -98,7 +109,41 @@ def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -
     return ["", *links] if links else []
 
 
-def _header(rows, ok, failed, store_path) -> list[str]:
+def _analysis_sections(rows: list[dict], plot_dir: Path | None, link_base: Path | None) -> list[str]:
+    """Per analysis and dataset / model: its values (mean ± std over seeds, by kind) and the
+    figures it asked for, drawn from the stored series."""
+    from bench.plots import analysis_plot
+
+    lines = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["analysis_label"], r["dataset_label"], r["model_label"]), []).append(r)
+    for (analysis, dataset, model), members in sorted(groups.items()):
+        seeds = sorted({r["seed"] for r in members})
+        lines += ["", f"## Analysis: {md(analysis)} on {md(dataset)} / {md(model)}", "",
+                  f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); "
+                  f"time per seed {_cell([sum(r['timings'].values()) for r in members], 'seconds')} s", ""]
+        columns = _metric_columns(members)
+        if columns:
+            cells = [{"Value": md(info["label"]),
+                      "Mean ± std": _cell([r["metrics"][key] for r in members if key in r["metrics"]], info["kind"])}
+                     for key, info in columns]
+            lines.append(pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True))
+        if plot_dir is not None:
+            figures = {json_key(f): f for r in members for f in r["figures"]}
+            written = [analysis_plot(f"{analysis} / {dataset} / {model}", spec, members, plot_dir)
+                       for _, spec in sorted(figures.items())]
+            links = [f"![{p.stem}]({p.relative_to(link_base).as_posix() if p.is_relative_to(link_base) else p.as_posix()})"
+                     for p in written if p is not None]
+            lines += ["", *links] if links else []
+    return lines
+
+
+def json_key(figure: dict) -> str:
+    return f"{figure['series']}|{figure['title']}"
+
+
+def _header(rows, ok, failed, store_path, jobs: bool = True) -> list[str]:
     suites = sorted({r["suite"] for r in rows})
     devices = sorted({r["device"] for r in ok})
     versions = {}
@@ -115,11 +160,15 @@ def _header(rows, ok, failed, store_path) -> list[str]:
              f"- Device: {md('; '.join(devices)) or 'n/a'}",
              "- Versions: " + ", ".join(f"{k} {md('/'.join(sorted(v)))}" for k, v in versions.items()),
              f"- Data: {md('; '.join(sources))}",
-             f"- Run: {started[:10]} to {finished[:10]} (UTC)",
-             "- Cells: mean ± std over seeds, in percent; defense time in seconds (training the attacked "
-             "model is shared by all defenses and not counted); best in bold. "
-             "C-Acc: clean accuracy; ASR: attack success rate; RA: robust accuracy on triggered inputs; "
-             "DER: defense effectiveness rating (BackdoorBench)."]
+             f"- Run: {started[:10]} to {finished[:10]} (UTC)"]
+    if jobs:
+        lines.append("- Cells: mean ± std over seeds, in percent; defense time in seconds (training the attacked "
+                     "model is shared by all defenses and not counted); best in bold. "
+                     "C-Acc: clean accuracy; ASR: attack success rate; RA: robust accuracy on triggered inputs; "
+                     "DER: defense effectiveness rating (BackdoorBench).")
+    else:
+        lines.append("- Analyses: values are mean ± std over seeds (percentages in percent); figures show the "
+                     "mean over seeds with ± std shaded.")
     return lines
 
 

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from bench.artifacts import ArtifactCache, JobEnvironment, cache_root
 from bench.errors import BenchError, SuiteError
 from bench.executors import Executor, InProcessExecutor
-from bench.expansion import expand
-from bench.jobs import Job
+from bench.expansion import expand, expand_analyses
+from bench.jobs import AnalysisJob, Job
 from bench.preflight import preflight
 from bench.stages import user_interrupts_marked
 from bench.registry import Registry
@@ -30,7 +30,7 @@ class RunSummary:
     total: int
     skipped: int
     succeeded: int
-    failed: list[tuple[Job, str]]
+    failed: list[tuple[Job | AnalysisJob, str]]
     store_path: Path
     left: int = 0  # jobs not started because the time limit was reached
 
@@ -53,10 +53,10 @@ def make_cuda_deterministic() -> None:
 
 
 def prepare(suite: Suite, registry: Registry, *, device: str | None = None, artifact_dir: Path | None = None,
-            show_progress: bool | None = None, store_path: Path | None = None) -> tuple[list[Job], JobEnvironment]:
+            show_progress: bool | None = None, store_path: Path | None = None) -> tuple[list[Job | AnalysisJob], JobEnvironment]:
     """Everything checked before a job runs, writing nothing: the jobs, the device, the store
     (when given, before any data loads), then the preflight on the data and models."""
-    jobs = expand(suite)
+    jobs = expand(suite) + expand_analyses(suite)
     if not jobs:
         raise SuiteError(f"{suite.path}: the [[exclude]] rules drop every job; nothing to run")
     try:
@@ -75,7 +75,7 @@ def prepare(suite: Suite, registry: Registry, *, device: str | None = None, arti
 
 
 def check_suite(suite: Suite, registry: Registry, *, device: str | None = None,
-                artifact_dir: Path | None = None) -> list[Job]:
+                artifact_dir: Path | None = None) -> list[Job | AnalysisJob]:
     """`bench run --dry-run`: the same checks as a run (data, models, options), nothing written."""
     return prepare(suite, registry, device=device, artifact_dir=artifact_dir)[0]
 

@@ -6,7 +6,7 @@ it; what it builds and caches is in `bench.artifacts`."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import datetime
 import json
 import numbers
@@ -16,21 +16,20 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
 
 import bench
-from bench.artifacts import (JobEnvironment, attacked_model, load_dataset, make_context, model_key,
-                             split_bonafide)
+from bench.artifacts import (JobEnvironment, attacked_model, bonafide_pool_size, bonafide_test_indices, defended_model,
+                             load_dataset, make_context, model_key, split_bonafide)
 from bench.attacks import Attack, Metric
+from bench.analyses import AnalysisData, AnalysisResult
 from bench.context import DefenseContext, RunContext
 from bench.data import ImageData
-from bench.defenses import Defended
 from bench.errors import BenchError
 from bench.evaluation import clean_accuracy, to_model_input
-from bench.jobs import Job, Outcome, content_hash
+from bench.jobs import AnalysisJob, BonafideSource, Job, Outcome, content_hash
 from bench.metrics import defense_effectiveness_rating
 
 CLEAN_ACCURACY = Metric("clean_acc", "C-Acc", higher_is_better=True)
@@ -68,7 +67,7 @@ def execute_job(job: Job, env: JobEnvironment) -> Outcome:
     KeyboardInterrupt itself fails its job only."""
     started = _now()
     try:
-        outcome = run_job(job, env)
+        outcome = run_analysis(job, env) if isinstance(job, AnalysisJob) else run_job(job, env)
         check_storable(outcome)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) and _user_interrupt.is_set():
@@ -164,13 +163,14 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
 
     defense_ctx = DefenseContext(**vars(ctx), recipe=job.recipe, attacked_model_with_seed=attacked_model_with_seed)
     defense_ctx.seed_global_rng("defense")
-    given = copy.deepcopy(model)
     with stage("defense"):
-        result = as_defended(defense.apply(given, bonafide, defense_ctx), defense)
+        result, cached_seconds = defended_model(job, model, bonafide, splits, env, defense_ctx)
     defended = result.model
-    unchanged = defense.returns_model_unchanged and defended is given
+    unchanged = defense.returns_model_unchanged and isinstance(defended, type(model)) and _same_weights(defended, model)
     if not unchanged:
         check_finite_outputs(defended, evaluation, ctx, f"defense '{job.defense.label}': the defended model")
+    if cached_seconds is not None:  # the time it took to build, not to read it back
+        timings["defense"] = cached_seconds
     if endpoint_seconds:
         timings["other_attacked_models"] = round(sum(endpoint_seconds), 4)
         timings["defense"] = round(timings["defense"] - timings["other_attacked_models"], 4)
@@ -200,40 +200,84 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         status="ok", metrics=metrics, metric_info=info, timings=timings,
         series=series,
         notes={"model_cache": "hit" if model_hit else "miss", "evaluation_cache": "hit" if before_hit else "miss",
+               "defended_model_cache": "hit" if cached_seconds is not None else "miss",
                "data_source": splits.source, "bonafide_images": len(bonafide), "evaluation_images": len(evaluation),
                "attack_protocol": attack.describe_protocol()},
         device=_device_name(env.device), versions=versions(job))
 
 
-def as_defended(result: Any, defense) -> Defended:
-    """A defense's return value as a `Defended`, checked before anything is measured on it: a
-    model, and only values the defense's `metrics` declare; otherwise the job fails here, naming
-    the defense."""
-    if isinstance(result, nn.Module):
-        return Defended(result)
-    if not isinstance(result, Defended):
-        raise BenchError(f"{defense.name}: apply() returned a {type(result).__name__}; it must return the defended "
-                         "torch.nn.Module or a bench.Defended")
-    if not isinstance(result.model, nn.Module):
-        raise BenchError(f"{defense.name}: apply() returned a Defended whose model is a "
-                         f"{type(result.model).__name__}, not a torch.nn.Module")
-    undeclared = sorted(set(result.values) - {m.key for m in defense.metrics})
+def _same_weights(model: nn.Module, other: nn.Module) -> bool:
+    """Whether a defense that declares `returns_model_unchanged` did return the model as given."""
+    mine, theirs = model.state_dict(), other.state_dict()
+    return list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
+    """Build (or read from the cache) the models the analysis asked for, then run it."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    splits = load_dataset(job, env.device)
+    timings["data"] = round(time.perf_counter() - start, 4)
+    models, notes = {}, {}
+    unseen = torch.ones(len(splits.test), dtype=torch.bool)  # test images no defender was given
+    needs = []
+    for name, need in job.needs:
+        if need.defense.cls.uses_bonafide and need.bonafide_size == 0:  # all the pool has
+            need = dataclasses.replace(need, bonafide_size=bonafide_pool_size(splits, need.bonafide_source, 0))
+        if need.defense.cls.uses_bonafide and need.bonafide_source is BonafideSource.TEST_HALF:
+            unseen[bonafide_test_indices(splits, need.bonafide_size, job.seed + need.seed_offset)] = False
+        needs.append((name, need))
+    evaluation = splits.test.subset(unseen.nonzero().squeeze(1))
+    start = time.perf_counter()
+    for name, need in needs:
+        model_job = job.model_job(need)
+        model, _, hit = attacked_model(model_job, model_job.seed, splits, env)
+        notes[f"{name}_model_cache"] = "hit" if hit else "miss"
+        if not need.defense.cls.returns_model_unchanged:
+            bonafide, _ = split_bonafide(splits, None, need.bonafide_source, model_job.bonafide_size, model_job.seed)
+            ctx = make_context(model_job, env, splits)
+            defense_ctx = DefenseContext(**vars(ctx), recipe=model_job.recipe,
+                                         attacked_model_with_seed=lambda s, j=model_job: attacked_model(j, s, splits, env)[0])
+            defense_ctx.seed_global_rng("defense")
+            result, cached_seconds = defended_model(model_job, model, bonafide, splits, env, defense_ctx)
+            model = result.model
+            notes[f"{name}_defense_cache"] = "hit" if cached_seconds is not None else "miss"
+        check_finite_outputs(model, evaluation, make_context(model_job, env, splits), f"model '{name}'")
+        models[name] = model.eval()
+    timings["models"] = round(time.perf_counter() - start, 4)
+
+    analysis = job.analysis.instantiate()
+    ctx = RunContext(device=env.device, seed=job.seed, num_classes=splits.num_classes,
+                     eval_batch_size=job.eval_batch_size, horizontal_flip=job.dataset.cls.horizontal_flip,
+                     show_progress=env.show_progress)
+    ctx.seed_global_rng("analysis")
+    start = time.perf_counter()
+    result = analysis.run(models, AnalysisData(splits, evaluation), ctx)
+    timings["analysis"] = round(time.perf_counter() - start, 4)
+    if not isinstance(result, AnalysisResult):
+        raise BenchError(f"{analysis.name}: run() returned a {type(result).__name__}, not a bench.AnalysisResult")
+    declared = {m.key: m for m in analysis.metrics}
+    undeclared = sorted(set(result.values) - set(declared))
     if undeclared:
-        raise BenchError(f"{defense.name}: reported the value '{undeclared[0]}', which its `metrics` do not declare")
-    return result
+        raise BenchError(f"{analysis.name}: reported the value '{undeclared[0]}', which its `metrics` do not declare")
+    for figure in result.figures:
+        if figure.series not in result.series:
+            raise BenchError(f"{analysis.name}: a figure draws the series '{figure.series}', which it did not return")
+    notes.update({"figures": [f.info() for f in result.figures], "data_source": splits.source,
+                  "evaluation_images": len(evaluation)})
+    return Outcome(status="ok", metrics={k: float(v) for k, v in result.values.items()},
+                   metric_info={k: declared[k].info() for k in result.values}, timings=timings,
+                   series={name: list(records) for name, records in result.series.items()}, notes=notes,
+                   device=_device_name(env.device), versions=versions(job))
 
 
-
-
-
-
-
-
-def versions(job: Job) -> dict[str, str]:
+def versions(job: Job | AnalysisJob) -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "robustness-bench": bench.__version__}
-    for kind in ("dataset", "model", "attack", "defense"):
+    kinds = ("analysis", "dataset", "model") if isinstance(job, AnalysisJob) else ("dataset", "model", "attack", "defense")
+    for kind in kinds:
         spec = getattr(job, kind)
-        out[f"{kind}:{spec.name}"] = spec.provider
+        if spec is not None:
+            out[f"{kind}:{spec.name}"] = spec.provider
     return out
 
 

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.jobs import Outcome
+from bench.jobs import AnalysisJob, Outcome
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -39,6 +39,27 @@ CREATE TABLE IF NOT EXISTS suites (
     suite_file TEXT NOT NULL,
     job_keys TEXT NOT NULL,  -- JSON list: every job of the suite's latest run, finished or not
     updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS analyses (
+    job_key TEXT PRIMARY KEY,
+    suite TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    analysis TEXT NOT NULL, dataset TEXT NOT NULL, model TEXT NOT NULL,
+    analysis_label TEXT NOT NULL, dataset_label TEXT NOT NULL, model_label TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    metrics TEXT NOT NULL,      -- JSON: name -> value
+    metric_info TEXT NOT NULL,  -- JSON: name -> {label, higher_is_better, kind, diagnostic}
+    series TEXT NOT NULL,
+    figures TEXT NOT NULL,      -- JSON list of figure specs drawn from the series
+    timings TEXT NOT NULL,
+    wall_time REAL NOT NULL,
+    device TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    notes TEXT NOT NULL,
+    error TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS metrics (
     job_key TEXT NOT NULL REFERENCES results(job_key) ON DELETE CASCADE,
@@ -141,9 +162,19 @@ class ResultStore:
 
     def finished_keys(self) -> set[str]:
         """Keys of jobs that ended successfully (failed jobs are run again)."""
-        return {row[0] for row in self._db.execute("SELECT job_key FROM results WHERE status = 'ok'")}
+        keys = {row[0] for row in self._db.execute("SELECT job_key FROM results WHERE status = 'ok'")}
+        if self._has_table("analyses"):
+            keys |= {row[0] for row in self._db.execute("SELECT job_key FROM analyses WHERE status = 'ok'")}
+        return keys
+
+    def _has_table(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                (name,)).fetchone() is not None
 
     def record(self, job, outcome: Outcome) -> None:
+        if isinstance(job, AnalysisJob):
+            self._record_analysis(job, outcome)
+            return
         row = {
             "job_key": job.key, "suite": job.suite, "status": outcome.status,
             "dataset": job.dataset.name, "model": job.model.name,
@@ -170,6 +201,43 @@ class ResultStore:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+
+    def _record_analysis(self, job, outcome: Outcome) -> None:
+        row = {
+            "job_key": job.key, "suite": job.suite, "status": outcome.status,
+            "analysis": job.analysis.name, "dataset": job.dataset.name, "model": job.model.name,
+            "analysis_label": job.analysis.label, "dataset_label": job.dataset.label,
+            "model_label": job.model.label, "seed": job.seed,
+            "config": json.dumps(job.config(), sort_keys=True),
+            "metrics": json.dumps(outcome.metrics), "metric_info": json.dumps(outcome.metric_info),
+            "series": json.dumps(outcome.series), "figures": json.dumps(outcome.notes.get("figures", [])),
+            "timings": json.dumps(outcome.timings), "wall_time": sum(outcome.timings.values()),
+            "device": outcome.device, "versions": json.dumps(outcome.versions, sort_keys=True),
+            "notes": json.dumps({k: v for k, v in outcome.notes.items() if k != "figures"}, sort_keys=True),
+            "error": outcome.error, "started_at": outcome.started_at, "finished_at": outcome.finished_at,
+        }
+        columns = ", ".join(row)
+        placeholders = ", ".join(f":{k}" for k in row)
+        self._db.execute(f"INSERT OR REPLACE INTO analyses ({columns}) VALUES ({placeholders})", row)
+
+    def analysis_rows(self, suite: str | None = None) -> list[dict]:
+        """All analysis results (of one suite, if given), JSON columns decoded."""
+        if not self._has_table("analyses"):
+            return []
+        self._db.row_factory = sqlite3.Row
+        try:
+            query = "SELECT * FROM analyses" + (" WHERE suite = ?" if suite else "") + " ORDER BY job_key"
+            results = [dict(r) for r in self._db.execute(query, (suite,) if suite else ())]
+        finally:
+            self._db.row_factory = None
+        for r in results:
+            for key in ("config", "metrics", "metric_info", "series", "figures", "timings", "versions", "notes"):
+                try:
+                    r[key] = json.loads(r[key])
+                except (TypeError, ValueError):
+                    raise BenchError(f"{self.path}: the {key} of analysis {r['job_key']} is not valid JSON; the "
+                                     "store was changed outside robustness-bench") from None
+        return results
 
     def rows(self, suite: str | None = None) -> list[dict]:
         """All results (of one suite, if given), each with its metrics under 'metrics'."""

@@ -33,18 +33,21 @@ import enum
 import re
 import tomllib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.errors import SuiteError, did_you_mean
-from bench.expansion import plugin_specs
+from bench.expansion import plugin_specs, resolve_model_needs
 from bench.jobs import BonafideSource, PluginSpec
 from bench.models import TrainRecipe
 from bench.options import check_value, option, parse_options
 from bench.registry import Registry
 
-PLUGIN_TABLES = {"datasets": "dataset", "models": "model", "attacks": "attack", "defenses": "defense"}
+PLUGIN_TABLES = {"datasets": "dataset", "models": "model", "attacks": "attack", "defenses": "defense",
+                 "analyses": "analysis"}
 TOP_LEVEL_KEYS = ("suite", "training", *PLUGIN_TABLES, "exclude")
+# Tables a suite may leave out: analyses always; attacks and defenses when it has analyses.
+OPTIONAL_TABLES = ("analyses",)
 EXCLUDE_KEYS = ("dataset", "model", "attack", "defense", "seed", "bonafide_size")
 PLUGIN_KINDS = {kind: table for table, kind in PLUGIN_TABLES.items()}
 
@@ -79,6 +82,7 @@ class Suite:
     training: dict  # validated overrides of TrainRecipe fields
     plugins: dict  # table name -> list of PluginSpec (sweeps already expanded)
     exclude: list
+    analysis_models: dict = field(default_factory=dict)  # analysis label -> ((name, ModelNeed), ...)
 
     @property
     def name(self) -> str:
@@ -141,8 +145,12 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
         training[key] = check_value(value, hints[key], recipe_fields[key].metadata, f"{path}: [training].{key}")
 
     plugins = {}
+    has_analyses = data.get("analyses") is not None
     for table, kind in PLUGIN_TABLES.items():
         entries = data.get(table)
+        if entries is None and (table in OPTIONAL_TABLES or (has_analyses and table in ("attacks", "defenses"))):
+            plugins[table] = []
+            continue
         if entries is None:
             raise SuiteError(f"{path}: missing '{table}'; add at least one [[{table}]] table with a name, "
                              f"e.g. name = \"{registry.names(kind)[0] if registry.names(kind) else '...'}\"")
@@ -191,7 +199,13 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
             if matching and not any(s.cls.uses_bonafide for s in matching):
                 raise SuiteError(f"{path}: exclude[{index}]: defense '{entry['defense']}' uses no bonafide data, so "
                                  "its jobs have no bonafide_size; drop bonafide_size from this rule")
-    return Suite(path, settings, training, plugins, exclude)
+    if bool(plugins["attacks"]) != bool(plugins["defenses"]):
+        missing = "defenses" if plugins["attacks"] else "attacks"
+        raise SuiteError(f"{path}: missing '{missing}': jobs need both [[attacks]] and [[defenses]] tables "
+                         "(a suite of analyses only has neither)")
+    analysis_models = {spec.label: resolve_model_needs(spec, f"{path}: analyses ('{spec.label}')", registry)
+                       for spec in plugins["analyses"]}
+    return Suite(path, settings, training, plugins, exclude, analysis_models)
 
 
 def _table(data: dict, key: str, path: Path) -> dict:

@@ -32,8 +32,10 @@ TINY_ATTACK = {"name": "badnets", "poison_rate": 0.1, "trigger_size": 2}
 def write_suite(path: str | Path, *, datasets: list = ("digits",), models: list = (TINY_MODEL,),
                 attacks: list = (TINY_ATTACK,), defenses: list = ("none",), seeds: list[int] = (0,),
                 bonafide_size: int | list[int] = 50, training: dict | None = None,
-                store: str | Path | None = None, exclude: list[dict] = (), **settings: Any) -> Path:
-    """Write a suite file for a tiny CPU run (2 epochs unless `training` says otherwise)."""
+                store: str | Path | None = None, exclude: list[dict] = (), analyses: list = (),
+                **settings: Any) -> Path:
+    """Write a suite file for a tiny CPU run (2 epochs unless `training` says otherwise). A
+    suite of analyses only passes `attacks=(), defenses=()`."""
     path = Path(path)
     suite = {"name": path.stem, "seeds": list(seeds), "bonafide_size": bonafide_size, "device": "cpu", **settings}
     if store is not None:
@@ -43,7 +45,7 @@ def write_suite(path: str | Path, *, datasets: list = ("digits",), models: list 
     for name, table in tables.items():
         lines += [f"[{name}]", *_key_values(table), ""]
     for name, entries in (("datasets", datasets), ("models", models), ("attacks", attacks),
-                          ("defenses", defenses), ("exclude", exclude)):
+                          ("defenses", defenses), ("analyses", analyses), ("exclude", exclude)):
         for entry in entries:
             entry = {"name": entry} if isinstance(entry, str) else entry
             lines += [f"[[{name}]]", *_key_values(entry), ""]
@@ -82,7 +84,9 @@ def trained_digits_model(epochs: int = 3, width: int = 8, seed: int = 0):
 
 def run_suite_file(suite_path: str | Path, workdir: str | Path, registry: Registry | None = None,
                    **run_options: Any) -> list[dict]:
-    """Run a suite on the CPU with the store and model cache under `workdir`; return the rows."""
+    """Run a suite on the CPU with the store and model cache under `workdir`; return the rows
+    (the jobs', then the analyses'; an analysis row has `analysis`, `analysis_label`, `metrics`
+    (its values), `series`, `figures` and no attack, defense or bonafide size)."""
     from bench.runner import run_suite
     from bench.suite import load_suite
 
@@ -92,4 +96,4 @@ def run_suite_file(suite_path: str | Path, workdir: str | Path, registry: Regist
     run_suite(load_suite(suite_path, registry), registry, store_path=store, device="cpu",
               artifact_dir=workdir / "artifacts", show_progress=False, echo=lambda _: None, **run_options)
     with ResultStore(store) as results:
-        return results.rows()
+        return results.rows() + results.analysis_rows()

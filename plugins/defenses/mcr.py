@@ -44,7 +44,8 @@ from torch.func import functional_call
 import bench
 from bench import BenchError
 from bench.toolkit import clean_accuracy, to_model_input
-from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH, epoch_order, random_crop_flip, reference_lr_factor, steps_per_epoch, train_classifier
+from bench.toolkit import (REFERENCE_SAMPLES_PER_EPOCH, epoch_order, random_crop_flip, reference_lr_factor,
+                           steps_per_epoch, train_classifier)
 
 
 class Curve(enum.Enum):
@@ -160,6 +161,43 @@ def farthest_acceptable_t(accuracies: dict[float, float], max_accuracy_drop: flo
     return max(eligible, key=lambda t: (round(min(t, 1 - t), 9), accuracies[t], -t))
 
 
+def train_curve(net: nn.Module, curve: ParameterCurve, data: bench.ImageData, ctx: bench.RunContext, *,
+                epochs: int, samples_per_epoch: int, lr: float, momentum: float, weight_decay: float,
+                batch_size: int, augment: bool = False, crop_padding: int = 0, stream: str = "mcr",
+                desc: str = "train curve") -> list[float]:
+    """Train the curve's bend on `data` as the reference does: one t ~ U(0, 1) per minibatch,
+    cross-entropy plus 0.5 * weight_decay * ||phi(t)||^2, SGD with momentum, the reference's
+    per-epoch lr schedule. Returns the mean loss of each epoch, read from the device once at
+    the end. Also used by the `robust_path` analysis."""
+    generator = ctx.generator(stream)
+    optimizer = torch.optim.SGD([curve.bend], lr=lr, momentum=momentum, weight_decay=0.0)
+    steps = steps_per_epoch(len(data), batch_size, samples_per_epoch)
+    ts = torch.rand(epochs * steps, device=ctx.device, generator=generator)
+    loss_sums = torch.zeros(epochs, device=ctx.device)
+    net.train()
+    step = 0
+    for epoch in ctx.progress(range(epochs), desc=desc):
+        optimizer.param_groups[0]["lr"] = lr * reference_lr_factor(epoch, epochs)
+        order = epoch_order(len(data), samples_per_epoch, generator, ctx.device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            images = data.x[idx]
+            if augment:
+                images = random_crop_flip(images, crop_padding, ctx.horizontal_flip, generator)
+            weights = curve.weights(ts[step])
+            with ctx.autocast():
+                logits = functional_call(net, curve.as_parameters(weights), (to_model_input(images),))
+            loss = F.cross_entropy(logits.float(), data.y[idx]) + 0.5 * weight_decay * weights.square().sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sums[epoch] += loss.detach() * len(idx)
+            step += 1
+    curve.bend.requires_grad_(False)
+    net.eval()
+    return (loss_sums / len(order)).tolist()
+
+
 class ModeConnectivityRepair(bench.Defense):
     name = "mcr"
     description = "Mode-connectivity repair: train a curve between two tampered models on bonafide data"
@@ -249,37 +287,11 @@ class ModeConnectivityRepair(bench.Defense):
 
     def _train(self, net: nn.Module, curve: ParameterCurve, bonafide: bench.ImageData,
                ctx: bench.DefenseContext) -> list[float]:
-        """Train the bend on `bonafide` (the training part); returns the mean loss (cross-entropy
-        + L2) of each epoch, read from the device once at the end."""
         o = self.options
-        generator = ctx.generator("mcr")
-        optimizer = torch.optim.SGD([curve.bend], lr=o.lr, momentum=o.momentum, weight_decay=0.0)
-        steps = steps_per_epoch(len(bonafide), o.batch_size, o.samples_per_epoch)
-        ts = torch.rand(o.epochs * steps, device=ctx.device, generator=generator)
-        loss_sums = torch.zeros(o.epochs, device=ctx.device)
-        augment = o.augment and ctx.recipe.augment
-        net.train()
-        step = 0
-        for epoch in ctx.progress(range(o.epochs), desc="mcr: train curve"):
-            optimizer.param_groups[0]["lr"] = o.lr * reference_lr_factor(epoch, o.epochs)
-            order = epoch_order(len(bonafide), o.samples_per_epoch, generator, ctx.device)
-            for start in range(0, len(order), o.batch_size):
-                idx = order[start:start + o.batch_size]
-                images = bonafide.x[idx]
-                if augment:
-                    images = random_crop_flip(images, ctx.recipe.crop_padding, ctx.horizontal_flip, generator)
-                weights = curve.weights(ts[step])
-                with ctx.autocast():
-                    logits = functional_call(net, curve.as_parameters(weights), (to_model_input(images),))
-                loss = F.cross_entropy(logits.float(), bonafide.y[idx]) + 0.5 * o.weight_decay * weights.square().sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sums[epoch] += loss.detach() * len(idx)
-                step += 1
-        curve.bend.requires_grad_(False)
-        net.eval()
-        return (loss_sums / len(order)).tolist()
+        return train_curve(net, curve, bonafide, ctx, epochs=o.epochs, samples_per_epoch=o.samples_per_epoch, lr=o.lr,
+                           momentum=o.momentum, weight_decay=o.weight_decay, batch_size=o.batch_size,
+                           augment=o.augment and ctx.recipe.augment, crop_padding=ctx.recipe.crop_padding,
+                           desc="mcr: train curve")
 
 
 @bench.hookimpl

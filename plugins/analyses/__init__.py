@@ -1,0 +1,1 @@
+"""Built-in analyses, one per module."""

@@ -1,0 +1,97 @@
+"""`budget_curve`: robust accuracy against the attack budget, for an undefended model and a
+defended one, attacked with plain PGD and with EOT-PGD (Athalye, Carlini & Wagner, ICML 2018).
+
+The verdict on Stochastic Activation Pruning is a curve, not a number: SAP looks robust to
+one-sample PGD, and with Expectation over Transformation (gradients averaged over `eot_samples`
+stochastic passes per step) its accuracy falls to about 9% at eps 0.015 and 0% at eps 0.031 on
+CIFAR-10. Models: `undefended` (the trained model) and `defended` (the `defense` applied to
+it, `bonafide_size` test-half images when it uses any). For every eps of `eps` (L-inf, PGD with
+`steps` steps of 2.5 eps / steps and a random start) on the first `images` evaluation images:
+
+- the undefended model under PGD;
+- the defended model under one-sample PGD (plain) and under EOT-PGD.
+
+Accuracy of a stochastic model is counted over `passes` forward passes of each adversarial
+image (correct passes / all passes). Values: at the largest eps, the undefended and the
+defended (EOT) accuracy, and the gap between plain and EOT accuracy there (how much a plain
+evaluation overstates the defense).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import bench
+from bench.toolkit import Norm, is_stochastic, pgd_attack, robust_accuracy, to_model_input
+
+
+class BudgetCurve(bench.Analysis):
+    name = "budget_curve"
+    description = "Robust accuracy against the attack budget, undefended vs defended, plain PGD vs EOT-PGD"
+
+    @dataclass(frozen=True)
+    class Options:
+        defense: str = bench.option("sap", "the defense to trace (its default options)")
+        bonafide_size: int = bench.option(100, "bonafide images (half of the test set) for a defense that uses "
+                                               "them", min=1)
+        eps: list[float] = bench.option([0.0, 0.008, 0.015, 0.031, 0.063], "L-inf budgets, in [0, 1] pixel units",
+                                        min=0, max=1)
+        steps: int = bench.option(20, "PGD steps per attack (step 2.5 eps / steps)", min=1)
+        eot_samples: int = bench.option(10, "stochastic passes averaged per EOT gradient", min=2)
+        passes: int = bench.option(10, "forward passes counted per adversarial image of a stochastic model", min=1)
+        images: int = bench.option(500, "evaluation images (0: all)", min=0)
+
+        def __post_init__(self):
+            if not self.eps:
+                raise ValueError("eps: give at least one budget")
+
+    metrics = (
+        bench.Metric("undefended_acc_max_eps", "Undefended acc. at max eps", True),
+        bench.Metric("defended_eot_acc_max_eps", "Defended acc. (EOT) at max eps", True),
+        bench.Metric("plain_minus_eot_max_eps", "Plain − EOT at max eps", None, kind=bench.MetricKind.NUMBER),
+    )
+
+    def models(self):
+        return {"undefended": bench.ModelRecipe(),
+                "defended": bench.ModelRecipe(defense=self.options.defense, bonafide_size=self.options.bonafide_size)}
+
+    def run(self, models, data, ctx):
+        o = self.options
+        evaluation = data.evaluation
+        if o.images:
+            evaluation = evaluation.subset(torch.arange(min(o.images, len(evaluation)), device=evaluation.y.device))
+        probe = to_model_input(evaluation.x[:8])
+        records = []
+        for eps in sorted(set(o.eps)):
+            for name, model, eot in (("undefended", models["undefended"], 1), ("defended, plain PGD", models["defended"], 1),
+                                     ("defended, EOT-PGD", models["defended"], o.eot_samples)):
+                stochastic = is_stochastic(model, probe)
+                eot = eot if stochastic else 1  # for a deterministic model EOT-PGD is plain PGD
+                generator = ctx.generator(f"budget_{eps}_{name}")
+
+                def attack(x, y, model=model, eot=eot, generator=generator, eps=eps):
+                    if eps == 0:
+                        return x
+                    return pgd_attack(model, x, y, eps=eps, step=2.5 * eps / o.steps, steps=o.steps, norm=Norm.LINF,
+                                      random_start=True, eot_samples=eot, generator=generator, autocast=ctx.autocast)
+
+                counts = robust_accuracy(model.eval(), evaluation.x, evaluation.y, attack=attack,
+                                         passes=o.passes if stochastic else 1, batch_size=ctx.eval_batch_size,
+                                         autocast=ctx.autocast)
+                accuracy = float(counts.correct.sum()) / (len(evaluation) * counts.passes)
+                records.append({"eps": eps, "attack": name, "robust_acc": accuracy, "stochastic": int(stochastic)})
+        top = max(o.eps)
+        at_top = {r["attack"]: r["robust_acc"] for r in records if r["eps"] == top}
+        values = {"undefended_acc_max_eps": at_top["undefended"],
+                  "defended_eot_acc_max_eps": at_top["defended, EOT-PGD"],
+                  "plain_minus_eot_max_eps": at_top["defended, plain PGD"] - at_top["defended, EOT-PGD"]}
+        figures = [bench.Figure("curve", "eps", ("robust_acc",), f"robust accuracy against eps ({o.defense})",
+                                group="attack", xlabel="eps (L-inf, pixel units in [0, 1])", ylabel="accuracy (%)")]
+        return bench.AnalysisResult(values=values, series={"curve": records}, figures=figures)
+
+
+@bench.hookimpl
+def register_analyses(register):
+    register(BudgetCurve)

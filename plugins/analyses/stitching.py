@@ -1,0 +1,187 @@
+"""`stitching`: model stitching of robust and non-robust networks (Balogh & Jelasity, ICML 2023).
+
+The front of network A up to layer L, a trainable stitching layer, and the back of network B
+from L on; A and B frozen. The stitching layer is affine: a 1x1 convolution with bias (channel
+to channel) on feature maps, a linear layer on flat features, initialised to the identity. It
+is trained with cross-entropy on clean training images (Adam, lr `lr`, `epochs` epochs, lr
+divided by 10 at 1/3 and 2/3 of training, batch `batch_size`). A's front is frozen, so its
+activations are computed once per layer and the layer trains on them directly.
+
+Models: `regular` and `robust` (PGD adversarial training, `robust_*` options) with the job's
+seed, and `regular_b` and `robust_b` with the next seed. Pairs A -> B: robust -> regular,
+regular -> robust, robust -> robust_b and regular -> regular_b (same kind, different seeds).
+Stitchable layers: the model's network must be an `nn.Sequential` (as `small_cnn`'s is); L runs
+over the outputs of its ReLUs and of its flattening. For each pair and L, on the first
+`images` evaluation images: stitched clean accuracy and PGD robust accuracy (L-inf `eps`,
+`pgd_steps` steps, through the whole stitched network), each also relative to B's own.
+
+The paper's finding: clean accuracy stitches well at every layer; robust accuracy of the
+stitched network drops soon after the first layers and returns in the last ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bench
+from bench.toolkit import to_model_input
+from bench_plugins.analyses._measure import clean_and_pgd
+
+PAIRS = (("robust", "regular", "robust -> regular"), ("regular", "robust", "regular -> robust"),
+         ("robust", "robust_b", "robust -> robust"), ("regular", "regular_b", "regular -> regular"))
+
+
+def stitch_points(model: nn.Module) -> list[int]:
+    """Indices of the modules of `model.net` (an nn.Sequential) after which a stitching layer
+    may go: every ReLU and every Flatten."""
+    net = getattr(model, "net", None)
+    if not isinstance(net, nn.Sequential):
+        raise bench.BenchError("stitching needs a model whose network is an nn.Sequential (like small_cnn), "
+                               f"not {type(net).__name__}")
+    return [i for i, m in enumerate(net) if isinstance(m, (nn.ReLU, nn.Flatten))]
+
+
+class Front(nn.Module):
+    """A's normalization and its modules up to and including `layer`."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        super().__init__()
+        self.register_buffer("mean", model.mean.clone())
+        self.register_buffer("std", model.std.clone())
+        self.layers = nn.Sequential(*list(model.net)[:layer + 1])
+
+    def forward(self, x):
+        return self.layers((x - self.mean) / self.std)
+
+
+def identity_stitch(features: torch.Tensor) -> nn.Module:
+    """The affine stitching layer for these features (4D: 1x1 conv with bias; 2D: linear),
+    initialised to the identity."""
+    channels = features.shape[1]
+    layer = nn.Conv2d(channels, channels, 1) if features.dim() == 4 else nn.Linear(channels, channels)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(channels).view_as(layer.weight))
+        layer.bias.zero_()
+    return layer.to(features.device)
+
+
+class Stitched(nn.Module):
+    def __init__(self, front: nn.Module, stitch: nn.Module, back: nn.Module):
+        super().__init__()
+        self.front, self.stitch, self.back = front, stitch, back
+
+    def forward(self, x):
+        return self.back(self.stitch(self.front(x)))
+
+
+def stitch(a: nn.Module, b: nn.Module, layer: int, train: bench.ImageData, ctx: bench.RunContext, *,
+           epochs: int, lr: float, batch_size: int) -> Stitched:
+    """A's front to `layer`, a trained affine stitching layer, B's back; A and B unchanged."""
+    front = Front(copy.deepcopy(a), layer).eval().requires_grad_(False)
+    back = nn.Sequential(*list(copy.deepcopy(b).net)[layer + 1:]).eval().requires_grad_(False)
+    with torch.no_grad(), ctx.autocast():
+        features = torch.cat([front(to_model_input(train.x[i:i + ctx.eval_batch_size])).float()
+                              for i in range(0, len(train), ctx.eval_batch_size)])
+    layer_module = identity_stitch(features)
+    optimizer = torch.optim.Adam(layer_module.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [epochs // 3, 2 * epochs // 3], gamma=0.1)
+    generator = ctx.generator(f"stitch_{layer}")
+    for _ in range(epochs):
+        order = torch.randperm(len(features), device=features.device, generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            with ctx.autocast():
+                logits = back(layer_module(features[idx]))
+            loss = F.cross_entropy(logits.float(), train.y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    return Stitched(front, layer_module.eval().requires_grad_(False), back).eval()
+
+
+class Stitching(bench.Analysis):
+    name = "stitching"
+    description = "Stitch robust and regular networks at every layer: clean and PGD accuracy of the result"
+
+    @dataclass(frozen=True)
+    class Options:
+        epochs: int = bench.option(30, "epochs of stitching-layer training (lr / 10 at 1/3 and 2/3)", min=1)
+        lr: float = bench.option(1e-3, "Adam learning rate", min=0, min_exclusive=True)
+        batch_size: int = bench.option(128, "images per step", min=1)
+        train_images: int = bench.option(5000, "clean training images the stitching layer learns on (0: all)",
+                                         min=0)
+        robust_eps: float = bench.option(8 / 255, "L-inf budget of the robust models' PGD adversarial training",
+                                         min=0, min_exclusive=True, max=1)
+        robust_epochs: int = bench.option(30, "epochs of adversarial training", min=1)
+        robust_images: int = bench.option(0, "training images for adversarial training (0: all)", min=0)
+        eps: float = bench.option(8 / 255, "L-inf budget of the PGD evaluation", min=0, min_exclusive=True, max=1)
+        pgd_steps: int = bench.option(10, "PGD steps of the evaluation (step 2.5 eps / steps)", min=1)
+        images: int = bench.option(500, "evaluation images (0: all)", min=0)
+
+    metrics = (
+        bench.Metric("robust_to_regular_rel_robust_min", "robust→regular: min rel. robust acc.", None,
+                     kind=bench.MetricKind.NUMBER),
+        bench.Metric("regular_to_robust_rel_robust_min", "regular→robust: min rel. robust acc.", None,
+                     kind=bench.MetricKind.NUMBER),
+        bench.Metric("rel_clean_min", "min rel. clean acc. (all pairs)", None, kind=bench.MetricKind.NUMBER),
+    )
+
+    def check_model(self, model, sample):
+        stitch_points(model)
+
+    def models(self):
+        o = self.options
+        robust = {"defense": "adversarial_training", "bonafide_source": "train", "bonafide_size": o.robust_images,
+                  "options": {"method": "pgd", "eps": o.robust_eps, "step": o.robust_eps / 4, "steps": 10,
+                              "epochs": o.robust_epochs, "from_scratch": True}}
+        return {"regular": bench.ModelRecipe(), "regular_b": bench.ModelRecipe(seed_offset=1),
+                "robust": bench.ModelRecipe(**robust), "robust_b": bench.ModelRecipe(seed_offset=1, **robust)}
+
+    def run(self, models, data, ctx):
+        o = self.options
+        train = data.splits.train
+        if o.train_images:
+            train = train.subset(torch.randperm(len(train), generator=ctx.generator("stitch_images"),
+                                                device=train.y.device)[:o.train_images])
+        evaluation = data.evaluation
+        if o.images:
+            evaluation = evaluation.subset(torch.arange(min(o.images, len(evaluation)), device=evaluation.y.device))
+        own = {name: clean_and_pgd(model, evaluation, ctx, eps=o.eps, steps=o.pgd_steps, stream=f"own_{name}")
+               for name, model in models.items()}
+        layers = stitch_points(models["regular"])
+        records = []
+        for front_name, back_name, pair in PAIRS:
+            for position, layer in enumerate(ctx.progress(layers, desc=f"stitching: {pair}")):
+                stitched = stitch(models[front_name], models[back_name], layer, train, ctx, epochs=o.epochs, lr=o.lr,
+                                  batch_size=o.batch_size)
+                measured = clean_and_pgd(stitched, evaluation, ctx, eps=o.eps, steps=o.pgd_steps,
+                                         stream=f"stitched_{pair}_{layer}")
+                back = own[back_name]
+                records.append({"pair": pair, "layer": position + 1, "module": layer,
+                                "clean_acc": measured["clean_acc"], "robust_acc": measured["robust_acc"],
+                                "rel_clean": measured["clean_acc"] / max(back["clean_acc"], 1e-12),
+                                "rel_robust": measured["robust_acc"] / max(back["robust_acc"], 1e-12)})
+        values = {
+            "robust_to_regular_rel_robust_min": min(r["rel_robust"] for r in records if r["pair"] == PAIRS[0][2]),
+            "regular_to_robust_rel_robust_min": min(r["rel_robust"] for r in records if r["pair"] == PAIRS[1][2]),
+            "rel_clean_min": min(r["rel_clean"] for r in records)}
+        series = {"stitched": records,
+                  "own": [{"model": name, **{k: v for k, v in m.items() if k in ("clean_acc", "robust_acc")}}
+                          for name, m in own.items()]}
+        figures = []
+        for _, _, pair in PAIRS:  # one figure per pair type, from its own series
+            series[f"stitched {pair}"] = [r for r in records if r["pair"] == pair]
+            figures.append(bench.Figure(f"stitched {pair}", "layer", ("clean_acc", "robust_acc"),
+                                        f"stitched accuracy: {pair}", xlabel="stitching layer L (1: first)"))
+        return bench.AnalysisResult(values=values, series=series, figures=figures)
+
+
+@bench.hookimpl
+def register_analyses(register):
+    register(Stitching)
