@@ -1,5 +1,5 @@
 """What every plugin class has in common: a unique name, a one-line description and typed
-options. The four kinds subclass `Plugin`: `Dataset`, `Model`, `Attack`, `Defense`."""
+options. The five kinds subclass `Plugin`: `Dataset`, `Model`, `Attack`, `Defense`, `Analysis`."""
 
 from __future__ import annotations
 

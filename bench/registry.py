@@ -37,6 +37,7 @@ KINDS: dict[str, type] = {"dataset": Dataset, "model": Model, "attack": Attack, 
 HOOKS = {"dataset": "register_datasets", "model": "register_models",
          "attack": "register_attacks", "defense": "register_defenses", "analysis": "register_analyses"}
 BUILTIN_PACKAGE = "robustness-bench"
+PLURALS = {"analysis": "analyses"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Registry:
             failed = "; ".join(f"{p.plugin} ({p.package}): {p.message}" for p in self.problems)
             hint = f"; plugins that failed to load: {failed}" if failed else ""
             raise UnknownPluginError(f"{prefix}unknown {kind} '{name}'{did_you_mean(name, list(known))}; "
-                                     f"installed {kind}s: {valid}{hint}")
+                                     f"installed {PLURALS.get(kind, kind + 's')}: {valid}{hint}")
         return known[name]
 
     def names(self, kind: str) -> list[str]:

@@ -27,7 +27,7 @@ def test_every_builtin_plugin_is_documented(registry):
 
 def test_every_hook_is_documented():
     hooks = [name for name in dir(hookspecs) if name.startswith("register_")]
-    assert len(hooks) == 4
+    assert len(hooks) == 5
     for name in hooks:
         assert name in README and getattr(hookspecs, name).__doc__
 
@@ -42,6 +42,7 @@ def test_the_suite_in_the_readme_is_valid(registry):
     import tomllib
 
     from bench.expansion import expand
+    from bench.expansion import expand_analyses
     from bench.suite import parse_suite
 
     start = README.index("## Writing a suite")
@@ -50,19 +51,21 @@ def test_the_suite_in_the_readme_is_valid(registry):
     jobs = expand(suite)
     # 3 seeds x 2 poison rates x (none once + finetune-short at 2500 and 500; 50 is excluded)
     assert len(jobs) == 3 * 2 * 3
+    assert len(expand_analyses(suite)) == 3  # budget_curve once per seed
 
 
 def test_every_committed_suite_is_valid_and_its_leaderboard_names_it(registry):
-    from bench.expansion import expand
+    from bench.expansion import expand, expand_analyses
     from bench.suite import load_suite
 
     for path in sorted((ROOT / "suites").glob("*.toml")):
         suite = load_suite(path, registry)
-        assert expand(suite), path.name
+        count = len(expand(suite)) + len(expand_analyses(suite))
+        assert count, path.name
         leaderboard = ROOT / "leaderboard" / f"{suite.name}.md"
         if leaderboard.is_file():  # a committed leaderboard comes from this suite, whole
             text = leaderboard.read_text()
-            assert f"- Suite: {suite.name}; {len(expand(suite))} jobs, {len(expand(suite))} succeeded" in text
+            assert f"- Suite: {suite.name}; {count} jobs, {count} succeeded" in text
 
 
 def test_python_minus_m_bench_is_the_cli():

@@ -55,8 +55,8 @@ def input_hessian_top_eigenvalues(loss_sum, x: torch.Tensor, iterations: int,
     def normalized(v: torch.Tensor) -> torch.Tensor:
         return v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
 
-    v = normalized(torch.randn(x.shape, device=x.device, generator=generator))
-    eigenvalues = torch.zeros(len(x), device=x.device)
+    v = normalized(torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator))
+    eigenvalues = torch.zeros(len(x), device=x.device, dtype=x.dtype)
     change = torch.full((len(x),), float("inf"), device=x.device)
     for _ in range(iterations):
         hv = hvp(v)

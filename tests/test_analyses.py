@@ -1,0 +1,198 @@
+"""The analysis plugin kind and the built-in analyses: the maths checked against known answers,
+the kind run end to end through suites, the store, the report and the model cache."""
+
+import copy
+import importlib.metadata
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench.cli import main
+from bench.registry import ENTRY_POINT_GROUP, build_registry
+from bench.testing import run_suite_file, trained_digits_model, write_suite
+from bench_plugins.analyses.robust_path import input_hessian_top_eigenvalues, pearson
+from bench_plugins.analyses.stitching import stitch, stitch_points
+from bench.evaluation import clean_accuracy
+
+TINY = {"name": "small_cnn", "width": 4}
+TINY_ANALYSES = [
+    {"name": "budget_curve", "eps": [0.0, 0.1], "steps": 2, "eot_samples": 2, "passes": 2, "images": 40},
+    {"name": "robust_path", "epochs": 1, "samples_per_epoch": 128, "path_points": 3, "robust_eps": 0.1,
+     "robust_epochs": 1, "robust_images": 200, "eps": 0.1, "pgd_steps": 2, "images": 40, "hessian_images": 8,
+     "power_iterations": 3},
+    {"name": "stitching", "epochs": 1, "train_images": 100, "robust_eps": 0.1, "robust_epochs": 1,
+     "robust_images": 200, "eps": 0.1, "pgd_steps": 1, "images": 40},
+]
+
+
+def test_power_iteration_finds_the_top_eigenvalue_of_each_images_quadratic_loss():
+    """loss_i(x) = 0.5 x^T (i+1) A x with A's eigenvalues 5, 2, 1, 0.5: image i's input Hessian
+    is (i+1) A, whose top eigenvalue is 5 (i+1)."""
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor([5.0, 2.0, 1.0, 0.5], dtype=torch.float64)) @ q.T
+    scale = torch.arange(1, 4, dtype=torch.float64)
+
+    def loss_sum(x):  # x [3, 1, 2, 2]: each image flattened to 4 values
+        flat = x.flatten(1)
+        return 0.5 * (scale * ((flat @ a) * flat).sum(dim=1)).sum()
+
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    eigenvalues, residual = input_hessian_top_eigenvalues(loss_sum, x, iterations=60,
+                                                          generator=torch.Generator().manual_seed(2))
+    assert eigenvalues.tolist() == pytest.approx([5.0, 10.0, 15.0], rel=1e-6)
+    assert residual < 1e-6
+    _, early = input_hessian_top_eigenvalues(loss_sum, x, iterations=2, generator=torch.Generator().manual_seed(2))
+    assert early > residual  # the residual tells an unconverged estimate apart
+
+
+def test_pearson_matches_numpy():
+    a, b = [0.1, 0.5, 0.2, 0.9, 0.4], [1.0, 2.5, 0.7, 3.9, 2.0]
+    assert pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+    assert np.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_stitching_a_network_to_itself_recovers_its_accuracy_and_leaves_both_unchanged(one_cpu_thread):
+    model, splits, ctx = trained_digits_model(epochs=3)
+    before = copy.deepcopy(model.state_dict())
+    own = clean_accuracy(model, splits.test, ctx)
+    layers = stitch_points(model)
+    assert len(layers) == 4  # three ReLUs and the flattening
+    for layer in layers:
+        stitched = stitch(model, model, layer, splits.train.subset(torch.arange(300)), ctx, epochs=1, lr=1e-3,
+                          batch_size=64)
+        assert abs(clean_accuracy(stitched, splits.test, ctx) - own) <= 0.02, layer
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for p in stitched.front.parameters():
+        assert not p.requires_grad
+
+
+def test_an_analysis_suite_runs_stores_reports_and_resumes(tmp_path, one_cpu_thread):
+    suite = write_suite(tmp_path / "analyses.toml", models=[TINY], attacks=(), defenses=(), analyses=TINY_ANALYSES,
+                        training={"epochs": 2})
+    rows = run_suite_file(suite, tmp_path)
+    assert [r["analysis"] for r in rows] == sorted(["budget_curve", "robust_path", "stitching"],
+                                                   key=lambda n: [r["analysis"] for r in rows].index(n))
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    by_name = {r["analysis"]: r for r in rows}
+    points = by_name["robust_path"]["series"]["points"]
+    assert {(p["path"], p["t"]) for p in points} == {(path, t) for path in ("curve", "line") for t in (0, 0.5, 1)}
+    assert {"clean_acc", "robust_acc", "clean_loss", "adv_loss", "hessian_eig"} <= set(points[0])
+    curve = by_name["budget_curve"]["series"]["curve"]
+    assert {r["attack"] for r in curve} == {"undefended", "defended, plain PGD", "defended, EOT-PGD"}
+    assert all(r["stochastic"] for r in curve if r["attack"] != "undefended")  # sap is found stochastic
+    stitched = by_name["stitching"]["series"]["stitched"]
+    assert {r["pair"] for r in stitched} == {"robust -> regular", "regular -> robust", "robust -> robust",
+                                             "regular -> regular"}
+
+    out = tmp_path / "board" / "analyses.md"
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "results.db"), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    for name in ("budget_curve", "robust_path", "stitching"):
+        assert f"## Analysis: {name}" in text
+    figures = list((tmp_path / "board" / "analyses-figures").glob("analysis-*.png"))
+    assert len(figures) == 1 + 3 + 4  # budget curve, three along the paths, one per stitching pair
+    again = CliRunner().invoke(main, ["run", str(suite), "--store", str(tmp_path / "results.db"), "--cache-dir",
+                                      str(tmp_path / "artifacts"), "--device", "cpu", "--no-progress"])
+    assert again.exit_code == 0 and "3 already in" in again.output and "0 to run" in again.output
+
+
+def test_an_analysis_reuses_the_defended_model_a_leaderboard_job_built(tmp_path, one_cpu_thread):
+    pgd = {"name": "pgd", "eps": 0.1, "step": 0.05, "steps": 2, "check_subset": 20, "check_steps_factor": 1,
+           "check_restarts": 1, "check_square_queries": 0, "eot_samples": 2}
+    training = {"name": "adversarial_training"}  # its defaults, as budget_curve applies it
+    curve = {"name": "budget_curve", "defense": "adversarial_training", "bonafide_size": 50, "eps": [0.1],
+             "steps": 2, "images": 20}
+    suite = write_suite(tmp_path / "shared.toml", models=[TINY], attacks=[pgd], defenses=[training],
+                        analyses=[curve], bonafide_size=50)
+    rows = run_suite_file(suite, tmp_path)
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    job, analysis = rows
+    assert job["notes"]["defended_model_cache"] == "miss"
+    assert analysis["notes"]["undefended_model_cache"] == "hit"  # the job trained it
+    assert analysis["notes"]["defended_defense_cache"] == "hit"  # and adversarially trained it
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"name": "budget_curve", "defense": "nope"}, "unknown defense 'nope'"),
+    ({"name": "budget_curve", "eps": []}, "eps: give at least one budget"),
+    ({"name": "robust_path", "epoch": 3}, "epoch"),
+    ({"name": "stitching", "epochs": 0}, "epochs"),
+    ({"name": "analysis_x"}, "unknown analysis 'analysis_x'"),
+])
+def test_bad_analysis_options_fail_before_anything_runs(tmp_path, entry, expected):
+    store = tmp_path / "never.db"
+    suite = write_suite(tmp_path / "bad.toml", models=[TINY], attacks=(), defenses=(), analyses=[entry], store=store)
+    result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and result.output.strip().count("\n") == 0
+    assert not store.exists()
+
+
+def test_a_model_an_analysis_cannot_cut_is_refused_before_anything_runs(tmp_path):
+    store = tmp_path / "never.db"
+    suite = write_suite(tmp_path / "bad.toml", models=[{"name": "preact_resnet18"}], attacks=(), defenses=(),
+                        analyses=[{"name": "stitching"}], store=store)
+    result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    assert result.exit_code == 2 and "nn.Sequential" in result.output, result.output
+    assert not store.exists()
+
+
+THIRD_PARTY = """
+from dataclasses import dataclass
+import torch
+import bench
+from bench.toolkit import clean_accuracy
+
+
+class SeedSpread(bench.Analysis):
+    name = "seed_spread"
+    description = "clean accuracy of two seeds of the same model"
+    metrics = (bench.Metric("gap", "accuracy gap", None, kind=bench.MetricKind.NUMBER),)
+
+    @dataclass(frozen=True)
+    class Options:
+        offset: int = bench.option(1, "seed offset of the second model", min=1)
+
+    def models(self):
+        return {"a": bench.ModelRecipe(), "b": bench.ModelRecipe(seed_offset=self.options.offset)}
+
+    def run(self, models, data, ctx):
+        accs = {k: clean_accuracy(m, data.evaluation, ctx) for k, m in models.items()}
+        return bench.AnalysisResult(values={"gap": abs(accs["a"] - accs["b"])},
+                                    series={"accuracy": [{"seed_offset": i, "clean_acc": accs[k]}
+                                                         for i, k in enumerate("ab")]},
+                                    figures=[bench.Figure("accuracy", "seed_offset", ("clean_acc",), "by seed")])
+
+
+@bench.hookimpl
+def register_analyses(register):
+    register(SeedSpread)
+"""
+
+
+def _third_party_registry(tmp_path, monkeypatch):
+    module = "third_analysis_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / f"{module}.py").write_text(THIRD_PARTY)
+    info = site / "third_analysis-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: third-analysis\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nseed_spread = {module}\n")
+    monkeypatch.syspath_prepend(str(site))
+    return build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def test_a_third_party_analysis_is_discovered_and_runs_like_a_built_in(tmp_path, monkeypatch, one_cpu_thread):
+    registry = _third_party_registry(tmp_path, monkeypatch)
+    info = registry.get("analysis", "seed_spread")
+    assert (info.package, info.version) == ("third-analysis", "0.1")
+    suite = write_suite(tmp_path / "third.toml", models=[TINY], attacks=(), defenses=(),
+                        analyses=[{"name": "seed_spread", "offset": 2}])
+    (row,) = run_suite_file(suite, tmp_path, registry=registry)
+    assert row["status"] == "ok", row["error"]
+    assert row["versions"]["analysis:seed_spread"] == "third-analysis 0.1"
+    assert 0 <= row["metrics"]["gap"] <= 1 and len(row["series"]["accuracy"]) == 2
