@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import filelock
 import torch
 from torch import nn
 
@@ -100,9 +101,20 @@ class ArtifactCache:
         value = self.get(kind, key)
         if value is not None:
             return value, True
-        value = create()
-        self.put(kind, key, value)
+        with self.lock(kind, key):  # another process may be building it: wait, then read its entry
+            value = self.get(kind, key)
+            if value is not None:
+                return value, True
+            value = create()
+            self.put(kind, key, value)
         return value, False
+
+    def lock(self, kind: str, key: str) -> filelock.FileLock:
+        """An inter-process lock for one entry (a `.lock` file beside it): whoever holds it builds
+        the entry; the others wait and then read it, so an artifact is built once."""
+        path = self.path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(path.with_suffix(".lock"))
 
     def get(self, kind: str, key: str) -> Any | None:
         """The checked value under (kind, key), or None (a damaged entry is reported and evicted)."""
@@ -294,20 +306,33 @@ def defended_model(job: Job, model: nn.Module, bonafide: ImageData, splits: Data
     defense seconds on a cache hit, else None). Wrappers (stochastic defenses, masks) and
     defenses that yield points are not cached."""
     defense = job.defense.instantiate()
+    if defense.returns_model_unchanged:
+        return as_defended(defense.apply(copy.deepcopy(model), bonafide, defense_ctx), defense), None
     key = defended_key(job, splits, env.device)
-    cached = None if defense.returns_model_unchanged else env.cache.get("defended", key)
-    if cached is not None:
+
+    def cached() -> tuple[Defended, float] | None:
+        entry = env.cache.get("defended", key)
+        if entry is None:
+            return None
         restored = build_model(job, splits)
-        restored.load_state_dict(cached["state_dict"])
-        return Defended(defense_ctx.prepare(restored).eval(), series=cached["series"],
-                        values=cached["values"]), cached["seconds"]
-    start = time.perf_counter()
-    result = as_defended(defense.apply(copy.deepcopy(model), bonafide, defense_ctx), defense)
-    seconds = time.perf_counter() - start
-    if not defense.returns_model_unchanged and result.points is None and _same_structure(result.model, model):
-        env.cache.put("defended", key, {"state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()},
-                                        "series": result.series, "values": dict(result.values),
-                                        "seconds": round(seconds, 4)})
+        restored.load_state_dict(entry["state_dict"])
+        return Defended(defense_ctx.prepare(restored).eval(), series=entry["series"],
+                        values=entry["values"]), entry["seconds"]
+
+    hit = cached()
+    if hit is not None:
+        return hit
+    with env.cache.lock("defended", key):  # another process applying the same defense: wait for it
+        hit = cached()
+        if hit is not None:
+            return hit
+        start = time.perf_counter()
+        result = as_defended(defense.apply(copy.deepcopy(model), bonafide, defense_ctx), defense)
+        seconds = time.perf_counter() - start
+        if result.points is None and _same_structure(result.model, model):
+            env.cache.put("defended", key, {"state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()},
+                                            "series": result.series, "values": dict(result.values),
+                                            "seconds": round(seconds, 4)})
     return result, None
 
 

@@ -5,7 +5,7 @@ is a function of its spec and the artifact cache."""
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from bench.artifacts import JobEnvironment
 from bench.jobs import Job, Outcome
@@ -13,12 +13,12 @@ from bench.stages import execute_job
 
 
 class Executor(Protocol):
-    def run(self, jobs: list[Job], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]: ...
+    def run(self, jobs: Iterable[Job], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]: ...
 
 
 class InProcessExecutor:
     """Runs jobs sequentially in this process (the default)."""
 
-    def run(self, jobs: list[Job], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]:
+    def run(self, jobs: Iterable[Job], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]:
         for job in jobs:
             yield job, execute_job(job, env)

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sqlite3
+import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +38,7 @@ class RunSummary:
     failed: list[tuple[Job | AnalysisJob, str]]
     store_path: Path
     left: int = 0  # jobs not started because the time limit was reached
+    elsewhere: int = 0  # jobs another bench run process had claimed (running there)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -93,7 +99,8 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
     store_path = Path(store_path or suite.store_path).expanduser()
     jobs, env = prepare(suite, registry, device=device, artifact_dir=artifact_dir, show_progress=show_progress,
                         store_path=store_path)
-    with ResultStore(store_path) as store, user_interrupts_marked():
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    with ResultStore(store_path) as store, user_interrupts_marked(), claims_renewed(store, owner):
         store.record_suite(suite.name, str(suite.path), [job.key for job in jobs],
                            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         done = store.finished_keys()
@@ -101,10 +108,23 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
         echo(f"{suite.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already in {store_path}, "
              f"{len(todo)} to run on {env.device}")
         failed, succeeded, left = [], 0, 0
+        elsewhere: list[Job | AnalysisJob] = []
+
+        def claimed(candidates):
+            """The jobs this process gets to run, claimed one by one as the executor asks."""
+            for job in candidates:
+                if store.claim(job.key, owner, CLAIM_LEASE_SECONDS):
+                    yield job
+                else:
+                    if job.key not in store.finished_keys():
+                        elsewhere.append(job)
+                    bar.update(1)
+
         disable = None if show_progress is None else not show_progress
         previous, longest = time.monotonic(), 0.0
         with tqdm(total=len(todo), desc="jobs", unit="job", disable=disable, dynamic_ncols=True) as bar:
-            for done_count, (job, outcome) in enumerate((executor or InProcessExecutor()).run(todo, env), 1):
+            runs = (executor or InProcessExecutor()).run(claimed(todo), env)
+            for done_count, (job, outcome) in enumerate(runs, 1):
                 store.record(job, outcome)
                 if outcome.status == "ok":
                     succeeded += 1
@@ -116,8 +136,43 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
                 now = time.monotonic()
                 longest, previous = max(longest, now - previous), now
                 if time_limit is not None and done_count < len(todo) and now - started + longest > time_limit:
-                    left = len(todo) - done_count
+                    left = len(todo) - done_count - len(elsewhere)
                     bar.write(f"time limit: {now - started:.0f} s spent and the longest job took {longest:.0f} s; "
                               f"jobs not started: {left}")
                     break  # executors are lazy: leaving the loop starts no further job
-    return RunSummary(len(jobs), len(jobs) - len(todo), succeeded, failed, store_path, left)
+    if elsewhere:
+        echo(f"{len(elsewhere)} jobs were running in another bench run process on this store; run again "
+             "after it ends to check they finished")
+    return RunSummary(len(jobs), len(jobs) - len(todo), succeeded, failed, store_path, left, len(elsewhere))
+
+
+CLAIM_LEASE_SECONDS = 120.0  # a claim not renewed for this long (its process died) can be taken over
+
+
+@contextmanager
+def claims_renewed(store: ResultStore, owner: str):
+    """While inside, a thread renews this process's job claims every third of the lease (over
+    its own SQLite connection); on the way out (normal end, failure, Ctrl-C) the claims are
+    released."""
+    stop = threading.Event()
+
+    def renew():
+        connection = sqlite3.connect(store.path, timeout=60, isolation_level=None)
+        try:
+            while not stop.wait(CLAIM_LEASE_SECONDS / 3):
+                try:
+                    connection.execute("UPDATE claims SET expires_at = ? WHERE owner = ?",
+                                       (time.time() + CLAIM_LEASE_SECONDS, owner))
+                except sqlite3.Error:
+                    pass  # busy for a minute: the next renewal comes well before the lease ends
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=renew, name="bench-claims", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        store.release_claims(owner)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 from bench.errors import BenchError
@@ -60,6 +61,13 @@ CREATE TABLE IF NOT EXISTS analyses (
     error TEXT,
     started_at TEXT NOT NULL,
     finished_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims (
+    job_key TEXT PRIMARY KEY,   -- a job a running process has started; gone once it is recorded
+    owner TEXT NOT NULL,        -- host:pid:random, one per bench run process
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    expires_at REAL NOT NULL    -- unix time; the owner renews it while it runs
 );
 CREATE TABLE IF NOT EXISTS metrics (
     job_key TEXT NOT NULL REFERENCES results(job_key) ON DELETE CASCADE,
@@ -122,6 +130,16 @@ def describe_store(path: Path) -> None:
                          f"{', '.join(sorted(tables))}); choose another store file")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ResultStore:
     """The store; `read_only` opens an existing one for reports, never changing it."""
 
@@ -135,7 +153,7 @@ class ResultStore:
             return
         check_store_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -167,6 +185,41 @@ class ResultStore:
             keys |= {row[0] for row in self._db.execute("SELECT job_key FROM analyses WHERE status = 'ok'")}
         return keys
 
+    def claim(self, job_key: str, owner: str, lease_seconds: float) -> bool:
+        """Claim a job before running it, so that another `bench run` on this store does not run
+        it too. Refused (False) when the job is already finished, or claimed by another owner whose
+        lease has not run out and whose process is alive (on this host, checked by pid)."""
+        host, pid = owner.split(":")[0], int(owner.split(":")[1])
+        now = time.time()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if job_key in self._finished(job_key):
+                self._db.execute("COMMIT")
+                return False
+            row = self._db.execute("SELECT owner, host, pid, expires_at FROM claims WHERE job_key = ?",
+                                   (job_key,)).fetchone()
+            if row is not None and row[0] != owner and row[3] > now and not (row[1] == host and not _alive(row[2])):
+                self._db.execute("COMMIT")
+                return False
+            self._db.execute("INSERT OR REPLACE INTO claims (job_key, owner, host, pid, expires_at) "
+                             "VALUES (?, ?, ?, ?, ?)", (job_key, owner, host, pid, now + lease_seconds))
+            self._db.execute("COMMIT")
+            return True
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def release_claims(self, owner: str) -> None:
+        self._db.execute("DELETE FROM claims WHERE owner = ?", (owner,))
+
+    def _finished(self, job_key: str) -> set[str]:
+        found = {r[0] for r in self._db.execute("SELECT job_key FROM results WHERE job_key = ? AND status = 'ok'",
+                                                (job_key,))}
+        if self._has_table("analyses"):
+            found |= {r[0] for r in self._db.execute(
+                "SELECT job_key FROM analyses WHERE job_key = ? AND status = 'ok'", (job_key,))}
+        return found
+
     def _has_table(self, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                 (name,)).fetchone() is not None
@@ -193,6 +246,7 @@ class ResultStore:
         placeholders = ", ".join(f":{k}" for k in row)
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            self._db.execute("DELETE FROM claims WHERE job_key = ?", (job.key,))
             self._db.execute("DELETE FROM metrics WHERE job_key = ?", (job.key,))
             self._db.execute(f"INSERT OR REPLACE INTO results ({columns}) VALUES ({placeholders})", row)
             self._db.executemany("INSERT INTO metrics (job_key, name, value) VALUES (?, ?, ?)",
@@ -218,7 +272,14 @@ class ResultStore:
         }
         columns = ", ".join(row)
         placeholders = ", ".join(f":{k}" for k in row)
-        self._db.execute(f"INSERT OR REPLACE INTO analyses ({columns}) VALUES ({placeholders})", row)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("DELETE FROM claims WHERE job_key = ?", (job.key,))
+            self._db.execute(f"INSERT OR REPLACE INTO analyses ({columns}) VALUES ({placeholders})", row)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def analysis_rows(self, suite: str | None = None) -> list[dict]:
         """All analysis results (of one suite, if given), JSON columns decoded."""

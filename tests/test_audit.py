@@ -70,8 +70,17 @@ def test_two_runs_of_one_suite_at_once_agree_with_one_run(tmp_path, suite_and_re
     suite, reference = suite_and_reference
     processes = [subprocess.Popen(command(suite, tmp_path, "shared.db", "shared-cache"), env=ENV,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    succeeded = 0
     for process in processes:
-        _, err = process.communicate(timeout=300)
+        out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
+        succeeded += int(out.strip().splitlines()[-1].split(" succeeded")[0].split()[-1])
     assert metrics_of(tmp_path / "shared.db") == reference
+    assert succeeded == len(reference)  # each job ran in one process only: claimed before it started
+    with ResultStore(tmp_path / "shared.db") as store:
+        rows = store.rows()
+    trained = [r for r in rows if r["notes"]["model_cache"] == "miss"]
+    assert len(trained) == 2  # one attacked model per seed, trained once; the other jobs waited and read it
+    with sqlite3.connect(tmp_path / "shared.db") as con:
+        assert con.execute("SELECT count(*) FROM claims").fetchone()[0] == 0
     assert not list((tmp_path / "shared-cache").rglob("*.tmp"))

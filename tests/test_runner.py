@@ -245,3 +245,26 @@ def test_what_a_defense_returns_is_checked_and_its_values_are_stored(tmp_path, m
     ok = rows["chosen_value"]
     assert ok["status"] == "ok" and ok["metrics"]["threshold"] == 0.3
     assert ok["metric_info"]["threshold"]["kind"] == "number" and ok["series"]["steps"] == [{"step": 1, "acc": 0.5}]
+
+
+def test_a_claimed_job_is_left_to_its_owner_until_it_dies_or_its_lease_ends(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from bench.store import ResultStore
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    me, other_live = f"{host}:{os.getpid()}:a", f"{host}:{os.getppid()}:b"
+    with ResultStore(tmp_path / "r.db") as store:
+        assert store.claim("job1", other_live, lease_seconds=60)
+        assert not store.claim("job1", me, lease_seconds=60)  # alive and within its lease
+        assert store.claim("job2", f"{host}:{dead}:c", lease_seconds=60)
+        assert store.claim("job2", me, lease_seconds=60)  # its owner died: taken over at once
+        assert store.claim("job3", f"elsewhere:{os.getppid()}:d", lease_seconds=-1)
+        assert store.claim("job3", me, lease_seconds=60)  # another host's lease ran out
+        store.release_claims(me)
+        assert store.claim("job2", other_live, lease_seconds=60)
