@@ -180,6 +180,15 @@ class JobEnvironment:
     cache: ArtifactCache
     device: torch.device
     show_progress: bool | None = None
+    deterministic: bool = True  # deterministic CUDA kernels (set up by whoever runs the jobs)
+
+
+def make_cuda_deterministic() -> None:
+    """Deterministic cuDNN and cuBLAS kernels, so a rerun job reproduces its numbers."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def make_context(job: Job, env: JobEnvironment, splits: DatasetSplits, seed: int | None = None) -> RunContext:

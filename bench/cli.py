@@ -42,7 +42,15 @@ def main():
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
               help="Start no job that would likely end past MINUTES from now (judged by the longest job "
                    "so far; the first job always starts); run again to resume.")
-def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit):
+@click.option("--executor", type=click.Choice(["inprocess", "ray"]), default="inprocess", show_default=True,
+              help="Run jobs one after another here, or as tasks on a Ray cluster (pip install "
+                   "'robustness-bench[ray]'; the cache folder must be one every node sees).")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="With --executor ray: the cluster to join ('auto': the running one); default: start a "
+                   "local cluster.")
+@click.option("--ray-retries", type=click.IntRange(min=0), default=1, show_default=True,
+              help="With --executor ray: how often a task whose worker died is run again.")
+def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries):
     """Run every job of SUITE_FILE that is not yet in the store.
 
     A suite expands into the cross product dataset x model x attack x defense x seed x
@@ -63,8 +71,14 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit):
                 click.echo(f"{i:4d}  {job.key}  {job.describe()}")
             click.echo(f"{len(jobs)} jobs; store: {store or suite.store_path}")
             return
+        runner = None
+        if executor == "ray":
+            from bench.executors import RayExecutor, import_ray
+            import_ray()
+            check_absolute_dataset_roots(suite)
+            runner = RayExecutor(address=ray_address, retries=ray_retries)
         summary = run_suite(suite, registry, store_path=store, device=device, artifact_dir=cache_dir,
-                            show_progress=progress, echo=click.echo,
+                            show_progress=progress, echo=click.echo, executor=runner,
                             time_limit=None if time_limit is None else time_limit * 60)
     except BenchError as exc:
         _fail(str(exc))
@@ -80,6 +94,15 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit):
         sys.exit(EXIT_FAILED_JOBS_BASE + min(len(summary.failed), 27))
     if summary.left:
         sys.exit(EXIT_TIME_LIMIT)
+
+
+def check_absolute_dataset_roots(suite) -> None:
+    """A remote worker may not share this working directory: relative dataset roots are refused."""
+    for spec in suite.plugins["datasets"]:
+        root = spec.options.get("root")
+        if isinstance(root, str) and root and not Path(root).expanduser().is_absolute():
+            raise BenchError(f"{suite.path}: dataset '{spec.label}': root {root!r} is relative; --executor ray "
+                             "needs an absolute path (every node must see it)")
 
 
 @main.command()

@@ -57,6 +57,12 @@ class Defense(Plugin):
     def apply(self, model: nn.Module, bonafide: ImageData, ctx: DefenseContext) -> nn.Module | Defended:
         raise NotImplementedError
 
+    def other_attacked_seeds(self, seed: int) -> tuple[int, ...]:
+        """The seeds of further attacked models `apply` will ask for with
+        `ctx.attacked_model_with_seed` (MCR's second endpoint), declared up front so that a
+        cluster scheduler trains them before the job instead of inside it."""
+        return ()
+
     def check_model(self, model: nn.Module, sample: torch.Tensor) -> None:
         """Called before a suite runs, once per model, with the untrained model (the `Classifier`
         around the plugin's network) and two blank images in [0, 1]: raise `BenchError` if an

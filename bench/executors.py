@@ -1,15 +1,27 @@
 """How jobs are run. An executor takes jobs and yields (job, outcome) pairs as they end; the
-runner stores each outcome at once. The in-process executor runs them one after another; a
-cluster executor (one GPU per job) only has to call `execute_job` somewhere else, since a job
-is a function of its spec and the artifact cache."""
+runner stores each outcome at once (only the driver writes the store). The in-process executor
+runs them one after another; the Ray executor runs them as tasks on a Ray cluster, since a job
+is a function of its spec (which carries its resolved plugins) and the artifact cache.
+
+What a remote job needs besides its spec travels with it as plain data (`WorkerEnvironment`):
+the cache root, the device, the deterministic-kernel switch, the CPU thread count, the working
+directory and the `BENCH_*` environment variables (dataset roots, made absolute); the worker
+builds its `JobEnvironment` from that, never from its own working directory or environment.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
-from bench.artifacts import JobEnvironment
-from bench.jobs import Job, Outcome
-from bench.stages import execute_job
+import torch
+
+from bench.artifacts import ArtifactCache, JobEnvironment, load_dataset, make_cuda_deterministic
+from bench.errors import BenchError
+from bench.jobs import AnalysisJob, Job, Outcome, content_hash
+from bench.stages import _device_name, _now, execute_job, versions
 
 
 class Executor(Protocol):
@@ -22,3 +34,125 @@ class InProcessExecutor:
     def run(self, jobs: Iterable[Job], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]:
         for job in jobs:
             yield job, execute_job(job, env)
+
+
+@dataclass(frozen=True)
+class WorkerEnvironment:
+    """Everything a job needs besides its spec, as plain data for another process or node."""
+
+    cache_root: str
+    device: str
+    deterministic: bool
+    cpu_threads: int
+    workdir: str
+    variables: dict  # BENCH_* environment variables, paths made absolute
+
+    @classmethod
+    def of(cls, env: JobEnvironment) -> "WorkerEnvironment":
+        variables = {}
+        for name, value in os.environ.items():
+            if name.startswith("BENCH_"):
+                variables[name] = str(Path(value).resolve()) if name.endswith(("_ROOT", "_DIR")) and value else value
+        return cls(str(Path(env.cache.root).resolve()), env.device.type, env.deterministic, torch.get_num_threads(),
+                   os.getcwd(), variables)
+
+    def job_environment(self) -> JobEnvironment:
+        """Set this process up (threads, environment, deterministic kernels) and return the
+        environment jobs run with."""
+        os.environ.update(self.variables)
+        if os.path.isdir(self.workdir):
+            os.chdir(self.workdir)  # relative defaults (e.g. ./data) mean what they meant to the driver
+        torch.set_num_threads(self.cpu_threads)
+        if self.device == "cuda" and self.deterministic:
+            make_cuda_deterministic()
+        return JobEnvironment(ArtifactCache(self.cache_root), torch.device(self.device), show_progress=False,
+                              deterministic=self.deterministic)
+
+
+def run_remote(job: Job | AnalysisJob, worker: WorkerEnvironment, *_dependencies) -> Outcome:
+    """A job in a worker process (after the tasks it depends on)."""
+    return execute_job(job, worker.job_environment())
+
+
+def train_attacked_models(job: Job, seeds: tuple[int, ...], worker: WorkerEnvironment) -> None:
+    """Train (or find in the cache) the attacked models of `job` for `seeds`: the task a group
+    of jobs sharing an attacked model depends on."""
+    from bench.artifacts import attacked_model
+
+    env = worker.job_environment()
+    splits = load_dataset(job, env.device)
+    for seed in seeds:
+        attacked_model(job, seed, splits, env)
+
+
+def attacked_model_group(job: Job) -> str:
+    """Jobs with the same key share their attacked model (pure: from the specs alone)."""
+    return content_hash({"model": job.model_config(), "attack_seed": job.seed if job.changes_model else None})
+
+
+class RayExecutor:
+    """Runs jobs as Ray tasks: one CPU per task on the CPU, one GPU per task with CUDA. Each
+    distinct attacked model is trained once, by a task that the jobs needing it depend on (with
+    the further models their defenses declare, e.g. MCR's second endpoint); analyses run as
+    tasks of their own. Outcomes stream back as tasks end (`ray.wait`). A worker that dies (OOM,
+    lost node, kill -9) makes Ray run its task again, up to `retries` times, then the job fails
+    with the cause. Leaving the iteration (Ctrl-C, a time limit) cancels what has not ended."""
+
+    def __init__(self, address: str | None = None, retries: int = 1, num_cpus: int | None = None):
+        self.address = address
+        self.retries = retries
+        self.num_cpus = num_cpus
+
+    def run(self, jobs: Iterable[Job | AnalysisJob], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]:
+        ray = import_ray()
+        worker = WorkerEnvironment.of(env)
+        started_here = not ray.is_initialized()
+        if started_here:
+            options = {"address": self.address, "log_to_driver": False, "include_dashboard": False,
+                       "runtime_env": {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+                                                    **worker.variables}}}
+            if self.address is None and self.num_cpus is not None:
+                options["num_cpus"] = self.num_cpus
+            ray.init(**options)
+        resources = {"num_gpus": 1, "num_cpus": 1} if env.device.type == "cuda" else {"num_cpus": 1}
+        remote_job = ray.remote(max_retries=self.retries, **resources)(run_remote)
+        remote_models = ray.remote(max_retries=self.retries, **resources)(train_attacked_models)
+        pending: dict = {}
+        try:
+            preparing: dict[str, object] = {}
+            for job in jobs:
+                dependencies = []
+                if isinstance(job, Job):
+                    group = attacked_model_group(job)
+                    if group not in preparing:
+                        seeds = (job.seed, *job.defense.instantiate().other_attacked_seeds(job.seed))
+                        preparing[group] = remote_models.remote(job, tuple(dict.fromkeys(seeds)), worker)
+                    dependencies.append(preparing[group])
+                pending[remote_job.remote(job, worker, *dependencies)] = job
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(ready[0])
+                yield job, self._outcome(ray, ready[0], job, env)
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            if started_here:
+                ray.shutdown()
+
+    @staticmethod
+    def _outcome(ray, ref, job, env: JobEnvironment) -> Outcome:
+        try:
+            return ray.get(ref)
+        except Exception as exc:  # the worker died more often than retried, or a dependency failed
+            cause = getattr(exc, "cause", None) or exc
+            return Outcome(status="failed", error=f"{type(exc).__name__}: the Ray task failed: {cause}",
+                           device=_device_name(env.device), versions=versions(job),
+                           started_at=_now(), finished_at=_now())
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BenchError("--executor ray needs Ray: pip install 'robustness-bench[ray]'") from None
+    return ray

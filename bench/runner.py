@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from bench.artifacts import ArtifactCache, JobEnvironment, cache_root
+from bench.artifacts import ArtifactCache, JobEnvironment, cache_root, make_cuda_deterministic
 from bench.errors import BenchError, SuiteError
 from bench.executors import Executor, InProcessExecutor
 from bench.expansion import expand, expand_analyses
@@ -50,14 +50,6 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def make_cuda_deterministic() -> None:
-    """Deterministic cuDNN and cuBLAS kernels, so a rerun job reproduces its numbers."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def prepare(suite: Suite, registry: Registry, *, device: str | None = None, artifact_dir: Path | None = None,
             show_progress: bool | None = None, store_path: Path | None = None) -> tuple[list[Job | AnalysisJob], JobEnvironment]:
     """Everything checked before a job runs, writing nothing: the jobs, the device, the store
@@ -73,9 +65,10 @@ def prepare(suite: Suite, registry: Registry, *, device: str | None = None, arti
         check_store_path(store_path)
     if torch_device.type == "cuda" and suite.settings.deterministic:
         make_cuda_deterministic()
-    env = JobEnvironment(cache=ArtifactCache(Path(artifact_dir).expanduser() if artifact_dir
-                                             else cache_root() / "artifacts"),
-                         device=torch_device, show_progress=show_progress)
+    env = JobEnvironment(cache=ArtifactCache(Path(artifact_dir).expanduser().resolve() if artifact_dir
+                                             else (cache_root() / "artifacts").resolve()),
+                         device=torch_device, show_progress=show_progress,
+                         deterministic=suite.settings.deterministic)
     preflight(suite, jobs, env)
     return jobs, env
 

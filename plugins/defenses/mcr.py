@@ -236,6 +236,9 @@ class ModeConnectivityRepair(bench.Defense):
 
     metrics = (bench.Metric("mcr_t", "t", higher_is_better=None, kind=bench.MetricKind.NUMBER),)
 
+    def other_attacked_seeds(self, seed):
+        return (seed + self.options.seed_offset,) if self.options.endpoint is Endpoint.SECOND_SEED else ()
+
     def apply(self, model, bonafide, ctx):
         o = self.options
         training, held_out = self._split(bonafide, ctx)
