@@ -181,6 +181,7 @@ class JobEnvironment:
     device: torch.device
     show_progress: bool | None = None
     deterministic: bool = True  # deterministic CUDA kernels (set up by whoever runs the jobs)
+    device_policy: str = "auto"  # what the suite asked for (auto, cpu, cuda): remote workers resolve it
 
 
 def make_cuda_deterministic() -> None:

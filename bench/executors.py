@@ -41,7 +41,7 @@ class WorkerEnvironment:
     """Everything a job needs besides its spec, as plain data for another process or node."""
 
     cache_root: str
-    device: str
+    device_policy: str  # auto, cpu or cuda: resolved by the worker, which may have a GPU the driver lacks
     deterministic: bool
     cpu_threads: int
     workdir: str
@@ -53,7 +53,7 @@ class WorkerEnvironment:
         for name, value in os.environ.items():
             if name.startswith("BENCH_"):
                 variables[name] = str(Path(value).resolve()) if name.endswith(("_ROOT", "_DIR")) and value else value
-        return cls(str(Path(env.cache.root).resolve()), env.device.type, env.deterministic, torch.get_num_threads(),
+        return cls(str(Path(env.cache.root).resolve()), env.device_policy, env.deterministic, torch.get_num_threads(),
                    os.getcwd(), variables)
 
     def job_environment(self) -> JobEnvironment:
@@ -63,10 +63,13 @@ class WorkerEnvironment:
         if os.path.isdir(self.workdir):
             os.chdir(self.workdir)  # relative defaults (e.g. ./data) mean what they meant to the driver
         torch.set_num_threads(self.cpu_threads)
-        if self.device == "cuda" and self.deterministic:
+        if self.device_policy == "cuda" and not torch.cuda.is_available():
+            raise BenchError("device 'cuda' was asked for, but this worker sees no CUDA device")
+        device = torch.device("cuda" if self.device_policy != "cpu" and torch.cuda.is_available() else "cpu")
+        if device.type == "cuda" and self.deterministic:
             make_cuda_deterministic()
-        return JobEnvironment(ArtifactCache(self.cache_root), torch.device(self.device), show_progress=False,
-                              deterministic=self.deterministic)
+        return JobEnvironment(ArtifactCache(self.cache_root), device, show_progress=False,
+                              deterministic=self.deterministic, device_policy=self.device_policy)
 
 
 def run_remote(job: Job | AnalysisJob, worker: WorkerEnvironment, *_dependencies) -> Outcome:
@@ -98,6 +101,8 @@ class RayExecutor:
     lost node, kill -9) makes Ray run its task again, up to `retries` times, then the job fails
     with the cause. Leaving the iteration (Ctrl-C, a time limit) cancels what has not ended."""
 
+    remote = True  # the runner lets workers resolve the device policy
+
     def __init__(self, address: str | None = None, retries: int = 1, num_cpus: int | None = None):
         self.address = address
         self.retries = retries
@@ -114,7 +119,8 @@ class RayExecutor:
             if self.address is None and self.num_cpus is not None:
                 options["num_cpus"] = self.num_cpus
             ray.init(**options)
-        resources = {"num_gpus": 1, "num_cpus": 1} if env.device.type == "cuda" else {"num_cpus": 1}
+        gpu = env.device_policy == "cuda" or (env.device_policy == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
         remote_job = ray.remote(max_retries=self.retries, **resources)(run_remote)
         remote_models = ray.remote(max_retries=self.retries, **resources)(train_attacked_models)
         pending: dict = {}

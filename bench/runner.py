@@ -51,14 +51,18 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def prepare(suite: Suite, registry: Registry, *, device: str | None = None, artifact_dir: Path | None = None,
-            show_progress: bool | None = None, store_path: Path | None = None) -> tuple[list[Job | AnalysisJob], JobEnvironment]:
+            show_progress: bool | None = None, store_path: Path | None = None,
+            remote: bool = False) -> tuple[list[Job | AnalysisJob], JobEnvironment]:
     """Everything checked before a job runs, writing nothing: the jobs, the device, the store
-    (when given, before any data loads), then the preflight on the data and models."""
+    (when given, before any data loads), then the preflight on the data and models. With
+    `remote` the jobs run elsewhere: the device policy is resolved by each worker, and a driver
+    without CUDA checks the suite on the CPU."""
     jobs = expand(suite) + expand_analyses(suite)
     if not jobs:
         raise SuiteError(f"{suite.path}: the [[exclude]] rules drop every job; nothing to run")
+    policy = device or suite.settings.device.value
     try:
-        torch_device = resolve_device(device or suite.settings.device.value)
+        torch_device = resolve_device("auto" if remote and policy == "cuda" else policy)
     except BenchError as exc:
         raise SuiteError(f"{suite.path}: [suite].device: {exc}" if device is None else str(exc)) from None
     if store_path is not None:
@@ -68,7 +72,7 @@ def prepare(suite: Suite, registry: Registry, *, device: str | None = None, arti
     env = JobEnvironment(cache=ArtifactCache(Path(artifact_dir).expanduser().resolve() if artifact_dir
                                              else (cache_root() / "artifacts").resolve()),
                          device=torch_device, show_progress=show_progress,
-                         deterministic=suite.settings.deterministic)
+                         deterministic=suite.settings.deterministic, device_policy=policy)
     preflight(suite, jobs, env)
     return jobs, env
 
@@ -91,7 +95,7 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
     started = time.monotonic()  # the limit counts data loading in the preflight too
     store_path = Path(store_path or suite.store_path).expanduser()
     jobs, env = prepare(suite, registry, device=device, artifact_dir=artifact_dir, show_progress=show_progress,
-                        store_path=store_path)
+                        store_path=store_path, remote=getattr(executor, "remote", False))
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     with ResultStore(store_path) as store, user_interrupts_marked(), claims_renewed(store, owner):
         store.record_suite(suite.name, str(suite.path), [job.key for job in jobs],

@@ -54,6 +54,11 @@ def test_flipped_bytes_and_an_entry_copied_over_another_key_are_detected(tmp_pat
     torch.save(entry, cache.path("evaluations", "a"))
     assert cache.get_or_create("evaluations", "a", lambda: {"asr": 0.3}) == ({"asr": 0.3}, False)
     assert "checksum mismatch" in messages[-1]
+    # a file cut short (a disk filled up, a copy interrupted)
+    path = cache.path("evaluations", "a")
+    path.write_bytes(path.read_bytes()[:100])
+    assert cache.get_or_create("evaluations", "a", lambda: {"asr": 0.4}) == ({"asr": 0.4}, False)
+    assert "unreadable" in messages[-1] and str(path) in messages[-1]
 
 
 def test_temporaries_of_killed_writers_are_removed_but_fresh_ones_kept(tmp_path):

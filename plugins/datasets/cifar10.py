@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,12 +108,20 @@ def _extract(tarball: Path) -> Path:
     """Extract the tarball once into the cache; returns the folder holding train/ and test/."""
     digest = hashlib.sha256(f"{tarball.resolve()}:{tarball.stat().st_size}".encode()).hexdigest()[:16]
     target = cache_dir() / f"cifar10-jpeg-{digest}"
-    done = target / ".extracted"
-    if not done.is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tarball) as archive:
-            archive.extractall(target, filter="data")
-        done.touch()
+    if not target.is_dir():
+        # Extracted beside the target under a unique name, then renamed into place: a reader never
+        # sees half the images, and of two processes extracting at once one rename wins.
+        partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}.", suffix=".tmp"))
+        try:
+            with tarfile.open(tarball) as archive:
+                archive.extractall(partial, filter="data")
+            try:
+                partial.rename(target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     for folder in (target, target / "cifar10"):
         if (folder / "train").is_dir():
             return folder
