@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,9 +13,12 @@ from bench.errors import BenchError
 from bench.options import describe
 from bench.registry import load_plugins
 
-EXIT_BAD_INPUT = 2
-EXIT_TIME_LIMIT = 3  # stopped by --time-limit with jobs left; no job failed
-EXIT_FAILED_JOBS_BASE = 100  # exit status 100 + N when N jobs failed (N capped at 27)
+# Exit statuses, a fixed documented set (the failed-job count goes to the output, not the status).
+EXIT_OK = 0
+EXIT_JOBS_FAILED = 1  # some jobs failed; the others are stored
+EXIT_BAD_INPUT = 2  # nothing was run or written
+EXIT_TIME_LIMIT = 3  # --time-limit left jobs to run; none failed
+EXIT_INTERRUPTED = 130  # Ctrl-C; every finished job is stored
 
 
 def _fail(message: str) -> None:
@@ -50,14 +54,18 @@ def main():
                    "local cluster.")
 @click.option("--ray-retries", type=click.IntRange(min=0), default=1, show_default=True,
               help="With --executor ray: how often a task whose worker died is run again.")
-def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries):
+@click.option("--rerun", type=click.Choice(["failed"]), default=None,
+              help="'failed': run only the jobs whose stored result is a failure, not the ones never run "
+                   "(a plain run runs both).")
+def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries,
+        rerun):
     """Run every job of SUITE_FILE that is not yet in the store.
 
     A suite expands into the cross product dataset x model x attack x defense x seed x
     bonafide size. Results are stored as each job ends, so an interrupted run resumes where it
-    stopped. Exit status: 0 when every job succeeded, 2 for bad input (nothing is run or
-    written), 3 when --time-limit left jobs to run, 100 + N when N jobs failed (N capped at
-    27; this wins over 3), 130 when interrupted.
+    stopped. Exit status: 0 when every job succeeded, 1 when some failed (this wins over 3), 2
+    for bad input (nothing is run or written), 3 when --time-limit left jobs to run, 130 when
+    interrupted.
     """
     from bench.runner import check_suite, run_suite
     from bench.suite import load_suite
@@ -79,6 +87,7 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, exe
             runner = RayExecutor(address=ray_address, retries=ray_retries)
         summary = run_suite(suite, registry, store_path=store, device=device, artifact_dir=cache_dir,
                             show_progress=progress, echo=click.echo, executor=runner,
+                            only_failed=rerun == "failed",
                             time_limit=None if time_limit is None else time_limit * 60)
     except BenchError as exc:
         _fail(str(exc))
@@ -86,12 +95,12 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, exe
         where = store or (suite.store_path if suite else "the store")
         click.echo(f"\ninterrupted: every finished job is stored in {where}; "
                    "run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     left = f", {summary.left} left for the next run" if summary.left else ""
     click.echo(f"{summary.succeeded} succeeded, {len(summary.failed)} failed, {summary.skipped} already done"
                f"{left}; results in {summary.store_path}")
     if summary.failed:
-        sys.exit(EXIT_FAILED_JOBS_BASE + min(len(summary.failed), 27))
+        sys.exit(EXIT_JOBS_FAILED)
     if summary.left:
         sys.exit(EXIT_TIME_LIMIT)
 
@@ -143,13 +152,25 @@ def report(store, suite, output, plots, all_runs):
 
 @main.command()
 @click.option("--options", "show_options", is_flag=True, help="Also list each plugin's options.")
-def plugins(show_options):
+@click.option("--kind", type=click.Choice(["dataset", "model", "attack", "defense", "analysis"]), default=None,
+              help="Only plugins of this kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of plugins, each with its options).")
+def plugins(show_options, kind, as_json):
     """List every discovered plugin: kind, name, package, version, description."""
     registry = load_plugins()
-    rows = [[p.kind, p.name, p.package, p.version, p.description] for p in registry.all()]
+    chosen = [p for p in registry.all() if kind is None or p.kind == kind]
+    if as_json:
+        click.echo(json.dumps([{"kind": p.kind, "name": p.name, "package": p.package, "version": p.version,
+                                "description": p.description,
+                                "options": [{**o, "default": _plain(o["default"]),
+                                             "choices": [_plain(c) for c in o["choices"] or []]}
+                                            for o in describe(p.cls.Options)]} for p in chosen], indent=2))
+        _report_problems(registry)
+        return
+    rows = [[p.kind, p.name, p.package, p.version, p.description] for p in chosen]
     click.echo(tabulate(rows, headers=["kind", "name", "package", "version", "description"]))
     if show_options:
-        for p in registry.all():
+        for p in chosen:
             opts = describe(p.cls.Options)
             if not opts:
                 continue
@@ -161,6 +182,14 @@ def plugins(show_options):
                                   f", <= {o['max']}" if o["max"] is not None else "",
                                   ", one of " + ", ".join(repr(c) for c in o["choices"]) if o["choices"] else ""])
                 click.echo(f"  {o['name']} ({o['type']}, default {default!r}{bounds}): {o['doc']}")
+    _report_problems(registry)
+
+
+def _plain(value):
+    return getattr(value, "value", value)
+
+
+def _report_problems(registry) -> None:
     if registry.problems:
         click.echo("\nPlugins that failed to load:", err=True)
         for problem in registry.problems:

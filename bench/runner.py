@@ -86,7 +86,7 @@ def check_suite(suite: Suite, registry: Registry, *, device: str | None = None,
 def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = None, device: str | None = None,
               artifact_dir: Path | None = None, executor: Executor | None = None,
               show_progress: bool | None = None, echo: Callable[[str], None] = print,
-              time_limit: float | None = None) -> RunSummary:
+              time_limit: float | None = None, only_failed: bool = False) -> RunSummary:
     """Run the suite's unfinished jobs. With `time_limit` (seconds), no job is started once
     the time spent plus the longest job so far would pass the limit (the first job always
     starts); the jobs left are reported in `RunSummary.left` and a later run resumes them."""
@@ -102,8 +102,11 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
                            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         done = store.finished_keys()
         todo = [job for job in jobs if job.key not in done]
-        echo(f"{suite.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already in {store_path}, "
-             f"{len(todo)} to run on {env.device}")
+        if only_failed:  # --rerun failed: the failed jobs only, not the ones never run
+            failed_before = store.failed_keys()
+            todo = [job for job in todo if job.key in failed_before]
+        echo(f"{suite.name}: {len(jobs)} jobs, {len(done & {j.key for j in jobs})} already in {store_path}, "
+             f"{len(todo)} {'failed ' if only_failed else ''}to run on {env.device}")
         failed, succeeded, left = [], 0, 0
         elsewhere: list[Job | AnalysisJob] = []
 
@@ -140,7 +143,8 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
     if elsewhere:
         echo(f"{len(elsewhere)} jobs were running in another bench run process on this store; run again "
              "after it ends to check they finished")
-    return RunSummary(len(jobs), len(jobs) - len(todo), succeeded, failed, store_path, left, len(elsewhere))
+    return RunSummary(len(jobs), len(done & {j.key for j in jobs}), succeeded, failed, store_path, left,
+                      len(elsewhere))
 
 
 CLAIM_LEASE_SECONDS = 120.0  # a claim not renewed for this long (its process died) can be taken over

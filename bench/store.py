@@ -220,6 +220,13 @@ class ResultStore:
                 "SELECT job_key FROM analyses WHERE job_key = ? AND status = 'ok'", (job_key,))}
         return found
 
+    def failed_keys(self) -> set[str]:
+        """Keys of jobs whose stored result is a failure."""
+        keys = {row[0] for row in self._db.execute("SELECT job_key FROM results WHERE status = 'failed'")}
+        if self._has_table("analyses"):
+            keys |= {row[0] for row in self._db.execute("SELECT job_key FROM analyses WHERE status = 'failed'")}
+        return keys
+
     def _has_table(self, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                 (name,)).fetchone() is not None

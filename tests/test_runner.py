@@ -57,7 +57,7 @@ def test_failing_job_is_recorded_and_the_rest_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
     suite = write_suite(tmp_path / "s.toml", defenses=["none", "exploding"], store=tmp_path / "r.db")
     result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
-    assert result.exit_code == 101, result.output  # 100 + one failed job
+    assert result.exit_code == 1, result.output  # some job failed
     assert "1 succeeded, 1 failed" in result.output
     assert "FAILED digits / small_cnn(width=8) / badnets(trigger_size=2) / exploding bonafide=50 seed=0: " \
            "RuntimeError: this defense always fails" in result.output
@@ -237,7 +237,7 @@ def test_what_a_defense_returns_is_checked_and_its_values_are_stored(tmp_path, m
     suite = write_suite(tmp_path / "s.toml", defenses=["not_a_model", "undeclared_value", "chosen_value"],
                         store=tmp_path / "r.db")
     result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
-    assert result.exit_code == 102, result.output  # two failed jobs, the suite went on
+    assert result.exit_code == 1, result.output  # two failed jobs, the suite went on
     with ResultStore(tmp_path / "r.db") as store:
         rows = {r["defense"]: r for r in store.rows()}
     assert "not_a_model: apply() returned a str" in rows["not_a_model"]["error"]
@@ -268,3 +268,20 @@ def test_a_claimed_job_is_left_to_its_owner_until_it_dies_or_its_lease_ends(tmp_
         assert store.claim("job3", me, lease_seconds=60)  # another host's lease ran out
         store.release_claims(me)
         assert store.claim("job2", other_live, lease_seconds=60)
+
+
+def test_rerun_failed_runs_only_the_failed_jobs(tmp_path, monkeypatch):
+    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    registry.register(Exploding, plugin="test", package="tests")
+    monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
+    store = tmp_path / "r.db"
+    first = write_suite(tmp_path / "s.toml", defenses=["none", "exploding"], store=store)
+    args = ["--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert CliRunner().invoke(main, ["run", str(first), *args]).exit_code == 1
+    # the suite grows a job that never ran; --rerun failed leaves it alone and retries the failure
+    grown = write_suite(tmp_path / "s.toml", defenses=["none", "exploding", "finetune"], store=store)
+    result = CliRunner().invoke(main, ["run", str(grown), *args, "--rerun", "failed"])
+    assert result.exit_code == 1 and "1 failed to run" in result.output, result.output
+    assert "0 succeeded, 1 failed" in result.output
+    with ResultStore(store) as results:
+        assert sorted(r["defense"] for r in results.rows()) == ["exploding", "none"]
