@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,9 +40,9 @@ def main():
               help="SQLite result store (default: the suite's [suite].store, else results/<name>.db).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="Override the suite's device (auto: CUDA when available).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Where trained models are cached (default: $BENCH_CACHE_DIR/artifacts, "
-                   "else ~/.cache/robustness-bench/artifacts).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, envvar="BENCH_CACHE_DIR",
+              help="The cache folder: decoded datasets in it, trained models and evaluations under "
+                   "artifacts/ (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).")
 @click.option("--dry-run", is_flag=True, help="Print the jobs the suite expands to and exit.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
@@ -67,6 +69,22 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, exe
     for bad input (nothing is run or written), 3 when --time-limit left jobs to run, 130 when
     interrupted.
     """
+    previous = os.environ.get("BENCH_CACHE_DIR")
+    if cache_dir is not None:  # one root for everything: dataset plugins read it from the environment
+        os.environ["BENCH_CACHE_DIR"] = str(Path(cache_dir).expanduser().resolve())
+        cache_dir = Path(os.environ["BENCH_CACHE_DIR"]) / "artifacts"
+    try:
+        _run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries,
+             rerun)
+    finally:
+        if previous is None:
+            os.environ.pop("BENCH_CACHE_DIR", None)
+        else:
+            os.environ["BENCH_CACHE_DIR"] = previous
+
+
+def _run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries,
+         rerun):
     from bench.runner import check_suite, run_suite
     from bench.suite import load_suite
     suite = None
@@ -183,6 +201,61 @@ def plugins(show_options, kind, as_json):
                                   ", one of " + ", ".join(repr(c) for c in o["choices"]) if o["choices"] else ""])
                 click.echo(f"  {o['name']} ({o['type']}, default {default!r}{bounds}): {o['doc']}")
     _report_problems(registry)
+
+
+@main.group()
+def cache():
+    """Inspect or clear the cache folder (--cache-dir / BENCH_CACHE_DIR)."""
+
+
+def _cache_root(cache_dir) -> Path:
+    from bench.artifacts import cache_root
+    return Path(cache_dir).expanduser() if cache_dir else cache_root()
+
+
+def _folder_size(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else ([path] if path.is_file() else [])
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+@cache.command("info")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, envvar="BENCH_CACHE_DIR",
+              help="The cache folder (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).")
+def cache_info(cache_dir):
+    """Where the cache is and what it holds, by kind."""
+    root = _cache_root(cache_dir)
+    click.echo(f"cache folder: {root}{'' if root.is_dir() else ' (does not exist yet)'}")
+    rows = []
+    for kind in ("models", "evaluations", "defended"):
+        count, size = _folder_size(root / "artifacts" / kind)
+        rows.append([f"artifacts/{kind}", len(list((root / "artifacts" / kind).glob("*.pt"))), f"{size / 1e6:.1f}"])
+    datasets = [p for p in root.iterdir() if p.name != "artifacts"] if root.is_dir() else []
+    size = sum(_folder_size(p)[1] for p in datasets)
+    rows.append(["datasets (decoded)", len(datasets), f"{size / 1e6:.1f}"])
+    click.echo(tabulate(rows, headers=["kind", "entries", "MB"]))
+
+
+@cache.command("clear")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, envvar="BENCH_CACHE_DIR",
+              help="The cache folder (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).")
+@click.option("--datasets", is_flag=True, help="Also remove decoded datasets (they are decoded again when needed).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def cache_clear(cache_dir, datasets, yes):
+    """Remove trained models and cached evaluations (artifacts/), and with --datasets the decoded
+    datasets; results in stores are never touched."""
+    root = _cache_root(cache_dir)
+    targets = [root / "artifacts"] if (root / "artifacts").exists() else []
+    if datasets and root.is_dir():
+        targets += [p for p in root.iterdir() if p.name != "artifacts"
+                    and (p.suffix == ".npz" or p.name.startswith(("cifar10-", "gtsrb-")))]
+    if not targets:
+        click.echo(f"nothing to clear in {root}")
+        return
+    if not yes:
+        click.confirm(f"remove {', '.join(str(t) for t in targets)}?", abort=True)
+    for target in targets:
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    click.echo(f"removed {len(targets)} item(s) from {root}")
 
 
 def _plain(value):

@@ -285,3 +285,16 @@ def test_rerun_failed_runs_only_the_failed_jobs(tmp_path, monkeypatch):
     assert "0 succeeded, 1 failed" in result.output
     with ResultStore(store) as results:
         assert sorted(r["defense"] for r in results.rows()) == ["exploding", "none"]
+
+
+def test_one_cache_root_holds_models_and_can_be_inspected_and_cleared(tmp_path):
+    suite = write_suite(tmp_path / "s.toml", store=tmp_path / "r.db")
+    root = tmp_path / "cache"
+    assert CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(root), "--no-progress"]).exit_code == 0
+    assert list((root / "artifacts" / "models").glob("*.pt"))  # --cache-dir is the root, models under artifacts/
+    info = CliRunner().invoke(main, ["cache", "info", "--cache-dir", str(root)])
+    assert info.exit_code == 0 and "artifacts/models" in info.output, info.output
+    cleared = CliRunner().invoke(main, ["cache", "clear", "--cache-dir", str(root), "--yes"])
+    assert cleared.exit_code == 0 and not (root / "artifacts").exists()
+    with ResultStore(tmp_path / "r.db") as store:  # results are never touched
+        assert store.rows()
