@@ -31,21 +31,47 @@ After `pip install`, `bench plugins` lists it and suites can name it. The hooks 
 `bench.hookspecs`; test helpers for plugin authors are in `bench.testing`.
 """
 
+import importlib.metadata
+
 import pluggy
 
 from bench.hookspecs import PROJECT
 
-__version__ = "0.1.0"
+try:  # one source for the version: the installed package's metadata (pyproject.toml)
+    __version__ = importlib.metadata.version("robustness-bench")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-from bench.analyses import Analysis, AnalysisData, AnalysisResult, Figure, ModelRecipe  # noqa: E402
-from bench.attacks import Attack, Metric, MetricKind, Stage  # noqa: E402
-from bench.context import DefenseContext, RunContext  # noqa: E402
-from bench.data import Dataset, DatasetSplits, ImageData  # noqa: E402
-from bench.defenses import Defended, Defense  # noqa: E402
-from bench.errors import BenchError, DataNotFoundError, OptionError, SuiteError, UnknownPluginError  # noqa: E402
-from bench.models import InputShape, Model, TrainRecipe  # noqa: E402
-from bench.options import option  # noqa: E402
+# The public names load on first use (PEP 562), so that `bench --help` and other commands that
+# need no model answer without importing torch.
+_PUBLIC = {
+    "Analysis": "bench.analyses", "AnalysisData": "bench.analyses", "AnalysisResult": "bench.analyses",
+    "Figure": "bench.analyses", "ModelRecipe": "bench.analyses",
+    "Attack": "bench.attacks", "Metric": "bench.attacks", "MetricKind": "bench.attacks", "Stage": "bench.attacks",
+    "DefenseContext": "bench.context", "RunContext": "bench.context",
+    "Dataset": "bench.data", "DatasetSplits": "bench.data", "ImageData": "bench.data",
+    "Defended": "bench.defenses", "Defense": "bench.defenses",
+    "BenchError": "bench.errors", "DataNotFoundError": "bench.errors", "OptionError": "bench.errors",
+    "SuiteError": "bench.errors", "UnknownPluginError": "bench.errors",
+    "InputShape": "bench.models", "Model": "bench.models", "TrainRecipe": "bench.models",
+    "option": "bench.options",
+}
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bench' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
+
 
 __all__ = ["Analysis", "AnalysisData", "AnalysisResult", "Attack", "BenchError", "DataNotFoundError", "Dataset", "DatasetSplits", "Defended", "Defense",
            "DefenseContext", "Figure", "ImageData", "InputShape", "Metric", "MetricKind", "Model", "ModelRecipe",

@@ -12,8 +12,6 @@ import click
 from tabulate import tabulate
 
 from bench.errors import BenchError
-from bench.options import describe
-from bench.registry import load_plugins
 
 # Exit statuses, a fixed documented set (the failed-job count goes to the output, not the status).
 EXIT_OK = 0
@@ -175,6 +173,7 @@ def report(store, suite, output, plots, all_runs):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of plugins, each with its options).")
 def plugins(show_options, kind, as_json):
     """List every discovered plugin: kind, name, package, version, description."""
+    from bench.options import describe
     registry = load_plugins()
     chosen = [p for p in registry.all() if kind is None or p.kind == kind]
     if as_json:
@@ -256,6 +255,12 @@ def cache_clear(cache_dir, datasets, yes):
     for target in targets:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     click.echo(f"removed {len(targets)} item(s) from {root}")
+
+
+def load_plugins():
+    """The plugin registry (imported here, on first use: it loads torch)."""
+    from bench.registry import load_plugins as load
+    return load()
 
 
 def _plain(value):

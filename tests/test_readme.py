@@ -6,7 +6,7 @@ from bench import hookspecs
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
-TEST_COMMAND = "pip install -e '.[test]' && pytest"
+TEST_COMMAND = "pip install -c constraints.txt -e '.[test]' && pytest"
 
 
 def test_ci_runs_the_readme_test_command():
