@@ -139,12 +139,26 @@ def check_absolute_dataset_roots(suite) -> None:
               help="With --output: write PNG figures into <output stem>-figures/ and link them.")
 @click.option("--all-runs", is_flag=True,
               help="Also show rows stored by earlier runs of the suite, before its options changed.")
-def report(store, suite, output, plots, all_runs):
+@click.option("--format", "output_format", type=click.Choice(["markdown", "json"]), default="markdown",
+              show_default=True, help="json: the same tables as data (per row: seeds, mean/std/n per metric).")
+def report(store, suite, output, plots, all_runs, output_format):
     """Render leaderboard markdown from a result STORE (opened read-only).
 
     Shows the jobs of the suite's latest run; a store holding several suites needs --suite.
     """
-    from bench.report import render_report
+    from bench.report import render_report, report_data
+    if output_format == "json":
+        try:
+            text = json.dumps(report_data(store.expanduser(), suite, all_runs), indent=2) + "\n"
+            if output is not None:
+                output.expanduser().parent.mkdir(parents=True, exist_ok=True)
+                output.expanduser().write_text(text, encoding="utf-8")
+        except BenchError as exc:
+            _fail(str(exc))
+        except OSError as exc:
+            _fail(f"--output {output}: cannot write there ({exc.strerror or exc})")
+        click.echo(f"wrote {output}" if output is not None else text, nl=output is not None)
+        return
     try:
         if output is not None:
             output = output.expanduser()
@@ -164,6 +178,31 @@ def report(store, suite, output, plots, all_runs):
         click.echo(text, nl=False)
     else:
         click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--suite", default=None, help="Only this suite's results (a store may hold several).")
+@click.option("--format", "output_format", type=click.Choice(["csv", "json", "parquet"]), default="csv",
+              show_default=True, help="parquet needs pyarrow.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Write here instead of printing.")
+@click.option("--analyses", is_flag=True, help="Export the analyses' rows instead of the jobs'.")
+@click.option("--all-runs", is_flag=True, help="Also rows stored by earlier runs of the suite.")
+def export(store, suite, output_format, output, analyses, all_runs):
+    """Export a result STORE as one table: a row per job (or analysis), stable column names
+    (documented in bench/export.py and the README)."""
+    from bench.export import export_frame, write_export
+    try:
+        frame = export_frame(store.expanduser(), suite, analyses=analyses, all_runs=all_runs)
+        text = write_export(frame, output_format, output.expanduser() if output else None)
+    except BenchError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"--output {output}: cannot write there ({exc.strerror or exc})")
+    if text is not None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"wrote {output} ({len(frame)} rows)")
 
 
 @main.command()

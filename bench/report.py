@@ -24,27 +24,7 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
     are shown (rows from before its options changed stay in the store); `all_runs` shows every
     stored row of the suite. The store is opened read-only."""
     store_path = Path(store_path)
-    try:
-        with ResultStore(store_path, read_only=True) as store:
-            rows = store.rows(suite)
-            analysis_rows = store.analysis_rows(suite)
-            planned = store.planned_jobs()
-    except sqlite3.DatabaseError as exc:
-        raise BenchError(f"{store_path}: cannot read the result store ({exc})") from None
-    if not rows and not analysis_rows:
-        which = f" for suite '{suite}'" if suite else ""
-        raise BenchError(f"{store_path}: no results{which}")
-    suites = sorted({r["suite"] for r in rows + analysis_rows})
-    if len(suites) > 1:
-        raise BenchError(f"{store_path}: holds results of several suites ({', '.join(suites)}); "
-                         "choose one with --suite NAME")
-    if not all_runs and suites[0] in planned:
-        latest = set(planned[suites[0]][1])
-        rows = [r for r in rows if r["job_key"] in latest]
-        analysis_rows = [r for r in analysis_rows if r["job_key"] in latest]
-        if not rows and not analysis_rows:
-            raise BenchError(f"{store_path}: no results yet for the latest run of suite '{suites[0]}'; "
-                             "--all-runs shows the older ones")
+    rows, analysis_rows, planned = select_rows(store_path, suite, all_runs)
     everything = rows + analysis_rows
     ok = [r for r in rows if r["status"] == "ok"]
     ok_analyses = [r for r in analysis_rows if r["status"] == "ok"]
@@ -76,6 +56,81 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
             lines.append(f"- {md(r['dataset_label'])} / {md(r['model_label'])} / {md(r['attack_label'])} / "
                          f"{md(r['defense_label'])} bonafide={r['bonafide_size']} seed={r['seed']}: {md(first)}")
     return "\n".join(lines) + "\n"
+
+
+def select_rows(store_path: Path, suite: str | None, all_runs: bool) -> tuple[list[dict], list[dict], dict]:
+    """(job rows, analysis rows, planned jobs) of one suite, as the report shows them: the
+    suite's latest run only, unless `all_runs`. Opens the store read-only."""
+    try:
+        with ResultStore(store_path, read_only=True) as store:
+            rows = store.rows(suite)
+            analysis_rows = store.analysis_rows(suite)
+            planned = store.planned_jobs()
+    except sqlite3.DatabaseError as exc:
+        raise BenchError(f"{store_path}: cannot read the result store ({exc})") from None
+    if not rows and not analysis_rows:
+        which = f" for suite '{suite}'" if suite else ""
+        raise BenchError(f"{store_path}: no results{which}")
+    suites = sorted({r["suite"] for r in rows + analysis_rows})
+    if len(suites) > 1:
+        raise BenchError(f"{store_path}: holds results of several suites ({', '.join(suites)}); "
+                         "choose one with --suite NAME")
+    if not all_runs and suites[0] in planned:
+        latest = set(planned[suites[0]][1])
+        rows = [r for r in rows if r["job_key"] in latest]
+        analysis_rows = [r for r in analysis_rows if r["job_key"] in latest]
+        if not rows and not analysis_rows:
+            raise BenchError(f"{store_path}: no results yet for the latest run of suite '{suites[0]}'; "
+                             "--all-runs shows the older ones")
+    return rows, analysis_rows, planned
+
+
+def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool = False) -> dict:
+    """The report's tables as plain data (`bench report --format json`): per (dataset, model,
+    attack) table, one row per defense and bonafide size with the seeds and, per metric, its
+    info and mean, std and count over seeds; per analysis, its values likewise; failed jobs."""
+    rows, analysis_rows, _ = select_rows(Path(store_path), suite, all_runs)
+    ok = [r for r in rows if r["status"] == "ok"]
+    tables = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault((r["dataset_label"], r["model_label"], r["attack_label"]), []).append(r)
+    for (dataset, model, attack), members in sorted(groups.items()):
+        columns = _metric_columns(members)
+        by_row: dict[tuple, list[dict]] = {}
+        for r in members:
+            by_row.setdefault((r["defense_label"], r["bonafide_size"]), []).append(r)
+        table_rows = []
+        for (defense, bonafide), runs in sorted(by_row.items(), key=lambda i: (i[0][0] != "none", i[0][0], -i[0][1])):
+            metrics = {key: {**info, **_stats([r["metrics"][key] for r in runs if key in r["metrics"]])}
+                       for key, info in columns}
+            metrics[TIME] = {"label": "Defense time (s)", "kind": "seconds", "higher_is_better": None,
+                             "diagnostic": False, **_stats([r["timings"].get("defense", 0.0) for r in runs])}
+            table_rows.append({"defense": defense, "bonafide_size": bonafide, "seeds": sorted(r["seed"] for r in runs),
+                               "metrics": metrics})
+        tables.append({"dataset": dataset, "model": model, "attack": attack, "rows": table_rows})
+    analyses = []
+    agroups: dict[tuple, list[dict]] = {}
+    for r in (r for r in analysis_rows if r["status"] == "ok"):
+        agroups.setdefault((r["analysis_label"], r["dataset_label"], r["model_label"]), []).append(r)
+    for (analysis, dataset, model), members in sorted(agroups.items()):
+        values = {key: {**info, **_stats([r["metrics"][key] for r in members if key in r["metrics"]])}
+                  for key, info in _metric_columns(members)}
+        analyses.append({"analysis": analysis, "dataset": dataset, "model": model,
+                         "seeds": sorted(r["seed"] for r in members), "values": values})
+    failed = [{"key": r["job_key"], "error": (r["error"] or "").splitlines()[0] if r["error"] else "",
+               **{k: r.get(k) for k in ("dataset_label", "model_label", "attack_label", "defense_label",
+                                        "analysis_label", "bonafide_size", "seed") if k in r}}
+              for r in rows + analysis_rows if r["status"] != "ok"]
+    suite_name = (rows + analysis_rows)[0]["suite"]
+    return {"suite": suite_name, "tables": tables, "analyses": analyses, "failed": failed}
+
+
+def _stats(values: list[float]) -> dict:
+    series = pd.Series(values, dtype=float)
+    std = series.std()
+    return {"mean": None if series.empty else float(series.mean()),
+            "std": None if len(series) < 2 or math.isnan(std) else float(std), "n": int(len(series))}
 
 
 _MARKDOWN_ESCAPES = {"\\": "\\\\", "|": "\\|", "*": "\\*", "`": "\\`", "[": "\\[", "]": "\\]",

@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS metrics (
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+# The schema's version, kept in `PRAGMA user_version`: 0 = a store from before versions (the
+# results, suites and metrics tables), 1 = with the analyses and claims tables. An older store is
+# migrated when opened for writing (the new tables are added); a newer one is refused.
+SCHEMA_VERSION = 1
 
 
 def check_store_path(path: Path) -> None:
@@ -150,6 +154,7 @@ class ResultStore:
                 raise BenchError(f"{self.path}: no such result store; run `bench run SUITE.toml` first")
             describe_store(self.path)
             self._db = sqlite3.connect(read_only_uri(self.path), uri=True, isolation_level=None)
+            self._check_version()
             return
         check_store_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,10 +162,19 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._check_version()
+        self._db.executescript(SCHEMA)  # creates what an older store lacks; changes nothing else
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
+
+    def _check_version(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise BenchError(f"{self.path}: written by a newer robustness-bench (store schema {version}; this one "
+                             f"reads up to {SCHEMA_VERSION}); upgrade robustness-bench")
 
     def __enter__(self):
         return self

@@ -1,4 +1,5 @@
 from types import SimpleNamespace
+import pytest
 
 from click.testing import CliRunner
 
@@ -136,3 +137,55 @@ def test_cells_render_by_kind_diagnostics_go_below_and_only_ranked_headline_colu
     assert "PGD acc" not in main.splitlines()[-3] and "PGD acc" in diagnostics
     diag_mcr = next(l for l in diagnostics.splitlines() if l.startswith("| mcr"))
     assert "70.0" in diag_mcr and "**" not in diagnostics
+
+
+def test_report_json_carries_the_markdown_tables_as_data(tmp_path):
+    fill(tmp_path / "r.db")
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    import json
+    data = json.loads(result.output)
+    (table,) = data["tables"]
+    assert (table["dataset"], table["model"], table["attack"]) == ("digits", "small_cnn", "badnets")
+    rows = {row["defense"]: row for row in table["rows"]}
+    assert rows["finetune"]["seeds"] == [0, 1] and rows["finetune"]["bonafide_size"] == 100
+    asr = rows["finetune"]["metrics"]["asr"]
+    assert asr["mean"] == pytest.approx(0.25) and asr["n"] == 2 and asr["label"] == "ASR"
+    assert data["failed"][0]["error"] == "RuntimeError: boom"
+
+
+def test_export_gives_one_row_per_job_with_stable_columns(tmp_path):
+    import io
+
+    import pandas as pd
+    fill(tmp_path / "r.db")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "r.db"), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(io.StringIO(result.output))
+    assert len(frame) == 5  # four ok jobs and the failed one
+    for column in ("suite", "job_key", "status", "dataset", "attack_label", "defense", "seed", "bonafide_size",
+                   "metric.asr", "metric.asr_before", "metric.clean_acc", "time.defense", "device",
+                   "version.robustness-bench", "error", "started_at"):
+        assert column in frame.columns, column
+    assert set(frame[frame.status == "ok"]["metric.asr"]) == {1.0, 0.98, 0.2, 0.3}
+    out = tmp_path / "r.json"
+    assert CliRunner().invoke(main, ["export", str(tmp_path / "r.db"), "--format", "json", "-o", str(out)]).exit_code == 0
+    assert len(pd.read_json(out)) == 5
+
+
+def test_a_store_from_a_newer_version_is_refused_and_an_older_one_migrated(tmp_path):
+    import sqlite3
+    fill(tmp_path / "r.db")
+    with sqlite3.connect(tmp_path / "r.db") as con:
+        con.execute("DROP TABLE analyses")
+        con.execute("PRAGMA user_version = 0")  # as written before the schema had a version
+    with ResultStore(tmp_path / "r.db", read_only=True) as store:
+        assert store.analysis_rows() == [] and len(store.rows()) == 5
+    with ResultStore(tmp_path / "r.db"):
+        pass
+    with sqlite3.connect(tmp_path / "r.db") as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM analyses").fetchone()[0] == 0
+        con.execute("PRAGMA user_version = 99")
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "r.db")])
+    assert result.exit_code == 2 and "newer robustness-bench" in result.output
