@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from bench.analyses import ModelRecipe
@@ -16,7 +18,7 @@ from bench.options import is_scalar_option, parse_options, to_plain
 from bench.registry import Registry
 
 
-def plugin_specs(entry: Any, kind: str, where: str, registry: Registry) -> list[PluginSpec]:
+def plugin_specs(entry: Any, kind: str, where: str, registry: Registry, base: Path | None = None) -> list[PluginSpec]:
     """The specs of one `[[datasets]]`/`[[models]]`/... table: one per point of its option
     sweeps (a list given for a single-valued option), each validated, labelled and resolved
     to the class and provider that registered the name."""
@@ -37,6 +39,12 @@ def plugin_specs(entry: Any, kind: str, where: str, registry: Registry) -> list[
     where = f"{where} ('{name}')"
     options_cls = info.cls.Options
     fields = {f.name for f in dataclasses.fields(options_cls)}
+    if base is not None:  # path options written relative to the suite mean relative to its folder
+        for f in dataclasses.fields(options_cls):
+            value = entry.get(f.name)
+            if f.metadata.get("path") and isinstance(value, str) and value:
+                value = os.path.expanduser(value)
+                entry[f.name] = value if os.path.isabs(value) else os.path.normpath(base.resolve() / value)
     sweeps = {k: v for k, v in entry.items()
               if k in fields and isinstance(v, list) and is_scalar_option(options_cls, k)}
     for key, values in sweeps.items():

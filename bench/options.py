@@ -23,9 +23,11 @@ MAX_INT = 2 ** 63 - 1  # what SQLite and torch's generators take
 
 
 def option(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-           min_exclusive: bool = False, choices: tuple | None = None) -> Any:
-    """A dataclass field with a default, a one-line doc and optional bounds or choices."""
-    meta = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive, "choices": choices}
+           min_exclusive: bool = False, choices: tuple | None = None, path: bool = False) -> Any:
+    """A dataclass field with a default, a one-line doc and optional bounds or choices. With
+    `path=True` (a str option), a relative path written in a suite is resolved against the
+    suite file's folder, as tox and pyproject do."""
+    meta = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive, "choices": choices, "path": path}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import re
 import tomllib
 import typing
@@ -67,8 +68,8 @@ class SuiteSettings:
     seeds: list[int] = option([0], "random seeds; every job runs once per seed", min=0, max=2 ** 63 - 1)
     bonafide_size: list[int] = option([100], "clean images granted to each defense (a list is swept)", min=1)
     bonafide_source: BonafideSource = option(BonafideSource.TEST_HALF, "where bonafide images come from")
-    store: str = option("", "SQLite file for results, relative to the working directory "
-                            "(default: results/<name>.db)")
+    store: str = option("", "SQLite file for results; a relative path is relative to the suite file's folder "
+                            "(default: results/<name>.db under the working directory)")
     device: DeviceChoice = option(DeviceChoice.AUTO, "auto (CUDA when available), cpu or cuda")
     eval_batch_size: int = option(1024, "images per evaluation batch", min=1)
     deterministic: bool = option(True, "deterministic CUDA kernels, so a rerun job reproduces its numbers "
@@ -90,7 +91,12 @@ class Suite:
 
     @property
     def store_path(self) -> Path:
-        return Path(self.settings.store or f"results/{self.name}.db")
+        """`[suite].store`, a relative path meaning relative to the suite file's folder (as tox
+        and pyproject do); without it, results/<name>.db under the working directory."""
+        if not self.settings.store:
+            return Path(f"results/{self.name}.db")
+        store = Path(self.settings.store).expanduser()
+        return store if store.is_absolute() else Path(os.path.normpath(self.path.parent / store))
 
 
 SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -158,7 +164,7 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
             raise SuiteError(f"{path}: '{table}' must be a non-empty array of tables ([[{table}]])")
         specs = []
         for index, entry in enumerate(entries):
-            specs.extend(plugin_specs(entry, kind, f"{path}: {table}[{index}]", registry))
+            specs.extend(plugin_specs(entry, kind, f"{path}: {table}[{index}]", registry, base=path.parent))
         seen: dict[str, PluginSpec] = {}
         for spec in specs:
             other = seen.setdefault(spec.label, spec)

@@ -298,3 +298,18 @@ def test_one_cache_root_holds_models_and_can_be_inspected_and_cleared(tmp_path):
     assert cleared.exit_code == 0 and not (root / "artifacts").exists()
     with ResultStore(tmp_path / "r.db") as store:  # results are never touched
         assert store.rows()
+
+
+def test_relative_paths_in_a_suite_are_relative_to_its_folder(tmp_path, registry, monkeypatch):
+    from bench.expansion import expand
+    from bench.suite import load_suite
+
+    folder = tmp_path / "project" / "suites"
+    folder.mkdir(parents=True)
+    suite_file = write_suite(folder / "s.toml", datasets=[{"name": "cifar10", "root": "../data"}],
+                             store="../results/s.db")
+    monkeypatch.chdir(tmp_path)  # somewhere else entirely
+    suite = load_suite(suite_file, registry)
+    assert suite.store_path == tmp_path / "project" / "results" / "s.db"
+    (job, *_) = expand(suite)
+    assert job.dataset.options["root"] == str(tmp_path / "project" / "data")

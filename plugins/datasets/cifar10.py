@@ -40,7 +40,7 @@ class Cifar10(bench.Dataset):
 
     @dataclass(frozen=True)
     class Options:
-        root: str = bench.option("", "where the data is (default: $BENCH_CIFAR10_ROOT, else ./data)")
+        root: str = bench.option("", "where the data is (default: $BENCH_CIFAR10_ROOT, else ./data)", path=True)
         train_images: int = bench.option(0, "use only this many training images (seeded subset; 0: all)", min=0)
         test_images: int = bench.option(0, "use only this many test images (seeded subset; 0: all)", min=0)
 

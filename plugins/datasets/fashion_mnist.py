@@ -36,7 +36,7 @@ class FashionMnist(Mnist):
     @dataclass(frozen=True)
     class Options:
         root: str = bench.option("", "folder holding FashionMNIST/raw/ (default: $BENCH_FASHION_MNIST_ROOT, "
-                                     "else ./data)")
+                                     "else ./data)", path=True)
         train_images: int = bench.option(0, "use only this many training images (seeded subset; 0: all)", min=0)
         test_images: int = bench.option(0, "use only this many test images (seeded subset; 0: all)", min=0)
 

@@ -50,7 +50,7 @@ class Gtsrb(bench.Dataset):
 
     @dataclass(frozen=True)
     class Options:
-        root: str = bench.option("", "folder holding gtsrb/ (default: $BENCH_GTSRB_ROOT, else ./data)")
+        root: str = bench.option("", "folder holding gtsrb/ (default: $BENCH_GTSRB_ROOT, else ./data)", path=True)
         image_size: int = bench.option(32, "side in pixels every image is resized to", min=8, max=256)
         train_images: int = bench.option(0, "use only this many training images (seeded subset; 0: all)", min=0)
         test_images: int = bench.option(0, "use only this many test images (seeded subset; 0: all)", min=0)

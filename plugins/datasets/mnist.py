@@ -43,7 +43,7 @@ class Mnist(bench.Dataset):
 
     @dataclass(frozen=True)
     class Options:
-        root: str = bench.option("", "folder holding MNIST/raw/ (default: $BENCH_MNIST_ROOT, else ./data)")
+        root: str = bench.option("", "folder holding MNIST/raw/ (default: $BENCH_MNIST_ROOT, else ./data)", path=True)
         train_images: int = bench.option(0, "use only this many training images (seeded subset; 0: all)", min=0)
         test_images: int = bench.option(0, "use only this many test images (seeded subset; 0: all)", min=0)
 

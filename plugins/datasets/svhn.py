@@ -38,7 +38,7 @@ class Svhn(bench.Dataset):
     @dataclass(frozen=True)
     class Options:
         root: str = bench.option("", "folder holding train_32x32.mat and test_32x32.mat "
-                                     "(default: $BENCH_SVHN_ROOT, else ./data)")
+                                     "(default: $BENCH_SVHN_ROOT, else ./data)", path=True)
         train_images: int = bench.option(0, "use only this many training images (seeded subset; 0: all)", min=0)
         test_images: int = bench.option(0, "use only this many test images (seeded subset; 0: all)", min=0)
 
