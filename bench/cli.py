@@ -217,7 +217,7 @@ def plugins(show_options, kind, as_json):
     chosen = [p for p in registry.all() if kind is None or p.kind == kind]
     if as_json:
         click.echo(json.dumps([{"kind": p.kind, "name": p.name, "package": p.package, "version": p.version,
-                                "description": p.description,
+                                "description": p.description, "paper": p.cls.paper, "code": p.cls.code,
                                 "options": [{**o, "default": _plain(o["default"]),
                                              "choices": [_plain(c) for c in o["choices"] or []]}
                                             for o in describe(p.cls.Options)]} for p in chosen], indent=2))
@@ -230,7 +230,8 @@ def plugins(show_options, kind, as_json):
             opts = describe(p.cls.Options)
             if not opts:
                 continue
-            click.echo(f"\n{p.kind} {p.name}:")
+            links = ", ".join(f"{label} {url}" for label, url in (("paper", p.cls.paper), ("code", p.cls.code)) if url)
+            click.echo(f"\n{p.kind} {p.name}:" + (f" ({links})" if links else ""))
             for o in opts:
                 default = getattr(o["default"], "value", o["default"])
                 lower = "> " if o["min_exclusive"] else ">= "

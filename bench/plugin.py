@@ -16,6 +16,8 @@ class Plugin:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    paper: ClassVar[str] = ""  # a link to the method's paper, shown by `bench plugins` and the report
+    code: ClassVar[str] = ""  # a link to its reference code
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

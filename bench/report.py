@@ -5,6 +5,7 @@ defense and bonafide size, each metric as mean +/- std over seeds, the best valu
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
         protocols = sorted({str(r["notes"].get("attack_protocol", "")) for r in members} - {""})
         lines += [f"Attack protocol: {md(p)}" for p in protocols] + ([""] if protocols else [])
         lines.append(_table(members))
+        lines += _method_links(members)
         if plot_dir is not None:
             lines += _figures(f"{dataset} / {model} / {attack}", members, plot_dir, plot_link_base or plot_dir)
     lines += _analysis_sections(ok_analyses, plot_dir, plot_link_base or plot_dir)
@@ -184,6 +186,7 @@ def _analysis_sections(rows: list[dict], plot_dir: Path | None, link_base: Path 
                       "Mean ± std": _cell([r["metrics"][key] for r in members if key in r["metrics"]], info["kind"])}
                      for key, info in columns]
             lines.append(pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True))
+        lines += _method_links(members)
         if plot_dir is not None:
             figures = {json_key(f): f for r in members for f in r["figures"]}
             written = [analysis_plot(f"{analysis} / {dataset} / {model}", spec, members, plot_dir)
@@ -216,11 +219,13 @@ def _header(rows, ok, failed, store_path, jobs: bool = True) -> list[str]:
              "- Versions: " + ", ".join(f"{k} {md('/'.join(sorted(v)))}" for k, v in versions.items()),
              f"- Data: {md('; '.join(sources))}",
              f"- Run: {started[:10]} to {finished[:10]} (UTC)"]
+    plugins = sorted({value for r in ok for key, value in r["versions"].items() if ":" in key and value})
+    if plugins:
+        lines.append(f"- Plugins: {md(', '.join(plugins))}")
     if jobs:
-        lines.append("- Cells: mean ± std over seeds, in percent; defense time in seconds (training the attacked "
-                     "model is shared by all defenses and not counted); best in bold. "
-                     "C-Acc: clean accuracy; ASR: attack success rate; RA: robust accuracy on triggered inputs; "
-                     "DER: defense effectiveness rating (BackdoorBench).")
+        lines.append("- Cells: mean ± std over seeds, percentages in percent; defense time in seconds (training the "
+                     "attacked model is shared by all defenses and not counted); the best ranked value in bold; "
+                     "each table's columns are explained under it.")
     else:
         lines.append("- Analyses: values are mean ± std over seeds (percentages in percent); figures show the "
                      "mean over seeds with ± std shaded.")
@@ -269,26 +274,92 @@ def _before_line(members: list[dict]) -> list[str]:
     return [f"Attacked model, before any defense ({seeds}): " + ", ".join(parts)] if parts else []
 
 
+GLOSSARY = {"clean_acc": "clean accuracy", "asr": "attack success rate", "ra": "robust accuracy on triggered inputs",
+            "der": "defense effectiveness rating (BackdoorBench: (max(0, ASR drop) − max(0, C-Acc drop) + 1) / 2)",
+            "robust_acc": "robust accuracy, the per-image worst case over every attack run (as AutoAttack counts)",
+            "injection_success": "share of sneaked faults still active", "t_agreement": "kept images still agreeing",
+            "unreliable": "a gradient-masking check beat the attack", "mcr_t": "the point of the path MCR returned",
+            "pruned_channels": "channels fine-pruning removed"}
+
+
+_SAFE_LINK = re.compile(r"https://[A-Za-z0-9./?=_%&#:+~-]+")
+
+
+def _method_links(members: list[dict]) -> list[str]:
+    """Links to each method's paper and code, from the installed plugins' metadata (the `paper`
+    and `code` fields; a plugin not installed is left out; anything but a plain https link is
+    ignored)."""
+    try:
+        from bench.registry import load_plugins
+        registry = load_plugins()
+    except Exception:  # the report works without the plugins
+        return []
+    names = ({("attack", r["attack"]) for r in members if "attack" in r}
+             | {("defense", r["defense"]) for r in members if "defense" in r}
+             | {("analysis", r["analysis"]) for r in members if "analysis" in r})
+    parts = []
+    for kind, name in sorted(names, key=lambda item: (item[0] != "attack", item[1])):
+        try:
+            cls = registry.get(kind, name).cls
+        except Exception:
+            continue
+        links = [f"[{label}]({url})" for label, url in (("paper", cls.paper), ("code", cls.code))
+                 if url and _SAFE_LINK.fullmatch(url)]
+        if links:
+            parts.append(f"{md(name)} ({', '.join(links)})")
+    return ["", "Methods: " + "; ".join(parts) + "."] if parts else []
+
+
+def headline_metric(columns: list[tuple[str, dict]]) -> str:
+    """The metric a table is ranked by: robust accuracy for evasion tables, DER for backdoor
+    and fault tables, else clean accuracy."""
+    keys = [k for k, info in columns if not info["diagnostic"]]
+    return next((k for k in ("robust_acc", "der", "clean_acc") if k in keys), keys[0] if keys else "clean_acc")
+
+
 def _table(members: list[dict]) -> str:
-    """The headline table (one row per defense and bonafide size) and, when the attack reports
-    diagnostics, a second table of them under it."""
+    """The headline table (one row per defense and bonafide size, `none` first as the reference,
+    the rest ranked by the headline metric) and, when the attack reports diagnostics, a second
+    table of them under it; then a glossary of the columns it has."""
     columns = _metric_columns(members)
     time_info = {"label": "Defense time (s)", "higher_is_better": None, "kind": "seconds", "diagnostic": False}
     frame = pd.DataFrame([{"defense": r["defense_label"], "bonafide": r["bonafide_size"], "seed": r["seed"],
                            **{k: r["metrics"].get(k) for k, _ in columns}, TIME: r["timings"].get("defense", 0.0)}
                           for r in members])
     stats = frame.groupby(["defense", "bonafide"], sort=False).agg(["mean", "std", "count"])
-    order = sorted(stats.index, key=lambda i: (i[0] != "none", i[0], -i[1]))
+    headline = headline_metric(columns)
+    info = dict(columns).get(headline, {"higher_is_better": True})
+    sign = -1 if info.get("higher_is_better", True) else 1
+
+    def rank_key(index):
+        mean = stats.loc[index][(headline, "mean")] if (headline, "mean") in stats.columns else float("nan")
+        return (index[0] != "none", 0 if math.isnan(mean) else sign * mean, index[0], -index[1])
+
+    order = sorted(stats.index, key=rank_key)
     stats = stats.loc[order]
-    headline = [(k, i) for k, i in columns if not i["diagnostic"]] + [(TIME, time_info)]
+    ranks, position, previous = {}, 0, None
+    for index in order:
+        if index[0] == "none":
+            ranks[index] = "ref"
+            continue
+        value = round(float(stats.loc[index][(headline, "mean")]), 9) if (headline, "mean") in stats.columns else None
+        position += 1
+        if value != previous:
+            shown = position
+        ranks[index], previous = shown, value
+    shown_columns = [(k, i) for k, i in columns if not i["diagnostic"]] + [(TIME, time_info)]
     diagnostics = [(k, i) for k, i in columns if i["diagnostic"]]
-    text = _render(frame, stats, headline)
+    text = _render(frame, stats, shown_columns, ranks)
     if diagnostics:
         text += "\n\nDiagnostics (per attack; not ranked):\n\n" + _render(frame, stats, diagnostics)
+    labels = [(i["label"], GLOSSARY.get(k)) for k, i in columns if GLOSSARY.get(k)]
+    text += (f"\n\nRanked by {md(dict(columns).get(headline, {}).get('label', headline))} (`none` is the reference). "
+             + "; ".join(f"{md(label)}: {meaning}" for label, meaning in labels) + ".")
     return text
 
 
-def _render(frame: pd.DataFrame, stats: pd.DataFrame, specs: list[tuple[str, dict]]) -> str:
+def _render(frame: pd.DataFrame, stats: pd.DataFrame, specs: list[tuple[str, dict]],
+            ranks: dict | None = None) -> str:
     best = {}
     for key, info in specs:
         means = stats[(key, "mean")].dropna()
@@ -298,8 +369,9 @@ def _render(frame: pd.DataFrame, stats: pd.DataFrame, specs: list[tuple[str, dic
             best[key] = means.max() if info["higher_is_better"] else means.min()
     table = []
     for (defense, bonafide), row in stats.iterrows():
-        cells = {"Defense": md(defense), "Bonafide": bonafide if bonafide else "-",
-                 "Seeds": int(row[(TIME, "count")])}
+        cells = {"Rank": str(ranks[(defense, bonafide)])} if ranks is not None else {}
+        cells.update({"Defense": md(defense), "Bonafide": bonafide if bonafide else "-",
+                      "Seeds": int(row[(TIME, "count")])})
         for key, info in specs:
             mean, std, count = row[(key, "mean")], row[(key, "std")], int(row[(key, "count")])
             if info["kind"] == "flag":

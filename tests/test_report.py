@@ -39,10 +39,10 @@ def test_report_shows_mean_and_std_over_seeds_and_marks_the_best(tmp_path):
     fill(tmp_path / "r.db")
     text = render_report(tmp_path / "r.db")
     assert "## digits / small_cnn / badnets" in text
-    none_row = next(l for l in text.splitlines() if l.startswith("| none"))
-    ft_row = next(l for l in text.splitlines() if l.startswith("| finetune"))
+    none_row = next(l for l in text.splitlines() if "| none " in l)
+    ft_row = next(l for l in text.splitlines() if "| finetune " in l)
     assert "**91.0 ± 1.4**" in none_row  # best clean accuracy, mean and sample std over 2 seeds
-    assert "99.0 ± 1.4" in none_row and "**" not in none_row.split("|")[5]
+    assert "99.0 ± 1.4" in none_row and "**" not in none_row.split("|")[6]  # Rank, Defense, Bonafide, Seeds, C-Acc, ASR
     assert "**25.0 ± 7.1**" in ft_row  # lowest ASR is best
     assert "| 100 " in ft_row and "| -" in none_row
     assert "4 jobs" not in text and "5 jobs, 4 succeeded, 1 failed" in text
@@ -111,8 +111,8 @@ def test_unreliable_rows_are_flagged_not_averaged(tmp_path):
                     timings={"defense": 1.0}, device="cpu", started_at="2026-11-23T10:00:00",
                     finished_at="2026-11-23T10:01:00"))
     text = render_report(tmp_path / "r.db")
-    assert "⚠ unreliable (1/2 seeds)" in next(l for l in text.splitlines() if l.startswith("| sap"))
-    assert "unreliable" not in next(l for l in text.splitlines() if l.startswith("| none"))
+    assert "⚠ unreliable (1/2 seeds)" in next(l for l in text.splitlines() if "| sap " in l)
+    assert "unreliable" not in next(l for l in text.splitlines() if "| none " in l)
 
 
 def test_cells_render_by_kind_diagnostics_go_below_and_only_ranked_headline_columns_are_bold(tmp_path):
@@ -129,13 +129,13 @@ def test_cells_render_by_kind_diagnostics_go_below_and_only_ranked_headline_colu
                 started_at="2026-11-23T10:00:00", finished_at="2026-11-23T10:01:00"))
     text = render_report(tmp_path / "r.db")
     main, _, diagnostics = text.partition("Diagnostics (per attack; not ranked):")
-    mcr_row = next(l for l in main.splitlines() if l.startswith("| mcr"))
-    ft_row = next(l for l in main.splitlines() if l.startswith("| finetune"))
+    mcr_row = next(l for l in main.splitlines() if "| mcr " in l)
+    ft_row = next(l for l in main.splitlines() if "| finetune " in l)
     assert "| 0.30 " in mcr_row and "**0.30" not in mcr_row  # a chosen value, not a percentage, never ranked
     assert "**80.0**" in mcr_row  # ranked headline percentage
     assert "5.00" in mcr_row and "1.00" in ft_row and "**1.00" not in ft_row  # times are not ranked
     assert "PGD acc" not in main.splitlines()[-3] and "PGD acc" in diagnostics
-    diag_mcr = next(l for l in diagnostics.splitlines() if l.startswith("| mcr"))
+    diag_mcr = next(l for l in diagnostics.splitlines() if "| mcr " in l)
     assert "70.0" in diag_mcr and "**" not in diagnostics
 
 
@@ -189,3 +189,22 @@ def test_a_store_from_a_newer_version_is_refused_and_an_older_one_migrated(tmp_p
         con.execute("PRAGMA user_version = 99")
     result = CliRunner().invoke(main, ["report", str(tmp_path / "r.db")])
     assert result.exit_code == 2 and "newer robustness-bench" in result.output
+
+
+def test_rows_are_ranked_by_the_headline_metric_with_none_as_the_reference(tmp_path):
+    info = {**INFO, "ra": {"label": "RA", "higher_is_better": True, "kind": "percent", "diagnostic": False}}
+    with ResultStore(tmp_path / "r.db") as store:
+        for defense, der in (("none", 0.5), ("weak", 0.6), ("strong", 0.9), ("middling", 0.7)):
+            store.record(fake_job(defense, 0, 0 if defense == "none" else 100), Outcome(
+                status="ok", metrics={"clean_acc": 0.9, "asr": 1 - der, "der": der}, metric_info=INFO,
+                timings={"defense": 1.0}, device="cpu", started_at="2026-11-23T10:00:00",
+                finished_at="2026-11-23T10:01:00"))
+    text = render_report(tmp_path / "r.db")
+    order = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ") and "Rank" not in line]
+    assert order == ["none", "strong", "middling", "weak"]
+    ranks = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "Rank" not in line]
+    assert ranks == ["ref", "1", "2", "3"]
+    glossary = next(line for line in text.splitlines() if line.startswith("Ranked by DER"))
+    assert "ASR: attack success rate" in glossary and "RA:" not in glossary  # only the columns it has
+    assert "badnets ([paper](https://arxiv.org/abs/1708.06733))" in text
+    del info

@@ -30,6 +30,7 @@ from bench.toolkit import Norm, is_stochastic, pgd_attack, robust_accuracy, to_m
 class BudgetCurve(bench.Analysis):
     name = "budget_curve"
     description = "Robust accuracy against the attack budget, undefended vs defended, plain PGD vs EOT-PGD"
+    paper = "https://arxiv.org/abs/1802.00420"
 
     @dataclass(frozen=True)
     class Options:

@@ -78,6 +78,8 @@ def pearson(a: list[float], b: list[float]) -> float:
 class RobustPath(bench.Analysis):
     name = "robust_path"
     description = "Paths between a regular and an adversarially trained model: accuracy, PGD loss, input-Hessian"
+    paper = "https://openreview.net/forum?id=SJgwzCEKwH"
+    code = "https://github.com/IBM/model-sanitization"
 
     @dataclass(frozen=True)
     class Options:

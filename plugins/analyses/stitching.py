@@ -108,6 +108,7 @@ def stitch(a: nn.Module, b: nn.Module, layer: int, train: bench.ImageData, ctx: 
 class Stitching(bench.Analysis):
     name = "stitching"
     description = "Stitch robust and regular networks at every layer: clean and PGD accuracy of the result"
+    code = "https://github.com/szegedai/robust-stitching"
 
     @dataclass(frozen=True)
     class Options:

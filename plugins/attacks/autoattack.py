@@ -60,6 +60,8 @@ class Version(enum.Enum):
 class AutoAttack(bench.Attack):
     name = "autoattack"
     description = "AutoAttack (APGD-CE, APGD-T, FAB-T, Square; the RobustBench protocol) via torchattacks"
+    paper = "https://arxiv.org/abs/2003.01690"
+    code = "https://github.com/fra31/auto-attack"
     stage = bench.Stage.TEST_TIME
     metrics = (bench.Metric("robust_acc", "Robust acc", higher_is_better=True),
                bench.Metric("asr", "ASR", higher_is_better=False),

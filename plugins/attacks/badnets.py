@@ -47,6 +47,7 @@ def stamp_trigger(x: torch.Tensor, size: int, corner: Corner, margin: int, value
 class BadNets(AllToOneBackdoor):
     name = "badnets"
     description = "BadNets backdoor: square trigger patch, poisoned images relabelled to one target class"
+    paper = "https://arxiv.org/abs/1708.06733"
 
     @dataclass(frozen=True)
     class Options:

@@ -58,6 +58,7 @@ def blend(x: torch.Tensor, trigger: torch.Tensor, alpha: float) -> torch.Tensor:
 class Blended(AllToOneBackdoor):
     name = "blended"
     description = "Blended backdoor: a trigger image alpha-blended over the whole input, relabelled to one class"
+    paper = "https://arxiv.org/abs/1712.05526"
 
     @dataclass(frozen=True)
     class Options:

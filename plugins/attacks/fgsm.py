@@ -25,6 +25,7 @@ from bench.toolkit import EvasionAttack, EvasionSettings, Norm, ProtocolOptions
 class FGSM(EvasionAttack):
     name = "fgsm"
     description = "FGSM: one-step evasion attack (L-inf or L2), with the pgd plugin's protocol and checks"
+    paper = "https://arxiv.org/abs/1412.6572"
 
     @dataclass(frozen=True)
     class Options(ProtocolOptions):

@@ -76,6 +76,7 @@ from bench.toolkit import EvasionAttack, EvasionSettings, Norm, ProtocolOptions
 class PGD(EvasionAttack):
     name = "pgd"
     description = "PGD evasion (L-inf or L2, EOT for stochastic models); worst case with CE/DLR-PGD and Square masking checks"
+    paper = "https://arxiv.org/abs/1706.06083"
 
     @dataclass(frozen=True)
     class Options(ProtocolOptions):

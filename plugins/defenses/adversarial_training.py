@@ -45,6 +45,7 @@ def reset_parameters(model: torch.nn.Module) -> None:
 class AdversarialTraining(bench.Defense):
     name = "adversarial_training"
     description = "Adversarial training on the bonafide set: Madry PGD-AT or fast FGSM with random start"
+    paper = "https://arxiv.org/abs/1706.06083"
 
     @dataclass(frozen=True)
     class Options:

@@ -121,6 +121,8 @@ def mean_channel_activation(net: nn.Module, point: nn.Module, bonafide: bench.Im
 class FinePruning(bench.Defense):
     name = "fine_pruning"
     description = "Fine-Pruning: prune the least active last-layer channels on bonafide data, then fine-tune"
+    paper = "https://arxiv.org/abs/1805.12185"
+    code = "https://github.com/SCLBD/BackdoorBench"
     metrics = (bench.Metric("pruned_channels", "Pruned", higher_is_better=None, kind=bench.MetricKind.NUMBER),)
 
     @dataclass(frozen=True)

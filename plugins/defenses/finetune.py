@@ -20,6 +20,7 @@ from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH, train_classifier
 class FineTune(bench.Defense):
     name = "finetune"
     description = "Fine-tune all weights on the bonafide set (the MCR reference's baseline budget and schedule)"
+    code = "https://github.com/IBM/model-sanitization"
 
     @dataclass(frozen=True)
     class Options:

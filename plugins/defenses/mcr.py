@@ -201,6 +201,8 @@ def train_curve(net: nn.Module, curve: ParameterCurve, data: bench.ImageData, ct
 class ModeConnectivityRepair(bench.Defense):
     name = "mcr"
     description = "Mode-connectivity repair: train a curve between two tampered models on bonafide data"
+    paper = "https://openreview.net/forum?id=SJgwzCEKwH"
+    code = "https://github.com/IBM/model-sanitization"
 
     @dataclass(frozen=True)
     class Options:

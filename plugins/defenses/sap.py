@@ -134,6 +134,7 @@ class StochasticallyPruned(nn.Module):
 class SAP(bench.Defense):
     name = "sap"
     description = "Stochastic Activation Pruning after every ReLU (no retraining); a stochastic predictor"
+    paper = "https://arxiv.org/abs/1803.01442"
     uses_bonafide = False
 
     @dataclass(frozen=True)
