@@ -46,15 +46,30 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # The public names load on first use (PEP 562), so that `bench --help` and other commands that
 # need no model answer without importing torch.
 _PUBLIC = {
-    "Analysis": "bench.analyses", "AnalysisData": "bench.analyses", "AnalysisResult": "bench.analyses",
-    "Figure": "bench.analyses", "ModelRecipe": "bench.analyses",
-    "Attack": "bench.attacks", "Metric": "bench.attacks", "MetricKind": "bench.attacks", "Stage": "bench.attacks",
-    "DefenseContext": "bench.context", "RunContext": "bench.context",
-    "Dataset": "bench.data", "DatasetSplits": "bench.data", "ImageData": "bench.data",
-    "Defended": "bench.defenses", "Defense": "bench.defenses",
-    "BenchError": "bench.errors", "DataNotFoundError": "bench.errors", "OptionError": "bench.errors",
-    "SuiteError": "bench.errors", "UnknownPluginError": "bench.errors",
-    "InputShape": "bench.models", "Model": "bench.models", "TrainRecipe": "bench.models",
+    "Analysis": "bench.analyses",
+    "AnalysisData": "bench.analyses",
+    "AnalysisResult": "bench.analyses",
+    "Figure": "bench.analyses",
+    "ModelRecipe": "bench.analyses",
+    "Attack": "bench.attacks",
+    "Metric": "bench.attacks",
+    "MetricKind": "bench.attacks",
+    "Stage": "bench.attacks",
+    "DefenseContext": "bench.context",
+    "RunContext": "bench.context",
+    "Dataset": "bench.data",
+    "DatasetSplits": "bench.data",
+    "ImageData": "bench.data",
+    "Defended": "bench.defenses",
+    "Defense": "bench.defenses",
+    "BenchError": "bench.errors",
+    "DataNotFoundError": "bench.errors",
+    "OptionError": "bench.errors",
+    "SuiteError": "bench.errors",
+    "UnknownPluginError": "bench.errors",
+    "InputShape": "bench.models",
+    "Model": "bench.models",
+    "TrainRecipe": "bench.models",
     "option": "bench.options",
 }
 
@@ -64,6 +79,7 @@ def __getattr__(name: str):
     if module is None:
         raise AttributeError(f"module 'bench' has no attribute {name!r}")
     import importlib
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
@@ -73,7 +89,31 @@ def __dir__():
     return sorted(set(globals()) | set(_PUBLIC))
 
 
-__all__ = ["Analysis", "AnalysisData", "AnalysisResult", "Attack", "BenchError", "DataNotFoundError", "Dataset", "DatasetSplits", "Defended", "Defense",
-           "DefenseContext", "Figure", "ImageData", "InputShape", "Metric", "MetricKind", "Model", "ModelRecipe",
-           "OptionError", "RunContext",
-           "Stage", "SuiteError", "TrainRecipe", "UnknownPluginError", "hookimpl", "option"]
+__all__ = [
+    "Analysis",
+    "AnalysisData",
+    "AnalysisResult",
+    "Attack",
+    "BenchError",
+    "DataNotFoundError",
+    "Dataset",
+    "DatasetSplits",
+    "Defended",
+    "Defense",
+    "DefenseContext",
+    "Figure",
+    "ImageData",
+    "InputShape",
+    "Metric",
+    "MetricKind",
+    "Model",
+    "ModelRecipe",
+    "OptionError",
+    "RunContext",
+    "Stage",
+    "SuiteError",
+    "TrainRecipe",
+    "UnknownPluginError",
+    "hookimpl",
+    "option",
+]

@@ -24,7 +24,7 @@ import contextlib
 import enum
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from bench.attacks import Attack, Metric, MetricKind, Stage, check_target_class
 from bench.context import RunContext, derived_seed
 from bench.data import ImageData
 from bench.errors import BenchError
+
 # eval_mode and is_stochastic live in bench.evaluation (clean accuracy needs them too); they are
 # imported from here by the evasion plugins.
 from bench.evaluation import STOCHASTIC_PROBE_IMAGES, eval_mode, is_stochastic, to_model_input
@@ -99,9 +100,12 @@ def import_torchattacks(needed_by: str) -> ModuleType:
     is missing or its version is outside `TORCHATTACKS_SUPPORTED`."""
     problem = torchattacks_problem()
     if problem is not None:
-        raise BenchError(f"{needed_by} needs {TORCHATTACKS_REQUIREMENT}, but {problem}: "
-                         f"pip install 'robustness-bench[autoattack]' (or pip install '{TORCHATTACKS_REQUIREMENT}')")
+        raise BenchError(
+            f"{needed_by} needs {TORCHATTACKS_REQUIREMENT}, but {problem}: "
+            f"pip install 'robustness-bench[autoattack]' (or pip install '{TORCHATTACKS_REQUIREMENT}')"
+        )
     import torchattacks
+
     return torchattacks
 
 
@@ -161,9 +165,17 @@ def dlr_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torc
     return margin
 
 
-def loss_gradient(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor, *,
-                  targeted: bool, eot_samples: int, autocast: Callable[[], ContextManager],
-                  loss: Loss = Loss.CE) -> torch.Tensor:
+def loss_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    targeted: bool,
+    eot_samples: int,
+    autocast: Callable[[], ContextManager],
+    loss: Loss = Loss.CE,
+) -> torch.Tensor:
     """Gradient of the attack objective at x + delta, summed over `eot_samples` forward passes
     (one sample per pass; the sum points the same way as the EOT average). With `Loss.CE`
     untargeted attacks ascend the cross-entropy of the true labels and targeted ones descend
@@ -189,17 +201,31 @@ def loss_gradient(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, labels
     return grad
 
 
-def attack_succeeds(model: nn.Module, x_adv: torch.Tensor, labels: torch.Tensor, targeted: bool,
-                    autocast: Callable[[], ContextManager]) -> torch.Tensor:
+def attack_succeeds(
+    model: nn.Module, x_adv: torch.Tensor, labels: torch.Tensor, targeted: bool, autocast: Callable[[], ContextManager]
+) -> torch.Tensor:
     with torch.no_grad(), autocast():
         predictions = model(x_adv).argmax(dim=1)
     return predictions == labels if targeted else predictions != labels
 
 
-def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
-               norm: Norm = Norm.LINF, random_start: bool = True, restarts: int = 1, targeted: bool = False,
-               eot_samples: int = 1, loss: Loss = Loss.CE, generator: torch.Generator | None = None,
-               autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+def pgd_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step: float,
+    steps: int,
+    norm: Norm = Norm.LINF,
+    random_start: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+    eot_samples: int = 1,
+    loss: Loss = Loss.CE,
+    generator: torch.Generator | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) on float images x in [0, 1]; returns
     x_adv with ||x_adv - x|| <= eps in `norm` and x_adv in [0, 1]. `y` holds the true labels,
     or the target labels when `targeted`. `loss` is the objective (cross-entropy or DLR). With
@@ -214,8 +240,9 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         if random_start:
             delta = project(random_start_in_ball(x, eps, norm, generator), x, eps, norm)
         for _ in range(steps):
-            grad = loss_gradient(model, x, delta, y, targeted=targeted, eot_samples=eot_samples, autocast=autocast,
-                                 loss=loss)
+            grad = loss_gradient(
+                model, x, delta, y, targeted=targeted, eot_samples=eot_samples, autocast=autocast, loss=loss
+            )
             delta = project(delta + step * ascent_direction(grad, norm), x, eps, norm)
         x_adv = (x + delta).detach()
         if restarts == 1:
@@ -228,8 +255,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     return best
 
 
-def square_attack(model: nn.Module, *, eps: float, norm: Norm, queries: int, targeted: bool,
-                  seed: int) -> "PerturbFn":
+def square_attack(model: nn.Module, *, eps: float, norm: Norm, queries: int, targeted: bool, seed: int) -> "PerturbFn":
     """The Square attack (Andriushchenko et al. 2020; gradient-free random search on the margin)
     from torchattacks, as RobustBench's AutoAttack runs it: margin loss, p_init 0.8, one
     restart, no rescaling of the square-size schedule to the query budget
@@ -237,8 +263,17 @@ def square_attack(model: nn.Module, *, eps: float, norm: Norm, queries: int, tar
     torchattacks reseeds torch's global generator on every call; the call runs inside
     `torch.random.fork_rng`, so the caller's random state is left as it was."""
     torchattacks = import_torchattacks("the Square check")
-    attack = torchattacks.Square(model, norm="Linf" if norm is Norm.LINF else "L2", eps=eps, n_queries=queries,
-                                 n_restarts=1, p_init=0.8, loss="margin", resc_schedule=False, seed=seed)
+    attack = torchattacks.Square(
+        model,
+        norm="Linf" if norm is Norm.LINF else "L2",
+        eps=eps,
+        n_queries=queries,
+        n_restarts=1,
+        p_init=0.8,
+        loss="margin",
+        resc_schedule=False,
+        seed=seed,
+    )
     if targeted:
         attack.set_mode_targeted_by_label(quiet=True)
 
@@ -302,17 +337,25 @@ def attack_success_rate(clean: PassCounts, attacked: PassCounts, targeted: bool)
 PerturbFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, labels or targets) -> adversarial
 
 
-def robust_accuracy(model: nn.Module, x_uint8: torch.Tensor, labels: torch.Tensor, *, attack: PerturbFn | None,
-                    targets: torch.Tensor | None = None, passes: int = 1, batch_size: int = 1024,
-                    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                    progress: Callable | None = None) -> PassCounts:
+def robust_accuracy(
+    model: nn.Module,
+    x_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    attack: PerturbFn | None,
+    targets: torch.Tensor | None = None,
+    passes: int = 1,
+    batch_size: int = 1024,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    progress: Callable | None = None,
+) -> PassCounts:
     """Attack uint8 images batch by batch with `attack(x, labels_or_targets) -> x_adv` (None:
     clean images), then count correct predictions over `passes` forward passes of each
     adversarial batch. No host sync: counts stay on the device."""
     correct = torch.zeros(len(labels), dtype=torch.long, device=labels.device)
     hits = torch.zeros_like(correct)
     starts = range(0, len(labels), batch_size)
-    for start in (progress(starts) if progress else starts):
+    for start in progress(starts) if progress else starts:
         batch = slice(start, start + batch_size)
         x = to_model_input(x_uint8[batch])
         if attack is not None:
@@ -362,12 +405,19 @@ class ProtocolOptions:
     subset: int = option(1000, "attack the first N evaluation images; 0: all of them", min=0)
     eot_samples: int = option(10, "stochastic models: gradient samples averaged per EOT step", min=1)
     passes: int = option(10, "stochastic models: forward passes each image is predicted in", min=1)
-    masking_threshold: float = option(0.05, "flag 'unreliable' when a check attack's success rate exceeds the "
-                                            "configured attack's by more", min=0, max=1)
+    masking_threshold: float = option(
+        0.05,
+        "flag 'unreliable' when a check attack's success rate exceeds the configured attack's by more",
+        min=0,
+        max=1,
+    )
     check_subset: int = option(200, "masking check: attack the first N images of the subset", min=1)
     check_restarts: int = option(3, "masking check: random restarts of its CE-PGD and DLR-PGD", min=1)
-    check_square_queries: int = option(1000, "masking check: queries of the gradient-free Square attack "
-                                             "(needs torchattacks); 0: no Square check", min=0)
+    check_square_queries: int = option(
+        1000,
+        "masking check: queries of the gradient-free Square attack (needs torchattacks); 0: no Square check",
+        min=0,
+    )
 
 
 class EvasionAttack(Attack):
@@ -386,11 +436,23 @@ class EvasionAttack(Attack):
         the attack's own steps."""
         o = self.options
         return EvasionSettings(
-            norm=o.norm, eps=o.eps, step=step, steps=steps, restarts=restarts, random_start=random_start,
-            targeted=o.targeted, target_class=o.target_class, subset=o.subset, eot_samples=o.eot_samples,
-            passes=o.passes, masking_threshold=o.masking_threshold, check_subset=o.check_subset,
-            check_steps_factor=o.check_steps_factor, check_restarts=o.check_restarts,
-            check_square_queries=o.check_square_queries)
+            norm=o.norm,
+            eps=o.eps,
+            step=step,
+            steps=steps,
+            restarts=restarts,
+            random_start=random_start,
+            targeted=o.targeted,
+            target_class=o.target_class,
+            subset=o.subset,
+            eot_samples=o.eot_samples,
+            passes=o.passes,
+            masking_threshold=o.masking_threshold,
+            check_subset=o.check_subset,
+            check_steps_factor=o.check_steps_factor,
+            check_restarts=o.check_restarts,
+            check_square_queries=o.check_square_queries,
+        )
 
     def check_dataset(self, splits):
         check_target_class(self.name, self.options.target_class, splits.num_classes)
@@ -420,21 +482,26 @@ def describe_evasion_protocol(name: str, settings: EvasionSettings) -> str:
     square = square_check_problem(s)
     if square is None:
         import torchattacks
-        square_text = (f"Square with {s.check_square_queries} queries (torchattacks {torchattacks.__version__}, "
-                       f"resc_schedule off)")
+
+        square_text = (
+            f"Square with {s.check_square_queries} queries (torchattacks {torchattacks.__version__}, resc_schedule off)"
+        )
     else:
         square_text = f"NO Square check: {square}, so masking that hides every gradient goes undetected"
-    return (f"{name}: {goal} {s.norm.value} eps {s.eps:.4g}, {s.steps} step(s) of {s.step:.4g}, {s.restarts} "
-            f"restart(s){start}, on {images} evaluation images; stochastic models (declared, or two forward passes "
-            f"differ) are also attacked with EOT-{s.eot_samples} and predicted {s.passes} times per image. "
-            f"Robust acc and ASR: per image, the worst case over every attack run on it. Masking check on the first "
-            f"{s.check_subset} images: CE-PGD and DLR-PGD with {s.check_steps} steps x {s.check_restarts} restarts "
-            f"(EOT for stochastic models), {square_text}; 'unreliable' when a check beats the attack by more than "
-            f"{s.masking_threshold:.0%}")
+    return (
+        f"{name}: {goal} {s.norm.value} eps {s.eps:.4g}, {s.steps} step(s) of {s.step:.4g}, {s.restarts} "
+        f"restart(s){start}, on {images} evaluation images; stochastic models (declared, or two forward passes "
+        f"differ) are also attacked with EOT-{s.eot_samples} and predicted {s.passes} times per image. "
+        f"Robust acc and ASR: per image, the worst case over every attack run on it. Masking check on the first "
+        f"{s.check_subset} images: CE-PGD and DLR-PGD with {s.check_steps} steps x {s.check_restarts} restarts "
+        f"(EOT for stochastic models), {square_text}; 'unreliable' when a check beats the attack by more than "
+        f"{s.masking_threshold:.0%}"
+    )
 
 
-def evaluate_evasion(model: nn.Module, test: ImageData, ctx: RunContext, settings: EvasionSettings,
-                     stream: str) -> dict[str, float]:
+def evaluate_evasion(
+    model: nn.Module, test: ImageData, ctx: RunContext, settings: EvasionSettings, stream: str
+) -> dict[str, float]:
     """The evasion protocol (the pgd plugin's docstring gives it in full); returns the metric
     values. On the first `subset` images (targeted with a fixed class: those not of it):
 
@@ -453,7 +520,7 @@ def evaluate_evasion(model: nn.Module, test: ImageData, ctx: RunContext, setting
     of the configured attack (per image, the worse of its variants) on the check images, 0 when
     none does; `unreliable` is 1 when it exceeds `masking_threshold`."""
     s = settings
-    data = test if s.subset == 0 else ImageData(test.x[:s.subset], test.y[:s.subset])
+    data = test if s.subset == 0 else ImageData(test.x[: s.subset], test.y[: s.subset])
     targets = None
     if s.targeted:
         if s.target_class >= 0:  # images already of the target class cannot be "moved" to it
@@ -467,44 +534,73 @@ def evaluate_evasion(model: nn.Module, test: ImageData, ctx: RunContext, setting
     size = min(s.check_subset, len(data))
 
     def pgd(stream_name: str, **overrides) -> PerturbFn:
-        kwargs = dict(eps=s.eps, step=s.step, steps=s.steps, norm=s.norm, random_start=s.random_start,
-                      restarts=s.restarts, targeted=s.targeted, eot_samples=1, autocast=ctx.autocast)
+        kwargs: dict[str, Any] = dict(
+            eps=s.eps,
+            step=s.step,
+            steps=s.steps,
+            norm=s.norm,
+            random_start=s.random_start,
+            restarts=s.restarts,
+            targeted=s.targeted,
+            eot_samples=1,
+            autocast=ctx.autocast,
+        )
         kwargs.update(overrides)
         generator = ctx.generator(f"{stream}:{stream_name}")
         return lambda x, y: pgd_attack(model, x, y, generator=generator, **kwargs)
 
     def counts(attack: PerturbFn | None, desc: str, count: int = len(data)) -> PassCounts:
-        return robust_accuracy(model, data.x[:count], data.y[:count], attack=attack,
-                               targets=None if targets is None else targets[:count], passes=passes,
-                               batch_size=ctx.eval_batch_size, autocast=ctx.autocast,
-                               progress=lambda it: ctx.progress(it, desc=f"{stream} {desc}"))
+        return robust_accuracy(
+            model,
+            data.x[:count],
+            data.y[:count],
+            attack=attack,
+            targets=None if targets is None else targets[:count],
+            passes=passes,
+            batch_size=ctx.eval_batch_size,
+            autocast=ctx.autocast,
+            progress=lambda it: ctx.progress(it, desc=f"{stream} {desc}"),
+        )
 
-    check = dict(steps=s.check_steps, step=2.5 * s.eps / s.check_steps,  # Madry et al.: cross the ball 2.5 times
-                 restarts=s.check_restarts, random_start=True, eot_samples=eot_samples)
+    check = dict(
+        steps=s.check_steps,
+        step=2.5 * s.eps / s.check_steps,  # Madry et al.: cross the ball 2.5 times
+        restarts=s.check_restarts,
+        random_start=True,
+        eot_samples=eot_samples,
+    )
     with eval_mode(model):
         clean = counts(None, "clean")
         attack = counts(pgd("attack"), "attack")
         # For a deterministic model the EOT variant is the same attack (a sum of identical gradients).
         eot = counts(pgd("eot", eot_samples=s.eot_samples), "eot") if stochastic else attack
-        checks = {"check_ce": counts(pgd("check_ce", **check), "check CE-PGD", size),
-                  "check_dlr": counts(pgd("check_dlr", loss=Loss.DLR, **check), "check DLR-PGD", size)}
+        checks = {
+            "check_ce": counts(pgd("check_ce", **check), "check CE-PGD", size),
+            "check_dlr": counts(pgd("check_dlr", loss=Loss.DLR, **check), "check DLR-PGD", size),
+        }
         if square_check_problem(s) is None:
-            seed = derived_seed(ctx.seed, f"{stream}:check_square") % 2 ** 31
-            square = square_attack(model, eps=s.eps, norm=s.norm, queries=s.check_square_queries,
-                                   targeted=s.targeted, seed=seed)
+            seed = derived_seed(ctx.seed, f"{stream}:check_square") % 2**31
+            square = square_attack(
+                model, eps=s.eps, norm=s.norm, queries=s.check_square_queries, targeted=s.targeted, seed=seed
+            )
             checks["check_square"] = counts(square, "check Square", size)
 
     configured = worst_case([attack, eot]).head(size)
     gaps = [run.success(s.targeted) - configured.success(s.targeted) for run in checks.values()]
     gap = torch.stack(gaps).max().clamp_min(0)
     worst = worst_case([attack, eot, *checks.values()])
-    values = {"robust_acc": worst.accuracy(), "asr": attack_success_rate(clean, worst, s.targeted),
-              "unreliable": (gap > s.masking_threshold).float(),
-              "robust_acc_attack": attack.accuracy(), "robust_acc_eot": eot.accuracy(),
-              "robust_acc_eot_all": eot.accuracy_all_passes(),
-              **{f"robust_acc_{key}": run.accuracy() for key, run in checks.items()},
-              "masking_gap": gap, "clean_acc_one_pass": clean.accuracy(),
-              "clean_acc_all_passes": clean.accuracy_all_passes(),
-              "stochastic": torch.tensor(float(stochastic), device=gap.device)}
+    values = {
+        "robust_acc": worst.accuracy(),
+        "asr": attack_success_rate(clean, worst, s.targeted),
+        "unreliable": (gap > s.masking_threshold).float(),
+        "robust_acc_attack": attack.accuracy(),
+        "robust_acc_eot": eot.accuracy(),
+        "robust_acc_eot_all": eot.accuracy_all_passes(),
+        **{f"robust_acc_{key}": run.accuracy() for key, run in checks.items()},
+        "masking_gap": gap,
+        "clean_acc_one_pass": clean.accuracy(),
+        "clean_acc_all_passes": clean.accuracy_all_passes(),
+        "stochastic": torch.tensor(float(stochastic), device=gap.device),
+    }
     numbers = torch.stack([v.float() for v in values.values()]).tolist()  # the counts are read back once
     return dict(zip(values, numbers))

@@ -55,8 +55,16 @@ class Figure:
     ylabel: str = ""
 
     def info(self) -> dict:
-        return {"series": self.series, "x": self.x, "y": list(self.y), "title": self.title, "group": self.group,
-                "percent": self.percent, "xlabel": self.xlabel or self.x, "ylabel": self.ylabel}
+        return {
+            "series": self.series,
+            "x": self.x,
+            "y": list(self.y),
+            "title": self.title,
+            "group": self.group,
+            "percent": self.percent,
+            "xlabel": self.xlabel or self.x,
+            "ylabel": self.ylabel,
+        }
 
 
 @dataclass

@@ -37,7 +37,7 @@ from bench.context import DefenseContext, RunContext
 from bench.data import DatasetSplits, ImageData
 from bench.defenses import Defended
 from bench.errors import BenchError
-from bench.jobs import BonafideSource, Job, content_hash
+from bench.jobs import AnalysisJob, BonafideSource, Job, content_hash
 from bench.models import Classifier, InputShape
 from bench.training import train_classifier
 
@@ -138,8 +138,13 @@ def write_entry(path: Path, kind: str, key: str, value: Any) -> None:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     payload = buffer.getvalue()
-    entry = {"format": FORMAT, "kind": kind, "key": key, "sha256": hashlib.sha256(payload).hexdigest(),
-             "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    entry = {
+        "format": FORMAT,
+        "kind": kind,
+        "key": key,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+    }
     write_atomically(path, lambda handle: torch.save(entry, handle), fsync=True)
 
 
@@ -149,7 +154,11 @@ def read_entry(path: Path, kind: str, key: str) -> Any:
         entry = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, truncated, or holding objects beyond plain data
         raise CacheEntryError(f"unreadable or not plain data ({type(exc).__name__})") from None
-    if not isinstance(entry, dict) or entry.get("format") != FORMAT or not isinstance(entry.get("payload"), torch.Tensor):
+    if (
+        not isinstance(entry, dict)
+        or entry.get("format") != FORMAT
+        or not isinstance(entry.get("payload"), torch.Tensor)
+    ):
         raise CacheEntryError("not a robustness-bench cache entry of this version")
     if entry.get("kind") != kind or entry.get("key") != key:
         raise CacheEntryError(f"made for {entry.get('kind')}/{entry.get('key')}, not for this key")
@@ -193,23 +202,35 @@ def make_cuda_deterministic() -> None:
 
 
 def make_context(job: Job, env: JobEnvironment, splits: DatasetSplits, seed: int | None = None) -> RunContext:
-    return RunContext(device=env.device, seed=job.seed if seed is None else seed,
-                      num_classes=splits.num_classes, eval_batch_size=job.eval_batch_size,
-                      horizontal_flip=job.dataset.cls.horizontal_flip, show_progress=env.show_progress)
+    return RunContext(
+        device=env.device,
+        seed=job.seed if seed is None else seed,
+        num_classes=splits.num_classes,
+        eval_batch_size=job.eval_batch_size,
+        horizontal_flip=job.dataset.cls.horizontal_flip,
+        show_progress=env.show_progress,
+    )
 
 
 _loaded_datasets: dict[tuple[str, str], DatasetSplits] = {}
 
 
-def load_dataset(job: Job, device: torch.device) -> DatasetSplits:
+def load_dataset(job: Job | AnalysisJob, device: torch.device) -> DatasetSplits:
     """The dataset's splits on the device, decoded once per process and kept (two at most)."""
     key = (json.dumps(job.dataset.config(), sort_keys=True), str(device))
     if key not in _loaded_datasets:
         if len(_loaded_datasets) >= 2:
             _loaded_datasets.pop(next(iter(_loaded_datasets)))
         cpu = job.dataset.instantiate().load()
-        _loaded_datasets[key] = DatasetSplits(cpu.train.to(device), cpu.test.to(device), cpu.num_classes,
-                                              cpu.mean, cpu.std, cpu.source, fingerprint=data_fingerprint(cpu))
+        _loaded_datasets[key] = DatasetSplits(
+            cpu.train.to(device),
+            cpu.test.to(device),
+            cpu.num_classes,
+            cpu.mean,
+            cpu.std,
+            cpu.source,
+            fingerprint=data_fingerprint(cpu),
+        )
     return _loaded_datasets[key]
 
 
@@ -222,7 +243,7 @@ def data_fingerprint(splits: DatasetSplits) -> str:
     return digest.hexdigest()[:20]
 
 
-def build_model(job: Job, splits: DatasetSplits) -> nn.Module:
+def build_model(job: Job | AnalysisJob, splits: DatasetSplits) -> nn.Module:
     _, channels, height, width = splits.train.x.shape
     net = job.model.instantiate().build(InputShape(channels, height, width, splits.num_classes))
     return Classifier(net, splits.mean, splits.std)
@@ -234,21 +255,29 @@ def model_key(job: Job, seed: int, splits: DatasetSplits, device: torch.device) 
     the data read, the kind of device (CUDA trains in bf16), the CPU thread count, and the
     providers' versions."""
     config = {**job.model_config(), "seed": seed}
-    kinds = ("dataset", "model")
+    kinds: tuple[str, ...] = ("dataset", "model")
     if job.changes_model:
         config["attack_seed"] = job.seed
         kinds += ("attack",)
     providers = {kind: getattr(job, kind).provider for kind in kinds}
     # CPU kernels sum in an order that depends on the thread count, so results do too.
     threads = torch.get_num_threads() if device.type == "cpu" else None
-    return content_hash({"config": config, "providers": providers, "bench": bench.__version__,
-                         "data": splits.fingerprint, "device": device.type, "cpu_threads": threads})
+    return content_hash(
+        {
+            "config": config,
+            "providers": providers,
+            "bench": bench.__version__,
+            "data": splits.fingerprint,
+            "device": device.type,
+            "cpu_threads": threads,
+        }
+    )
 
 
 def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironment) -> tuple[nn.Module, dict, bool]:
     """The model trained (on poisoned data) and tampered with as the job's attack says, for
     `seed`: built once and then read from the cache, by this and every later job."""
-    attack: Attack | None = job.attack.instantiate() if job.changes_model else None
+    attack: Attack | None = job.attack.instantiate() if job.attack is not None and job.changes_model else None
     ctx = make_context(job, env, splits, seed)
     attack_ctx = make_context(job, env, splits)  # the attack draws with the job's seed
 
@@ -256,18 +285,22 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
         # Whether this runs (cache miss) or not (hit) must not change what the caller draws next.
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
             ctx.seed_global_rng("model")
-            train, state = splits.train, {}
+            train, state = splits.train, dict[str, Any]()
             if attack is not None and attack.stage is Stage.TRAINING:
                 train, state = attack.poison(splits.train, attack_ctx)
             model = ctx.prepare(build_model(job, splits))
-            losses = train_classifier(model, train, job.recipe, ctx, flip=ctx.horizontal_flip,
-                                      desc=f"train {job.model.label} seed={seed}")
+            losses = train_classifier(
+                model, train, job.recipe, ctx, flip=ctx.horizontal_flip, desc=f"train {job.model.label} seed={seed}"
+            )
             if attack is not None and attack.stage is Stage.POST_TRAINING:
                 if seed != job.seed:  # a second model of this job carries the job's own tampering
                     state = {**attacked_model(job, job.seed, splits, env)[1], **state}
                 state = attack.tamper(model, splits, attack_ctx, state)
-        return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                "attack_state": to_device(state, "cpu"), "train_losses": losses}
+        return {
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "attack_state": to_device(state, "cpu"),
+            "train_losses": losses,
+        }
 
     value, hit = env.cache.get_or_create("models", model_key(job, seed, splits, env.device), create)
     model = build_model(job, splits)
@@ -279,9 +312,16 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
 def defended_key(job: Job, splits: DatasetSplits, device: torch.device) -> str:
     """Everything a defended model depends on: the attacked model, the defense and its provider,
     and the defender's bonafide data (size, source, and the seed that draws it)."""
-    return content_hash({"model": model_key(job, job.seed, splits, device), "defense": job.defense.config(),
-                         "provider": job.defense.provider, "bonafide_size": job.bonafide_size,
-                         "bonafide_source": job.bonafide_source.value, "seed": job.seed})
+    return content_hash(
+        {
+            "model": model_key(job, job.seed, splits, device),
+            "defense": job.defense.config(),
+            "provider": job.defense.provider,
+            "bonafide_size": job.bonafide_size,
+            "bonafide_source": job.bonafide_source.value,
+            "seed": job.seed,
+        }
+    )
 
 
 def as_defended(result: Any, defense) -> Defended:
@@ -291,11 +331,15 @@ def as_defended(result: Any, defense) -> Defended:
     if isinstance(result, nn.Module):
         return Defended(result)
     if not isinstance(result, Defended):
-        raise BenchError(f"{defense.name}: apply() returned a {type(result).__name__}; it must return the defended "
-                         "torch.nn.Module or a bench.Defended")
+        raise BenchError(
+            f"{defense.name}: apply() returned a {type(result).__name__}; it must return the defended "
+            "torch.nn.Module or a bench.Defended"
+        )
     if not isinstance(result.model, nn.Module):
-        raise BenchError(f"{defense.name}: apply() returned a Defended whose model is a "
-                         f"{type(result.model).__name__}, not a torch.nn.Module")
+        raise BenchError(
+            f"{defense.name}: apply() returned a Defended whose model is a "
+            f"{type(result.model).__name__}, not a torch.nn.Module"
+        )
     undeclared = sorted(set(result.values) - {m.key for m in defense.metrics})
     if undeclared:
         raise BenchError(f"{defense.name}: reported the value '{undeclared[0]}', which its `metrics` do not declare")
@@ -303,12 +347,19 @@ def as_defended(result: Any, defense) -> Defended:
 
 
 def _same_structure(model: nn.Module, reference: nn.Module) -> bool:
-    return ([type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
-            and list(model.state_dict()) == list(reference.state_dict()))
+    return [type(m) for m in model.modules()] == [type(m) for m in reference.modules()] and list(
+        model.state_dict()
+    ) == list(reference.state_dict())
 
 
-def defended_model(job: Job, model: nn.Module, bonafide: ImageData, splits: DatasetSplits, env: JobEnvironment,
-                   defense_ctx: DefenseContext) -> tuple[Defended, float | None]:
+def defended_model(
+    job: Job,
+    model: nn.Module,
+    bonafide: ImageData,
+    splits: DatasetSplits,
+    env: JobEnvironment,
+    defense_ctx: DefenseContext,
+) -> tuple[Defended, float | None]:
     """The job's defense applied to (a copy of) `model`, or read from the cache: a defended model
     with the attacked model's structure (fine-tuning, adversarial training) is stored under
     `defended_key` with its series, values and defense seconds, so a leaderboard job and an
@@ -326,8 +377,9 @@ def defended_model(job: Job, model: nn.Module, bonafide: ImageData, splits: Data
             return None
         restored = build_model(job, splits)
         restored.load_state_dict(entry["state_dict"])
-        return Defended(defense_ctx.prepare(restored).eval(), series=entry["series"],
-                        values=entry["values"]), entry["seconds"]
+        return Defended(defense_ctx.prepare(restored).eval(), series=entry["series"], values=entry["values"]), entry[
+            "seconds"
+        ]
 
     hit = cached()
     if hit is not None:
@@ -340,14 +392,23 @@ def defended_model(job: Job, model: nn.Module, bonafide: ImageData, splits: Data
         result = as_defended(defense.apply(copy.deepcopy(model), bonafide, defense_ctx), defense)
         seconds = time.perf_counter() - start
         if result.points is None and _same_structure(result.model, model):
-            env.cache.put("defended", key, {"state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()},
-                                            "series": result.series, "values": dict(result.values),
-                                            "seconds": round(seconds, 4)})
+            env.cache.put(
+                "defended",
+                key,
+                {
+                    "state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()},
+                    "series": result.series,
+                    "values": dict(result.values),
+                    "seconds": round(seconds, 4),
+                },
+            )
     return result, None
 
 
-BONAFIDE_POOL_ORIGIN = {BonafideSource.TEST_HALF: "half of the test set",
-                        BonafideSource.TRAIN: "training images the attack left alone"}
+BONAFIDE_POOL_ORIGIN = {
+    BonafideSource.TEST_HALF: "half of the test set",
+    BonafideSource.TRAIN: "training images the attack left alone",
+}
 
 
 def bonafide_pool_size(splits: DatasetSplits, source: BonafideSource, withheld: int) -> int:
@@ -358,8 +419,10 @@ def bonafide_pool_size(splits: DatasetSplits, source: BonafideSource, withheld: 
 
 def check_bonafide_size(size: int, pool: int, source: BonafideSource) -> None:
     if size > pool:
-        raise BenchError(f"bonafide_size {size} is more than the {pool} images available "
-                         f"({BONAFIDE_POOL_ORIGIN[source]}); lower [suite].bonafide_size")
+        raise BenchError(
+            f"bonafide_size {size} is more than the {pool} images available "
+            f"({BONAFIDE_POOL_ORIGIN[source]}); lower [suite].bonafide_size"
+        )
 
 
 def _bonafide_generator(seed: int) -> torch.Generator:
@@ -372,8 +435,9 @@ def bonafide_test_indices(splits: DatasetSplits, size: int, seed: int) -> torch.
     return torch.randperm(len(splits.test), generator=_bonafide_generator(seed))[:size]
 
 
-def split_bonafide(splits: DatasetSplits, withheld_indices: torch.Tensor | None, source: BonafideSource,
-                   size: int, seed: int) -> tuple[ImageData, ImageData]:
+def split_bonafide(
+    splits: DatasetSplits, withheld_indices: torch.Tensor | None, source: BonafideSource, size: int, seed: int
+) -> tuple[ImageData, ImageData]:
     """(bonafide set for the defender, evaluation set). `test_half`: a seeded half of the test
     set is the defender's pool, the other half is evaluated. `train`: the pool is the training
     images the attack neither altered nor measures itself on, and the whole test set is

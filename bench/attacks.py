@@ -27,8 +27,9 @@ from bench.plugin import Plugin
 def check_target_class(attack_name: str, target_class: int, num_classes: int) -> None:
     """Raise a `BenchError` naming the attack when `target_class` is not a class of the data."""
     if target_class >= num_classes:
-        raise BenchError(f"{attack_name}: target_class {target_class} does not exist; "
-                         f"the dataset has classes 0..{num_classes - 1}")
+        raise BenchError(
+            f"{attack_name}: target_class {target_class} does not exist; the dataset has classes 0..{num_classes - 1}"
+        )
 
 
 class Stage(enum.Enum):
@@ -61,8 +62,12 @@ class Metric:
 
     def info(self) -> dict:
         """The metric's description as stored with every result."""
-        return {"label": self.label, "higher_is_better": self.higher_is_better, "kind": self.kind.value,
-                "diagnostic": self.diagnostic}
+        return {
+            "label": self.label,
+            "higher_is_better": self.higher_is_better,
+            "kind": self.kind.value,
+            "diagnostic": self.diagnostic,
+        }
 
 
 class Attack(Plugin):
@@ -97,14 +102,12 @@ class Attack(Plugin):
         "reserved_indices": a bonafide set drawn from training data leaves both out."""
         return train, {}
 
-    def tamper(self, model: nn.Module, data: DatasetSplits, ctx: RunContext,
-               state: dict[str, Any]) -> dict[str, Any]:
+    def tamper(self, model: nn.Module, data: DatasetSplits, ctx: RunContext, state: dict[str, Any]) -> dict[str, Any]:
         """POST_TRAINING stage: modify `model` in place; return the (updated) state. For a second
         model of the same job (an MCR endpoint), `state` arrives holding the job's own model's
         state, so that the same tampering (the same images, the same labels) can be repeated."""
         return state
 
-    def evaluate(self, model: nn.Module, test: ImageData, ctx: RunContext,
-                 state: dict[str, Any]) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, test: ImageData, ctx: RunContext, state: dict[str, Any]) -> dict[str, float]:
         """Measure the attack on `model` over `test` (on the device); return {metric key: value}."""
         raise NotImplementedError

@@ -24,8 +24,10 @@ class AllToOneBackdoor(Attack):
     `Options` dataclass with at least `poison_rate` and `target_class`."""
 
     stage: ClassVar[Stage] = Stage.TRAINING
-    metrics: ClassVar[tuple[Metric, ...]] = (Metric("asr", "ASR", higher_is_better=False),
-                                             Metric("ra", "RA", higher_is_better=True))
+    metrics: ClassVar[tuple[Metric, ...]] = (
+        Metric("asr", "ASR", higher_is_better=False),
+        Metric("ra", "RA", higher_is_better=True),
+    )
     success_metric: ClassVar[str] = "asr"
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +41,10 @@ class AllToOneBackdoor(Attack):
         count = int(round(self.options.poison_rate * len(train)))
         outside = int((train.y != self.options.target_class).sum())
         if count > outside:
-            raise BenchError(f"{self.name}: poison_rate {self.options.poison_rate} asks for {count} poisoned "
-                             f"images, but only {outside} training images are outside the target class")
+            raise BenchError(
+                f"{self.name}: poison_rate {self.options.poison_rate} asks for {count} poisoned "
+                f"images, but only {outside} training images are outside the target class"
+            )
         return count
 
     def check_dataset(self, splits):
@@ -69,5 +73,7 @@ class AllToOneBackdoor(Attack):
         others = test.y != target
         predictions = predict(model, self.apply_trigger(test.x[others]), ctx)
         labels = test.y[others]
-        return {"asr": attack_success_rate(predictions, labels, target),
-                "ra": robust_accuracy(predictions, labels, target)}
+        return {
+            "asr": attack_success_rate(predictions, labels, target),
+            "ra": robust_accuracy(predictions, labels, target),
+        }

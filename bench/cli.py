@@ -34,31 +34,65 @@ def main():
 
 @main.command()
 @click.argument("suite_file", type=click.Path(path_type=Path))
-@click.option("--store", type=click.Path(path_type=Path), default=None,
-              help="SQLite result store (default: the suite's [suite].store, else results/<name>.db).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="Override the suite's device (auto: CUDA when available).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, envvar="BENCH_CACHE_DIR",
-              help="The cache folder: decoded datasets in it, trained models and evaluations under "
-                   "artifacts/ (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).")
+@click.option(
+    "--store",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="SQLite result store (default: the suite's [suite].store, else results/<name>.db).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Override the suite's device (auto: CUDA when available).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="BENCH_CACHE_DIR",
+    help="The cache folder: decoded datasets in it, trained models and evaluations under "
+    "artifacts/ (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the jobs the suite expands to and exit.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
-@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
-              help="Start no job that would likely end past MINUTES from now (judged by the longest job "
-                   "so far; the first job always starts); run again to resume.")
-@click.option("--executor", type=click.Choice(["inprocess", "ray"]), default="inprocess", show_default=True,
-              help="Run jobs one after another here, or as tasks on a Ray cluster (pip install "
-                   "'robustness-bench[ray]'; the cache folder must be one every node sees).")
-@click.option("--ray-address", default=None, metavar="ADDRESS",
-              help="With --executor ray: the cluster to join ('auto': the running one); default: start a "
-                   "local cluster.")
-@click.option("--ray-retries", type=click.IntRange(min=0), default=1, show_default=True,
-              help="With --executor ray: how often a task whose worker died is run again.")
-@click.option("--rerun", type=click.Choice(["failed"]), default=None,
-              help="'failed': run only the jobs whose stored result is a failure, not the ones never run "
-                   "(a plain run runs both).")
-def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries,
-        rerun):
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="MINUTES",
+    help="Start no job that would likely end past MINUTES from now (judged by the longest job "
+    "so far; the first job always starts); run again to resume.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["inprocess", "ray"]),
+    default="inprocess",
+    show_default=True,
+    help="Run jobs one after another here, or as tasks on a Ray cluster (pip install "
+    "'robustness-bench[ray]'; the cache folder must be one every node sees).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDRESS",
+    help="With --executor ray: the cluster to join ('auto': the running one); default: start a local cluster.",
+)
+@click.option(
+    "--ray-retries",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="With --executor ray: how often a task whose worker died is run again.",
+)
+@click.option(
+    "--rerun",
+    type=click.Choice(["failed"]),
+    default=None,
+    help="'failed': run only the jobs whose stored result is a failure, not the ones never run "
+    "(a plain run runs both).",
+)
+def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries, rerun):
     """Run every job of SUITE_FILE that is not yet in the store.
 
     A suite expands into the cross product dataset x model x attack x defense x seed x
@@ -72,8 +106,19 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, exe
         os.environ["BENCH_CACHE_DIR"] = str(Path(cache_dir).expanduser().resolve())
         cache_dir = Path(os.environ["BENCH_CACHE_DIR"]) / "artifacts"
     try:
-        _run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries,
-             rerun)
+        _run(
+            suite_file,
+            store,
+            device,
+            cache_dir,
+            dry_run,
+            progress,
+            time_limit,
+            executor,
+            ray_address,
+            ray_retries,
+            rerun,
+        )
     finally:
         if previous is None:
             os.environ.pop("BENCH_CACHE_DIR", None)
@@ -81,10 +126,12 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, exe
             os.environ["BENCH_CACHE_DIR"] = previous
 
 
-def _run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries,
-         rerun):
+def _run(
+    suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries, rerun
+):
     from bench.runner import check_suite, run_suite
     from bench.suite import load_suite
+
     suite = None
     try:
         registry = load_plugins()
@@ -98,23 +145,35 @@ def _run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, ex
         runner = None
         if executor == "ray":
             from bench.executors import RayExecutor, import_ray
+
             import_ray()
             check_absolute_dataset_roots(suite)
             runner = RayExecutor(address=ray_address, retries=ray_retries)
-        summary = run_suite(suite, registry, store_path=store, device=device, artifact_dir=cache_dir,
-                            show_progress=progress, echo=click.echo, executor=runner,
-                            only_failed=rerun == "failed",
-                            time_limit=None if time_limit is None else time_limit * 60)
+        summary = run_suite(
+            suite,
+            registry,
+            store_path=store,
+            device=device,
+            artifact_dir=cache_dir,
+            show_progress=progress,
+            echo=click.echo,
+            executor=runner,
+            only_failed=rerun == "failed",
+            time_limit=None if time_limit is None else time_limit * 60,
+        )
     except BenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         where = store or (suite.store_path if suite else "the store")
-        click.echo(f"\ninterrupted: every finished job is stored in {where}; "
-                   "run the same command again to resume", err=True)
+        click.echo(
+            f"\ninterrupted: every finished job is stored in {where}; run the same command again to resume", err=True
+        )
         sys.exit(EXIT_INTERRUPTED)
     left = f", {summary.left} left for the next run" if summary.left else ""
-    click.echo(f"{summary.succeeded} succeeded, {len(summary.failed)} failed, {summary.skipped} already done"
-               f"{left}; results in {summary.store_path}")
+    click.echo(
+        f"{summary.succeeded} succeeded, {len(summary.failed)} failed, {summary.skipped} already done"
+        f"{left}; results in {summary.store_path}"
+    )
     if summary.failed:
         sys.exit(EXIT_JOBS_FAILED)
     if summary.left:
@@ -126,27 +185,45 @@ def check_absolute_dataset_roots(suite) -> None:
     for spec in suite.plugins["datasets"]:
         root = spec.options.get("root")
         if isinstance(root, str) and root and not Path(root).expanduser().is_absolute():
-            raise BenchError(f"{suite.path}: dataset '{spec.label}': root {root!r} is relative; --executor ray "
-                             "needs an absolute path (every node must see it)")
+            raise BenchError(
+                f"{suite.path}: dataset '{spec.label}': root {root!r} is relative; --executor ray "
+                "needs an absolute path (every node must see it)"
+            )
 
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--suite", default=None, help="Only this suite's results (a store may hold several).")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Write the markdown here (e.g. leaderboard/NAME.md) instead of printing it.")
-@click.option("--plots/--no-plots", default=True,
-              help="With --output: write PNG figures into <output stem>-figures/ and link them.")
-@click.option("--all-runs", is_flag=True,
-              help="Also show rows stored by earlier runs of the suite, before its options changed.")
-@click.option("--format", "output_format", type=click.Choice(["markdown", "json"]), default="markdown",
-              show_default=True, help="json: the same tables as data (per row: seeds, mean/std/n per metric).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the markdown here (e.g. leaderboard/NAME.md) instead of printing it.",
+)
+@click.option(
+    "--plots/--no-plots",
+    default=True,
+    help="With --output: write PNG figures into <output stem>-figures/ and link them.",
+)
+@click.option(
+    "--all-runs", is_flag=True, help="Also show rows stored by earlier runs of the suite, before its options changed."
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["markdown", "json"]),
+    default="markdown",
+    show_default=True,
+    help="json: the same tables as data (per row: seeds, mean/std/n per metric).",
+)
 def report(store, suite, output, plots, all_runs, output_format):
     """Render leaderboard markdown from a result STORE (opened read-only).
 
     Shows the jobs of the suite's latest run; a store holding several suites needs --suite.
     """
     from bench.report import render_report, report_data
+
     if output_format == "json":
         try:
             text = json.dumps(report_data(store.expanduser(), suite, all_runs), indent=2) + "\n"
@@ -165,8 +242,13 @@ def report(store, suite, output, plots, all_runs, output_format):
             if output.is_dir() or output.name in ("", ".", "..") or output.suffix.lower() != ".md":
                 raise BenchError(f"--output {output}: expected a markdown file name such as leaderboard/NAME.md")
         plot_dir = output.parent / f"{output.stem}-figures" if (output is not None and plots) else None
-        text = render_report(store.expanduser(), suite, plot_dir=plot_dir,
-                             plot_link_base=output.parent if output else None, all_runs=all_runs)
+        text = render_report(
+            store.expanduser(),
+            suite,
+            plot_dir=plot_dir,
+            plot_link_base=output.parent if output else None,
+            all_runs=all_runs,
+        )
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(text, encoding="utf-8")
@@ -183,8 +265,14 @@ def report(store, suite, output, plots, all_runs, output_format):
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--suite", default=None, help="Only this suite's results (a store may hold several).")
-@click.option("--format", "output_format", type=click.Choice(["csv", "json", "parquet"]), default="csv",
-              show_default=True, help="parquet needs pyarrow.")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["csv", "json", "parquet"]),
+    default="csv",
+    show_default=True,
+    help="parquet needs pyarrow.",
+)
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Write here instead of printing.")
 @click.option("--analyses", is_flag=True, help="Export the analyses' rows instead of the jobs'.")
 @click.option("--all-runs", is_flag=True, help="Also rows stored by earlier runs of the suite.")
@@ -192,6 +280,7 @@ def export(store, suite, output_format, output, analyses, all_runs):
     """Export a result STORE as one table: a row per job (or analysis), stable column names
     (documented in bench/export.py and the README)."""
     from bench.export import export_frame, write_export
+
     try:
         frame = export_frame(store.expanduser(), suite, analyses=analyses, all_runs=all_runs)
         text = write_export(frame, output_format, output.expanduser() if output else None)
@@ -207,20 +296,41 @@ def export(store, suite, output_format, output, analyses, all_runs):
 
 @main.command()
 @click.option("--options", "show_options", is_flag=True, help="Also list each plugin's options.")
-@click.option("--kind", type=click.Choice(["dataset", "model", "attack", "defense", "analysis"]), default=None,
-              help="Only plugins of this kind.")
+@click.option(
+    "--kind",
+    type=click.Choice(["dataset", "model", "attack", "defense", "analysis"]),
+    default=None,
+    help="Only plugins of this kind.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of plugins, each with its options).")
 def plugins(show_options, kind, as_json):
     """List every discovered plugin: kind, name, package, version, description."""
     from bench.options import describe
+
     registry = load_plugins()
     chosen = [p for p in registry.all() if kind is None or p.kind == kind]
     if as_json:
-        click.echo(json.dumps([{"kind": p.kind, "name": p.name, "package": p.package, "version": p.version,
-                                "description": p.description, "paper": p.cls.paper, "code": p.cls.code,
-                                "options": [{**o, "default": _plain(o["default"]),
-                                             "choices": [_plain(c) for c in o["choices"] or []]}
-                                            for o in describe(p.cls.Options)]} for p in chosen], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "kind": p.kind,
+                        "name": p.name,
+                        "package": p.package,
+                        "version": p.version,
+                        "description": p.description,
+                        "paper": p.cls.paper,
+                        "code": p.cls.code,
+                        "options": [
+                            {**o, "default": _plain(o["default"]), "choices": [_plain(c) for c in o["choices"] or []]}
+                            for o in describe(p.cls.Options)
+                        ],
+                    }
+                    for p in chosen
+                ],
+                indent=2,
+            )
+        )
         _report_problems(registry)
         return
     rows = [[p.kind, p.name, p.package, p.version, p.description] for p in chosen]
@@ -235,9 +345,13 @@ def plugins(show_options, kind, as_json):
             for o in opts:
                 default = getattr(o["default"], "value", o["default"])
                 lower = "> " if o["min_exclusive"] else ">= "
-                bounds = "".join([f", {lower}{o['min']}" if o["min"] is not None else "",
-                                  f", <= {o['max']}" if o["max"] is not None else "",
-                                  ", one of " + ", ".join(repr(c) for c in o["choices"]) if o["choices"] else ""])
+                bounds = "".join(
+                    [
+                        f", {lower}{o['min']}" if o["min"] is not None else "",
+                        f", <= {o['max']}" if o["max"] is not None else "",
+                        ", one of " + ", ".join(repr(c) for c in o["choices"]) if o["choices"] else "",
+                    ]
+                )
                 click.echo(f"  {o['name']} ({o['type']}, default {default!r}{bounds}): {o['doc']}")
     _report_problems(registry)
 
@@ -249,6 +363,7 @@ def cache():
 
 def _cache_root(cache_dir) -> Path:
     from bench.artifacts import cache_root
+
     return Path(cache_dir).expanduser() if cache_dir else cache_root()
 
 
@@ -258,8 +373,13 @@ def _folder_size(path: Path) -> tuple[int, int]:
 
 
 @cache.command("info")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, envvar="BENCH_CACHE_DIR",
-              help="The cache folder (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="BENCH_CACHE_DIR",
+    help="The cache folder (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).",
+)
 def cache_info(cache_dir):
     """Where the cache is and what it holds, by kind."""
     root = _cache_root(cache_dir)
@@ -275,8 +395,13 @@ def cache_info(cache_dir):
 
 
 @cache.command("clear")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, envvar="BENCH_CACHE_DIR",
-              help="The cache folder (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="BENCH_CACHE_DIR",
+    help="The cache folder (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).",
+)
 @click.option("--datasets", is_flag=True, help="Also remove decoded datasets (they are decoded again when needed).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def cache_clear(cache_dir, datasets, yes):
@@ -285,8 +410,11 @@ def cache_clear(cache_dir, datasets, yes):
     root = _cache_root(cache_dir)
     targets = [root / "artifacts"] if (root / "artifacts").exists() else []
     if datasets and root.is_dir():
-        targets += [p for p in root.iterdir() if p.name != "artifacts"
-                    and (p.suffix == ".npz" or p.name.startswith(("cifar10-", "gtsrb-")))]
+        targets += [
+            p
+            for p in root.iterdir()
+            if p.name != "artifacts" and (p.suffix == ".npz" or p.name.startswith(("cifar10-", "gtsrb-")))
+        ]
     if not targets:
         click.echo(f"nothing to clear in {root}")
         return
@@ -300,6 +428,7 @@ def cache_clear(cache_dir, datasets, yes):
 def load_plugins():
     """The plugin registry (imported here, on first use: it loads torch)."""
     from bench.registry import load_plugins as load
+
     return load()
 
 
@@ -312,6 +441,7 @@ def _report_problems(registry) -> None:
         click.echo("\nPlugins that failed to load:", err=True)
         for problem in registry.problems:
             click.echo(f"  {problem.plugin} ({problem.package}): {problem.message}", err=True)
+
 
 if __name__ == "__main__":
     main()

@@ -21,8 +21,7 @@ class ImageData:
 
     def __post_init__(self):
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
-            raise ValueError(f"ImageData.x must be uint8 [N, C, H, W], got {self.x.dtype} "
-                             f"{tuple(self.x.shape)}")
+            raise ValueError(f"ImageData.x must be uint8 [N, C, H, W], got {self.x.dtype} {tuple(self.x.shape)}")
         if len(self.x) != len(self.y):
             raise ValueError(f"ImageData has {len(self.x)} images but {len(self.y)} labels")
 

@@ -76,7 +76,7 @@ def predict(model: nn.Module, x_uint8: torch.Tensor, ctx: RunContext, passes: in
     outputs = []
     with ctx.autocast():
         for start in range(0, len(x_uint8), ctx.eval_batch_size):
-            x = to_model_input(x_uint8[start:start + ctx.eval_batch_size])
+            x = to_model_input(x_uint8[start : start + ctx.eval_batch_size])
             if passes == 1:
                 outputs.append(model(x).argmax(dim=1))
             else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 
@@ -25,13 +25,17 @@ from bench.stages import _device_name, _now, execute_job, versions
 
 
 class Executor(Protocol):
-    def run(self, jobs: Iterable[Job], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]: ...
+    def run(
+        self, jobs: Iterable[Job | AnalysisJob], env: JobEnvironment
+    ) -> Iterator[tuple[Job | AnalysisJob, Outcome]]: ...
 
 
 class InProcessExecutor:
     """Runs jobs sequentially in this process (the default)."""
 
-    def run(self, jobs: Iterable[Job], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]:
+    def run(
+        self, jobs: Iterable[Job | AnalysisJob], env: JobEnvironment
+    ) -> Iterator[tuple[Job | AnalysisJob, Outcome]]:
         for job in jobs:
             yield job, execute_job(job, env)
 
@@ -53,8 +57,14 @@ class WorkerEnvironment:
         for name, value in os.environ.items():
             if name.startswith("BENCH_"):
                 variables[name] = str(Path(value).resolve()) if name.endswith(("_ROOT", "_DIR")) and value else value
-        return cls(str(Path(env.cache.root).resolve()), env.device_policy, env.deterministic, torch.get_num_threads(),
-                   os.getcwd(), variables)
+        return cls(
+            str(Path(env.cache.root).resolve()),
+            env.device_policy,
+            env.deterministic,
+            torch.get_num_threads(),
+            os.getcwd(),
+            variables,
+        )
 
     def job_environment(self) -> JobEnvironment:
         """Set this process up (threads, environment, deterministic kernels) and return the
@@ -68,8 +78,13 @@ class WorkerEnvironment:
         device = torch.device("cuda" if self.device_policy != "cpu" and torch.cuda.is_available() else "cpu")
         if device.type == "cuda" and self.deterministic:
             make_cuda_deterministic()
-        return JobEnvironment(ArtifactCache(self.cache_root), device, show_progress=False,
-                              deterministic=self.deterministic, device_policy=self.device_policy)
+        return JobEnvironment(
+            ArtifactCache(self.cache_root),
+            device,
+            show_progress=False,
+            deterministic=self.deterministic,
+            device_policy=self.device_policy,
+        )
 
 
 def run_remote(job: Job | AnalysisJob, worker: WorkerEnvironment, *_dependencies) -> Outcome:
@@ -108,14 +123,19 @@ class RayExecutor:
         self.retries = retries
         self.num_cpus = num_cpus
 
-    def run(self, jobs: Iterable[Job | AnalysisJob], env: JobEnvironment) -> Iterator[tuple[Job, Outcome]]:
+    def run(
+        self, jobs: Iterable[Job | AnalysisJob], env: JobEnvironment
+    ) -> Iterator[tuple[Job | AnalysisJob, Outcome]]:
         ray = import_ray()
         worker = WorkerEnvironment.of(env)
         started_here = not ray.is_initialized()
         if started_here:
-            options = {"address": self.address, "log_to_driver": False, "include_dashboard": False,
-                       "runtime_env": {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-                                                    **worker.variables}}}
+            options: dict[str, Any] = {
+                "address": self.address,
+                "log_to_driver": False,
+                "include_dashboard": False,
+                "runtime_env": {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), **worker.variables}},
+            }
             if self.address is None and self.num_cpus is not None:
                 options["num_cpus"] = self.num_cpus
             ray.init(**options)
@@ -151,9 +171,14 @@ class RayExecutor:
             return ray.get(ref)
         except Exception as exc:  # the worker died more often than retried, or a dependency failed
             cause = getattr(exc, "cause", None) or exc
-            return Outcome(status="failed", error=f"{type(exc).__name__}: the Ray task failed: {cause}",
-                           device=_device_name(env.device), versions=versions(job),
-                           started_at=_now(), finished_at=_now())
+            return Outcome(
+                status="failed",
+                error=f"{type(exc).__name__}: the Ray task failed: {cause}",
+                device=_device_name(env.device),
+                versions=versions(job),
+                started_at=_now(),
+                finished_at=_now(),
+            )
 
 
 def import_ray():

@@ -45,8 +45,9 @@ def plugin_specs(entry: Any, kind: str, where: str, registry: Registry, base: Pa
             if f.metadata.get("path") and isinstance(value, str) and value:
                 value = os.path.expanduser(value)
                 entry[f.name] = value if os.path.isabs(value) else os.path.normpath(base.resolve() / value)
-    sweeps = {k: v for k, v in entry.items()
-              if k in fields and isinstance(v, list) and is_scalar_option(options_cls, k)}
+    sweeps = {
+        k: v for k, v in entry.items() if k in fields and isinstance(v, list) and is_scalar_option(options_cls, k)
+    }
     for key, values in sweeps.items():
         if not values:
             raise SuiteError(f"{where}.{key}: an empty list sweeps nothing; give at least one value")
@@ -62,8 +63,11 @@ def plugin_specs(entry: Any, kind: str, where: str, registry: Registry, base: Pa
             spec_label += "(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) + ")"
         elif label is not None and sweeps:  # a label names the sweep; each point still needs its own
             spec_label += "(" + ", ".join(f"{k}={json.dumps(options[k])}" for k in sweeps) + ")"
-        specs.append(PluginSpec(kind, name, options, spec_label, info.cls, parsed,
-                                provider=f"{info.package} {info.version}".strip()))
+        specs.append(
+            PluginSpec(
+                kind, name, options, spec_label, info.cls, parsed, provider=f"{info.package} {info.version}".strip()
+            )
+        )
     return specs
 
 
@@ -83,8 +87,10 @@ def resolve_model_needs(spec: PluginSpec, where: str, registry: Registry) -> tup
         try:
             source = BonafideSource(recipe.bonafide_source)
         except ValueError:
-            raise SuiteError(f"{place}: bonafide_source {recipe.bonafide_source!r} is not one of "
-                             f"{', '.join(s.value for s in BonafideSource)}") from None
+            raise SuiteError(
+                f"{place}: bonafide_source {recipe.bonafide_source!r} is not one of "
+                f"{', '.join(s.value for s in BonafideSource)}"
+            ) from None
         if recipe.bonafide_size < 0 or recipe.seed_offset < 0:
             raise SuiteError(f"{place}: bonafide_size and seed_offset must be 0 or more")
         needs.append((name, ModelNeed(defense, recipe.seed_offset, recipe.bonafide_size, source)))
@@ -96,10 +102,21 @@ def expand_analyses(suite) -> list[AnalysisJob]:
     settings = suite.settings
     jobs = []
     for analysis, dataset, model, seed in itertools.product(
-            suite.plugins.get("analyses", []), suite.plugins["datasets"], suite.plugins["models"], settings.seeds):
+        suite.plugins.get("analyses", []), suite.plugins["datasets"], suite.plugins["models"], settings.seeds
+    ):
         recipe = dataclasses.replace(model.cls.recipe, **suite.training)
-        jobs.append(AnalysisJob(suite.name, analysis, dataset, model, seed, dataclasses.asdict(recipe),
-                                settings.eval_batch_size, suite.analysis_models[analysis.label]))
+        jobs.append(
+            AnalysisJob(
+                suite.name,
+                analysis,
+                dataset,
+                model,
+                seed,
+                dataclasses.asdict(recipe),
+                settings.eval_batch_size,
+                suite.analysis_models[analysis.label],
+            )
+        )
     return jobs
 
 
@@ -109,12 +126,27 @@ def expand(suite) -> list[Job]:
     settings = suite.settings
     jobs, seen = [], set()
     for dataset, model, attack, defense, seed, size in itertools.product(
-            suite.plugins["datasets"], suite.plugins["models"], suite.plugins["attacks"],
-            suite.plugins["defenses"], settings.seeds, settings.bonafide_size):
+        suite.plugins["datasets"],
+        suite.plugins["models"],
+        suite.plugins["attacks"],
+        suite.plugins["defenses"],
+        settings.seeds,
+        settings.bonafide_size,
+    ):
         size = size if defense.cls.uses_bonafide else 0
         recipe = dataclasses.replace(model.cls.recipe, **suite.training)
-        job = Job(suite.name, dataset, model, attack, defense, seed, size,
-                  settings.bonafide_source, dataclasses.asdict(recipe), settings.eval_batch_size)
+        job = Job(
+            suite.name,
+            dataset,
+            model,
+            attack,
+            defense,
+            seed,
+            size,
+            settings.bonafide_source,
+            dataclasses.asdict(recipe),
+            settings.eval_batch_size,
+        )
         if job.key in seen or _excluded(job, suite.exclude):
             continue
         seen.add(job.key)
@@ -128,4 +160,5 @@ def _excluded(job: Job, exclude: list[dict]) -> bool:
             return getattr(job, key) == value
         spec = getattr(job, key)
         return value in (spec.name, spec.label)
+
     return any(all(matches(k, v) for k, v in rule.items()) for rule in exclude)

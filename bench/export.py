@@ -26,13 +26,16 @@ from bench.report import select_rows
 FORMATS = ("csv", "json", "parquet")
 
 
-def export_frame(store_path: Path, suite: str | None = None, analyses: bool = False,
-                 all_runs: bool = False) -> pd.DataFrame:
+def export_frame(
+    store_path: Path, suite: str | None = None, analyses: bool = False, all_runs: bool = False
+) -> pd.DataFrame:
     rows, analysis_rows, _ = select_rows(Path(store_path), suite, all_runs)
     records = [_analysis_record(r) for r in analysis_rows] if analyses else [_job_record(r) for r in rows]
     if not records:
-        raise BenchError(f"{store_path}: no {'analysis' if analyses else 'job'} results to export"
-                         + ("" if analyses else "; --analyses exports the analyses"))
+        raise BenchError(
+            f"{store_path}: no {'analysis' if analyses else 'job'} results to export"
+            + ("" if analyses else "; --analyses exports the analyses")
+        )
     return pd.DataFrame(records)
 
 

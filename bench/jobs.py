@@ -32,7 +32,7 @@ class PluginSpec:
     name: str
     options: dict
     label: str
-    cls: type = field(compare=False, repr=False)
+    cls: Any = field(compare=False, repr=False)  # the plugin class
     parsed: Any = field(compare=False, repr=False, default=None)  # the Options instance
     provider: str = field(compare=False, default="")  # e.g. "robustness-bench 0.4.0"
 
@@ -67,7 +67,7 @@ class Job:
             "suite": self.suite,
             "dataset": self.dataset.config(),
             "model": self.model.config(),
-            "attack": self.attack.config() if self.attack else None,
+            "attack": self.attack.config() if self.attack is not None else None,
             "defense": self.defense.config(),
             "seed": self.seed,
             "bonafide_size": self.bonafide_size,
@@ -82,9 +82,14 @@ class Job:
     def model_config(self) -> dict:
         """What the attacked model depends on: a test-time attack does not change it, so all
         test-time attacks (and every defense) share one trained model."""
-        attack = None if not self.changes_model else self.attack.config()
-        return {"dataset": self.dataset.config(), "model": self.model.config(), "attack": attack,
-                "training": self.training, "seed": self.seed}
+        attack = self.attack.config() if self.attack is not None and self.changes_model else None
+        return {
+            "dataset": self.dataset.config(),
+            "model": self.model.config(),
+            "attack": attack,
+            "training": self.training,
+            "seed": self.seed,
+        }
 
     @property
     def changes_model(self) -> bool:
@@ -94,8 +99,7 @@ class Job:
     def describe(self) -> str:
         bonafide = f" bonafide={self.bonafide_size}" if self.bonafide_size else ""
         attack = self.attack.label if self.attack else "no attack"
-        return (f"{self.dataset.label} / {self.model.label} / {attack} / "
-                f"{self.defense.label}{bonafide} seed={self.seed}")
+        return f"{self.dataset.label} / {self.model.label} / {attack} / {self.defense.label}{bonafide} seed={self.seed}"
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,12 @@ class ModelNeed:
     bonafide_source: BonafideSource
 
     def config(self) -> dict:
-        return {"defense": self.defense.config(), "seed_offset": self.seed_offset,
-                "bonafide_size": self.bonafide_size, "bonafide_source": self.bonafide_source.value}
+        return {
+            "defense": self.defense.config(),
+            "seed_offset": self.seed_offset,
+            "bonafide_size": self.bonafide_size,
+            "bonafide_source": self.bonafide_source.value,
+        }
 
 
 @dataclass(frozen=True)
@@ -127,9 +135,15 @@ class AnalysisJob:
     needs: tuple[tuple[str, ModelNeed], ...]
 
     def config(self) -> dict:
-        return {"suite": self.suite, "analysis": self.analysis.config(), "dataset": self.dataset.config(),
-                "model": self.model.config(), "seed": self.seed, "training": self.training,
-                "models": {name: need.config() for name, need in self.needs}}
+        return {
+            "suite": self.suite,
+            "analysis": self.analysis.config(),
+            "dataset": self.dataset.config(),
+            "model": self.model.config(),
+            "seed": self.seed,
+            "training": self.training,
+            "models": {name: need.config() for name, need in self.needs},
+        }
 
     @property
     def key(self) -> str:
@@ -138,9 +152,18 @@ class AnalysisJob:
     def model_job(self, need: ModelNeed) -> Job:
         """The job-shaped spec that builds (and caches) one needed model, exactly as a suite
         job with no attack and that defense would: the same cache keys."""
-        return Job(self.suite, self.dataset, self.model, None, need.defense, self.seed + need.seed_offset,
-                   need.bonafide_size if need.defense.cls.uses_bonafide else 0, need.bonafide_source,
-                   self.training, self.eval_batch_size)
+        return Job(
+            self.suite,
+            self.dataset,
+            self.model,
+            None,
+            need.defense,
+            self.seed + need.seed_offset,
+            need.bonafide_size if need.defense.cls.uses_bonafide else 0,
+            need.bonafide_source,
+            self.training,
+            self.eval_batch_size,
+        )
 
     def describe(self) -> str:
         return f"analysis {self.analysis.label} on {self.dataset.label} / {self.model.label} seed={self.seed}"

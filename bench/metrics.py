@@ -30,7 +30,6 @@ def robust_accuracy(predictions: torch.Tensor, true_labels: torch.Tensor, target
     return (predictions[keep] == true_labels[keep]).float().mean().item()
 
 
-def defense_effectiveness_rating(asr_before: float, asr_after: float,
-                                 acc_before: float, acc_after: float) -> float:
+def defense_effectiveness_rating(asr_before: float, asr_after: float, acc_before: float, acc_after: float) -> float:
     """DER = (max(0, drop in ASR) - max(0, drop in clean accuracy) + 1) / 2, all in [0, 1]."""
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1) / 2

@@ -32,7 +32,9 @@ class TrainRecipe:
     lr: float = option(0.05, "peak learning rate (SGD, Nesterov momentum)", min=0, min_exclusive=True)
     momentum: float = option(0.9, "SGD momentum", min=0, max=1)
     weight_decay: float = option(5e-4, "L2 weight decay", min=0)
-    warmup_fraction: float = option(0.15, "share of steps with linearly rising lr; then linear decay to 0", min=0, max=1)
+    warmup_fraction: float = option(
+        0.15, "share of steps with linearly rising lr; then linear decay to 0", min=0, max=1
+    )
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", min=0, max=1)
     augment: bool = option(True, "random crop (and flip where the dataset allows) on the device")
     crop_padding: int = option(4, "pixels of zero padding for the random crop", min=0)
@@ -72,6 +74,9 @@ class Classifier(nn.Module):
         self.net = net
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)

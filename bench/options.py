@@ -14,16 +14,24 @@ import dataclasses
 import enum
 import math
 import typing
-from typing import Any
+from typing import Any, Mapping
 
 from bench.errors import OptionError, did_you_mean
 
 
-MAX_INT = 2 ** 63 - 1  # what SQLite and torch's generators take
+MAX_INT = 2**63 - 1  # what SQLite and torch's generators take
 
 
-def option(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-           min_exclusive: bool = False, choices: tuple | None = None, path: bool = False) -> Any:
+def option(
+    default: Any,
+    doc: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    choices: tuple | None = None,
+    path: bool = False,
+) -> Any:
     """A dataclass field with a default, a one-line doc and optional bounds or choices. With
     `path=True` (a str option), a relative path written in a suite is resolved against the
     suite file's folder, as tox and pyproject do."""
@@ -38,16 +46,30 @@ class NoOptions:
     """A plugin without options."""
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[operator]  # checked at registration: every option has a default
+
+
 def describe(options_cls: type) -> list[dict]:
     """One dict per option: name, type, default, doc, bounds (for docs and `bench plugins`)."""
     hints = typing.get_type_hints(options_cls)
     rows = []
     for f in dataclasses.fields(options_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
-                     "doc": f.metadata.get("doc", ""), "min": f.metadata.get("min"),
-                     "max": f.metadata.get("max"), "min_exclusive": f.metadata.get("min_exclusive", False),
-                     "choices": f.metadata.get("choices")})
+        default = _default_of(f)
+        rows.append(
+            {
+                "name": f.name,
+                "type": _type_name(hints[f.name]),
+                "default": default,
+                "doc": f.metadata.get("doc", ""),
+                "min": f.metadata.get("min"),
+                "max": f.metadata.get("max"),
+                "min_exclusive": f.metadata.get("min_exclusive", False),
+                "choices": f.metadata.get("choices"),
+            }
+        )
     return rows
 
 
@@ -68,7 +90,7 @@ def check_options_class(options_cls: Any, owner: str) -> None:
     Enum or a list of those, or a default outside its own bounds or choices."""
     if not (isinstance(options_cls, type) and dataclasses.is_dataclass(options_cls)):
         raise OptionError(f"{owner}.Options must be a dataclass decorated with @dataclass(frozen=True)")
-    if not options_cls.__dataclass_params__.frozen:
+    if not options_cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
         raise OptionError(f"{owner}.Options must be frozen: use @dataclass(frozen=True)")
     try:
         hints = typing.get_type_hints(options_cls)
@@ -81,9 +103,11 @@ def check_options_class(options_cls: Any, owner: str) -> None:
         tp = hints[f.name]
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else tp
         if not (item in SUPPORTED_TYPES or (isinstance(item, type) and issubclass(item, enum.Enum))):
-            raise OptionError(f"{where} has type {getattr(tp, '__name__', tp)}; options are int, float, bool, str, "
-                              "an Enum, or a list of one of these")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            raise OptionError(
+                f"{where} has type {getattr(tp, '__name__', tp)}; options are int, float, bool, str, "
+                "an Enum, or a list of one of these"
+            )
+        default = _default_of(f)
         if isinstance(default, enum.Enum):
             default = default.value
         try:
@@ -106,8 +130,9 @@ def parse_options(options_cls: type, table: dict, where: str) -> Any:
     for key, value in table.items():
         if key not in fields:
             valid = ", ".join(sorted(fields)) or "none"
-            raise OptionError(f"{where}: unknown option '{key}'{did_you_mean(key, list(fields))}; "
-                              f"valid options: {valid}")
+            raise OptionError(
+                f"{where}: unknown option '{key}'{did_you_mean(key, list(fields))}; valid options: {valid}"
+            )
         values[key] = check_value(value, hints[key], fields[key].metadata, f"{where}.{key}")
     try:
         return options_cls(**values)
@@ -117,14 +142,15 @@ def parse_options(options_cls: type, table: dict, where: str) -> Any:
         raise OptionError(f"{where}: {exc}") from None
 
 
-def check_value(value: Any, tp: Any, meta: dict, where: str) -> Any:
+def check_value(value: Any, tp: Any, meta: Mapping[str, Any], where: str) -> Any:
     """Type-check and range-check one value; returns it converted (int to float, str to Enum)."""
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         valid = [m.value for m in tp]
         if value not in valid:
             hint = did_you_mean(value, valid) if isinstance(value, str) else ""
-            raise OptionError(f"{where}: {value!r} is not valid{hint}; expected one of "
-                              + ", ".join(repr(v) for v in valid))
+            raise OptionError(
+                f"{where}: {value!r} is not valid{hint}; expected one of " + ", ".join(repr(v) for v in valid)
+            )
         return tp(value)
     if typing.get_origin(tp) is list:
         if not isinstance(value, list):
@@ -151,24 +177,35 @@ def check_value(value: Any, tp: Any, meta: dict, where: str) -> Any:
         raise OptionError(f"{where}: {value} is out of range; expected an integer of at most 63 bits")
     if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
         bound = f"> {lo}" if meta.get("min_exclusive") else f">= {lo}"
-        raise OptionError(f"{where}: {value!r} is out of range; expected a value {bound}"
-                          + (f" and <= {hi}" if hi is not None else ""))
+        raise OptionError(
+            f"{where}: {value!r} is out of range; expected a value {bound}"
+            + (f" and <= {hi}" if hi is not None else "")
+        )
     if hi is None and tp is int and value > MAX_INT:
         raise OptionError(f"{where}: {value} is out of range; expected a value <= {MAX_INT}")
     if hi is not None and value > hi:
-        raise OptionError(f"{where}: {value!r} is out of range; expected a value <= {hi}"
-                          + (f" and >= {lo}" if lo is not None else ""))
+        raise OptionError(
+            f"{where}: {value!r} is out of range; expected a value <= {hi}"
+            + (f" and >= {lo}" if lo is not None else "")
+        )
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         hint = did_you_mean(value, list(choices)) if isinstance(value, str) else ""
-        raise OptionError(f"{where}: {value!r} is not valid{hint}; expected one of "
-                          + ", ".join(repr(c) for c in choices))
+        raise OptionError(
+            f"{where}: {value!r} is not valid{hint}; expected one of " + ", ".join(repr(c) for c in choices)
+        )
     return value
 
 
 def _given(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
     return f"{kind} ({value!r})"
 
 

@@ -20,8 +20,10 @@ def _slug(text: str) -> str:
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -50,8 +52,9 @@ def point_series(rows: list[dict]) -> dict[str, str]:
     return found
 
 
-def series_plot(group: str, defense: str, bonafide: int, series: str, coordinate: str, rows: list[dict],
-                folder: Path) -> Path | None:
+def series_plot(
+    group: str, defense: str, bonafide: int, series: str, coordinate: str, rows: list[dict], folder: Path
+) -> Path | None:
     """Metrics against `coordinate` along the stored point series `series` of these rows (one
     row per seed)."""
     paths = [r["series"][series] for r in rows if r["series"].get(series)]
@@ -59,8 +62,14 @@ def series_plot(group: str, defense: str, bonafide: int, series: str, coordinate
         return None
     info = rows[0]["metric_info"]
     # headline percentages only: the axis is in percent, diagnostics and numbers would leave it
-    keys = [k for k in info if k != "der" and info[k].get("kind", "percent") == "percent"
-            and not info[k].get("diagnostic", False) and all(k in point for path in paths for point in path)]
+    keys = [
+        k
+        for k in info
+        if k != "der"
+        and info[k].get("kind", "percent") == "percent"
+        and not info[k].get("diagnostic", False)
+        and all(k in point for path in paths for point in path)
+    ]
     t = np.array([p[coordinate] for p in paths[0]])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -86,7 +95,9 @@ def bonafide_plot(group: str, metric_key: str, rows: list[dict], folder: Path) -
     by_defense: dict[str, dict[int, list[float]]] = {}
     for r in rows:
         if r["bonafide_size"] and metric_key in r["metrics"]:
-            by_defense.setdefault(r["defense_label"], {}).setdefault(r["bonafide_size"], []).append(r["metrics"][metric_key])
+            by_defense.setdefault(r["defense_label"], {}).setdefault(r["bonafide_size"], []).append(
+                r["metrics"][metric_key]
+            )
     if not any(len(sizes) > 1 for sizes in by_defense.values()):
         return None
     label = rows[0]["metric_info"].get(metric_key, {}).get("label", metric_key)
@@ -94,8 +105,15 @@ def bonafide_plot(group: str, metric_key: str, rows: list[dict], folder: Path) -
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for defense, sizes in sorted(by_defense.items()):
         xs = sorted(sizes)
-        ax.errorbar(xs, [np.mean(sizes[x]) * 100 for x in xs], yerr=[np.std(sizes[x]) * 100 for x in xs],
-                    marker="o", markersize=3, capsize=2, label=defense)
+        ax.errorbar(
+            xs,
+            [np.mean(sizes[x]) * 100 for x in xs],
+            yerr=[np.std(sizes[x]) * 100 for x in xs],
+            marker="o",
+            markersize=3,
+            capsize=2,
+            label=defense,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("bonafide images")
     ax.set_ylabel(f"{label} (%)")

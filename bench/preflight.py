@@ -23,6 +23,7 @@ def preflight(suite: Suite, jobs: list[Job | AnalysisJob], env: JobEnvironment) 
         if isinstance(job, AnalysisJob):
             _check_analysis(suite, job, env, checked, models)
             continue
+        assert job.attack is not None  # a suite's jobs always have an attack
         where = f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}'"
         try:
             splits = load_dataset(job, env.device)
@@ -47,7 +48,9 @@ def preflight(suite: Suite, jobs: list[Job | AnalysisJob], env: JobEnvironment) 
             try:
                 spec.instantiate().check_model(*models[model_id])
             except BenchError as exc:
-                raise SuiteError(f"{suite.path}: model '{job.model.label}', {spec.kind} '{spec.label}': {exc}") from None
+                raise SuiteError(
+                    f"{suite.path}: model '{job.model.label}', {spec.kind} '{spec.label}': {exc}"
+                ) from None
             checked.add((*model_id, spec.kind, spec.label))
         pool = bonafide_pool_size(splits, job.bonafide_source, attack.withheld_training_images(splits))
         try:
@@ -75,14 +78,17 @@ def _check_analysis(suite: Suite, job: AnalysisJob, env: JobEnvironment, checked
         try:
             spec.instantiate().check_model(*models[model_id])
         except BenchError as exc:
-            raise SuiteError(f"{suite.path}: model '{job.model.label}', analysis '{job.analysis.label}', "
-                             f"{spec.kind} '{spec.label}': {exc}") from None
+            raise SuiteError(
+                f"{suite.path}: model '{job.model.label}', analysis '{job.analysis.label}', "
+                f"{spec.kind} '{spec.label}': {exc}"
+            ) from None
         checked.add((*model_id, spec.kind, spec.label))
     for name, need in job.needs:
         if not need.defense.cls.uses_bonafide or need.bonafide_size == 0:
             continue
         try:
-            check_bonafide_size(need.bonafide_size, bonafide_pool_size(splits, need.bonafide_source, 0),
-                                need.bonafide_source)
+            check_bonafide_size(
+                need.bonafide_size, bonafide_pool_size(splits, need.bonafide_source, 0), need.bonafide_source
+            )
         except BenchError as exc:
             raise SuiteError(f"{where}: model '{name}': {exc}") from None

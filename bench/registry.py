@@ -18,7 +18,7 @@ import importlib.metadata
 import os
 import sys
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import pluggy
 
@@ -32,10 +32,20 @@ from bench.models import Model
 from bench.options import check_options_class
 
 ENTRY_POINT_GROUP = "robustness_bench"
-KINDS: dict[str, type] = {"dataset": Dataset, "model": Model, "attack": Attack, "defense": Defense,
-                          "analysis": Analysis}
-HOOKS = {"dataset": "register_datasets", "model": "register_models",
-         "attack": "register_attacks", "defense": "register_defenses", "analysis": "register_analyses"}
+KINDS: dict[str, type] = {
+    "dataset": Dataset,
+    "model": Model,
+    "attack": Attack,
+    "defense": Defense,
+    "analysis": Analysis,
+}
+HOOKS = {
+    "dataset": "register_datasets",
+    "model": "register_models",
+    "attack": "register_attacks",
+    "defense": "register_defenses",
+    "analysis": "register_analyses",
+}
 BUILTIN_PACKAGE = "robustness-bench"
 PLURALS = {"analysis": "analyses"}
 
@@ -44,7 +54,7 @@ PLURALS = {"analysis": "analyses"}
 class PluginInfo:
     kind: str
     name: str
-    cls: type
+    cls: Any  # the plugin class
     plugin: str  # the pluggy plugin (entry point) that registered it
     package: str
     version: str
@@ -70,19 +80,24 @@ class Registry:
         self.problems: list[LoadProblem] = []
         self.clashes: dict[tuple[str, str], str] = {}  # (kind, name) -> who provides it twice
 
-    def register(self, cls: type, *, plugin: str = "<direct>", package: str = "<direct>",
-                 version: str = "") -> type:
+    def register(self, cls: Any, *, plugin: str = "<direct>", package: str = "<direct>", version: str = "") -> type:
         kind = next((k for k, base in KINDS.items() if isinstance(cls, type) and issubclass(cls, base)), None)
         if kind is None:
-            raise PluginLoadError(f"plugin '{plugin}' registered {cls!r}, which is not a subclass of "
-                                  "bench.Dataset, bench.Model, bench.Attack, bench.Defense or bench.Analysis")
+            raise PluginLoadError(
+                f"plugin '{plugin}' registered {cls!r}, which is not a subclass of "
+                "bench.Dataset, bench.Model, bench.Attack, bench.Defense or bench.Analysis"
+            )
         if not cls.name or not cls.name.replace("_", "").isalnum() or cls.name != cls.name.lower():
-            raise PluginLoadError(f"plugin '{plugin}' registered {cls.__qualname__} with name {cls.name!r}; "
-                                  "a name must be lowercase letters, digits and underscores")
+            raise PluginLoadError(
+                f"plugin '{plugin}' registered {cls.__qualname__} with name {cls.name!r}; "
+                "a name must be lowercase letters, digits and underscores"
+            )
         taken = self._by_kind[kind].get(cls.name)
         if taken is not None:
-            message = (f"{kind} '{cls.name}' from {package} (plugin '{plugin}') duplicates the one from "
-                       f"{taken.package} (plugin '{taken.plugin}')")
+            message = (
+                f"{kind} '{cls.name}' from {package} (plugin '{plugin}') duplicates the one from "
+                f"{taken.package} (plugin '{taken.plugin}')"
+            )
             self.clashes[(kind, cls.name)] = message
             raise PluginLoadError(f"{message}; a suite naming it is refused until one is uninstalled")
         try:
@@ -96,14 +111,17 @@ class Registry:
         known = self._by_kind[kind]
         prefix = f"{where}: " if where else ""
         if (kind, name) in self.clashes:
-            raise UnknownPluginError(f"{prefix}{self.clashes[kind, name]}: which one to use is ambiguous; "
-                                     "uninstall one of the two packages")
+            raise UnknownPluginError(
+                f"{prefix}{self.clashes[kind, name]}: which one to use is ambiguous; uninstall one of the two packages"
+            )
         if name not in known:
             valid = ", ".join(sorted(known)) or "none installed"
             failed = "; ".join(f"{p.plugin} ({p.package}): {p.message}" for p in self.problems)
             hint = f"; plugins that failed to load: {failed}" if failed else ""
-            raise UnknownPluginError(f"{prefix}unknown {kind} '{name}'{did_you_mean(name, list(known))}; "
-                                     f"installed {PLURALS.get(kind, kind + 's')}: {valid}{hint}")
+            raise UnknownPluginError(
+                f"{prefix}unknown {kind} '{name}'{did_you_mean(name, list(known))}; "
+                f"installed {PLURALS.get(kind, kind + 's')}: {valid}{hint}"
+            )
         return known[name]
 
     def names(self, kind: str) -> list[str]:
@@ -160,8 +178,13 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
         package = ep.dist.name if ep.dist else "<unknown package>"
         version = ep.dist.version if ep.dist else ""
         if ep.name in origin:
-            registry.problems.append(LoadProblem(ep.name, package, f"entry point name '{ep.name}' is also used "
-                                                 f"by {origin[ep.name][0]}; this one is skipped"))
+            registry.problems.append(
+                LoadProblem(
+                    ep.name,
+                    package,
+                    f"entry point name '{ep.name}' is also used by {origin[ep.name][0]}; this one is skipped",
+                )
+            )
             continue
         try:
             module = ep.load()
@@ -176,8 +199,11 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
         except pluggy.PluginValidationError as exc:
             pm.unregister(name=ep.name)
             hook_names = [name for name in dir(hookspecs) if name.startswith("register_")]
-            hints = "".join(did_you_mean(name, hook_names) for name, value in vars(module).items()
-                            if hasattr(value, hookspecs.PROJECT + "_impl") and name not in hook_names)
+            hints = "".join(
+                did_you_mean(name, hook_names)
+                for name, value in vars(module).items()
+                if hasattr(value, hookspecs.PROJECT + "_impl") and name not in hook_names
+            )
             registry.problems.append(LoadProblem(ep.name, package, f"invalid hook: {exc}{hints}"))
             continue
         origin[ep.name] = (package, version)
@@ -194,8 +220,9 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
                 except PluginLoadError as exc:
                     registry.problems.append(LoadProblem(_plugin, _package, str(exc)))
                 except Exception as exc:  # one bad class must not hide the ones registered after it
-                    registry.problems.append(LoadProblem(_plugin, _package, f"registering {cls!r} failed: "
-                                                         f"{type(exc).__name__}: {exc}"))
+                    registry.problems.append(
+                        LoadProblem(_plugin, _package, f"registering {cls!r} failed: {type(exc).__name__}: {exc}")
+                    )
                 if trace:
                     print(f"bench: {hook_name} -> {kind} '{getattr(cls, 'name', cls)}' ({_plugin})", file=sys.stderr)
                 return cls
@@ -203,6 +230,7 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
             try:
                 impl.function(**({"register": register} if "register" in impl.argnames else {}))
             except Exception as exc:
-                registry.problems.append(LoadProblem(impl.plugin_name, package,
-                                                     f"{hook_name} failed: {type(exc).__name__}: {exc}"))
+                registry.problems.append(
+                    LoadProblem(impl.plugin_name, package, f"{hook_name} failed: {type(exc).__name__}: {exc}")
+                )
     return registry

@@ -8,6 +8,7 @@ import math
 import re
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -17,8 +18,13 @@ from bench.store import ResultStore
 TIME = "defense_time"
 
 
-def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Path | None = None,
-                  plot_link_base: Path | None = None, all_runs: bool = False) -> str:
+def render_report(
+    store_path: str | Path,
+    suite: str | None = None,
+    plot_dir: Path | None = None,
+    plot_link_base: Path | None = None,
+    all_runs: bool = False,
+) -> str:
     """The leaderboard markdown of one suite. With `plot_dir`, PNG figures (metrics along stored
     paths, success metric against bonafide size) are written there and linked relative to
     `plot_link_base` (the folder of the markdown file). Only the jobs of the suite's latest run
@@ -47,16 +53,28 @@ def render_report(store_path: str | Path, suite: str | None = None, plot_dir: Pa
     lines += _analysis_sections(ok_analyses, plot_dir, plot_link_base or plot_dir)
     if failed:
         lines += ["", "## Failed jobs", ""]
-        for r in sorted(failed, key=lambda r: (r["dataset_label"], r["model_label"], r.get("attack_label", ""),
-                                               r.get("defense_label", r.get("analysis_label", "")),
-                                               r.get("bonafide_size", 0), r["seed"])):
+        for r in sorted(
+            failed,
+            key=lambda r: (
+                r["dataset_label"],
+                r["model_label"],
+                r.get("attack_label", ""),
+                r.get("defense_label", r.get("analysis_label", "")),
+                r.get("bonafide_size", 0),
+                r["seed"],
+            ),
+        ):
             first = (r["error"] or "").splitlines()[0] if r["error"] else ""
             if "analysis" in r:
-                lines.append(f"- analysis {md(r['analysis_label'])} on {md(r['dataset_label'])} / "
-                             f"{md(r['model_label'])} seed={r['seed']}: {md(first)}")
+                lines.append(
+                    f"- analysis {md(r['analysis_label'])} on {md(r['dataset_label'])} / "
+                    f"{md(r['model_label'])} seed={r['seed']}: {md(first)}"
+                )
                 continue
-            lines.append(f"- {md(r['dataset_label'])} / {md(r['model_label'])} / {md(r['attack_label'])} / "
-                         f"{md(r['defense_label'])} bonafide={r['bonafide_size']} seed={r['seed']}: {md(first)}")
+            lines.append(
+                f"- {md(r['dataset_label'])} / {md(r['model_label'])} / {md(r['attack_label'])} / "
+                f"{md(r['defense_label'])} bonafide={r['bonafide_size']} seed={r['seed']}: {md(first)}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -75,15 +93,18 @@ def select_rows(store_path: Path, suite: str | None, all_runs: bool) -> tuple[li
         raise BenchError(f"{store_path}: no results{which}")
     suites = sorted({r["suite"] for r in rows + analysis_rows})
     if len(suites) > 1:
-        raise BenchError(f"{store_path}: holds results of several suites ({', '.join(suites)}); "
-                         "choose one with --suite NAME")
+        raise BenchError(
+            f"{store_path}: holds results of several suites ({', '.join(suites)}); choose one with --suite NAME"
+        )
     if not all_runs and suites[0] in planned:
         latest = set(planned[suites[0]][1])
         rows = [r for r in rows if r["job_key"] in latest]
         analysis_rows = [r for r in analysis_rows if r["job_key"] in latest]
         if not rows and not analysis_rows:
-            raise BenchError(f"{store_path}: no results yet for the latest run of suite '{suites[0]}'; "
-                             "--all-runs shows the older ones")
+            raise BenchError(
+                f"{store_path}: no results yet for the latest run of suite '{suites[0]}'; "
+                "--all-runs shows the older ones"
+            )
     return rows, analysis_rows, planned
 
 
@@ -104,26 +125,65 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
             by_row.setdefault((r["defense_label"], r["bonafide_size"]), []).append(r)
         table_rows = []
         for (defense, bonafide), runs in sorted(by_row.items(), key=lambda i: (i[0][0] != "none", i[0][0], -i[0][1])):
-            metrics = {key: {**info, **_stats([r["metrics"][key] for r in runs if key in r["metrics"]])}
-                       for key, info in columns}
-            metrics[TIME] = {"label": "Defense time (s)", "kind": "seconds", "higher_is_better": None,
-                             "diagnostic": False, **_stats([r["timings"].get("defense", 0.0) for r in runs])}
-            table_rows.append({"defense": defense, "bonafide_size": bonafide, "seeds": sorted(r["seed"] for r in runs),
-                               "metrics": metrics})
+            metrics = {
+                key: {**info, **_stats([r["metrics"][key] for r in runs if key in r["metrics"]])}
+                for key, info in columns
+            }
+            metrics[TIME] = {
+                "label": "Defense time (s)",
+                "kind": "seconds",
+                "higher_is_better": None,
+                "diagnostic": False,
+                **_stats([r["timings"].get("defense", 0.0) for r in runs]),
+            }
+            table_rows.append(
+                {
+                    "defense": defense,
+                    "bonafide_size": bonafide,
+                    "seeds": sorted(r["seed"] for r in runs),
+                    "metrics": metrics,
+                }
+            )
         tables.append({"dataset": dataset, "model": model, "attack": attack, "rows": table_rows})
     analyses = []
     agroups: dict[tuple, list[dict]] = {}
     for r in (r for r in analysis_rows if r["status"] == "ok"):
         agroups.setdefault((r["analysis_label"], r["dataset_label"], r["model_label"]), []).append(r)
     for (analysis, dataset, model), members in sorted(agroups.items()):
-        values = {key: {**info, **_stats([r["metrics"][key] for r in members if key in r["metrics"]])}
-                  for key, info in _metric_columns(members)}
-        analyses.append({"analysis": analysis, "dataset": dataset, "model": model,
-                         "seeds": sorted(r["seed"] for r in members), "values": values})
-    failed = [{"key": r["job_key"], "error": (r["error"] or "").splitlines()[0] if r["error"] else "",
-               **{k: r.get(k) for k in ("dataset_label", "model_label", "attack_label", "defense_label",
-                                        "analysis_label", "bonafide_size", "seed") if k in r}}
-              for r in rows + analysis_rows if r["status"] != "ok"]
+        values = {
+            key: {**info, **_stats([r["metrics"][key] for r in members if key in r["metrics"]])}
+            for key, info in _metric_columns(members)
+        }
+        analyses.append(
+            {
+                "analysis": analysis,
+                "dataset": dataset,
+                "model": model,
+                "seeds": sorted(r["seed"] for r in members),
+                "values": values,
+            }
+        )
+    failed = [
+        {
+            "key": r["job_key"],
+            "error": (r["error"] or "").splitlines()[0] if r["error"] else "",
+            **{
+                k: r.get(k)
+                for k in (
+                    "dataset_label",
+                    "model_label",
+                    "attack_label",
+                    "defense_label",
+                    "analysis_label",
+                    "bonafide_size",
+                    "seed",
+                )
+                if k in r
+            },
+        }
+        for r in rows + analysis_rows
+        if r["status"] != "ok"
+    ]
     suite_name = (rows + analysis_rows)[0]["suite"]
     return {"suite": suite_name, "tables": tables, "analyses": analyses, "failed": failed}
 
@@ -131,12 +191,24 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
 def _stats(values: list[float]) -> dict:
     series = pd.Series(values, dtype=float)
     std = series.std()
-    return {"mean": None if series.empty else float(series.mean()),
-            "std": None if len(series) < 2 or math.isnan(std) else float(std), "n": int(len(series))}
+    return {
+        "mean": None if series.empty else float(series.mean()),
+        "std": None if len(series) < 2 or math.isnan(std) else float(std),
+        "n": int(len(series)),
+    }
 
 
-_MARKDOWN_ESCAPES = {"\\": "\\\\", "|": "\\|", "*": "\\*", "`": "\\`", "[": "\\[", "]": "\\]",
-                     "<": "&lt;", ">": "&gt;", "#": "\\#"}
+_MARKDOWN_ESCAPES = {
+    "\\": "\\\\",
+    "|": "\\|",
+    "*": "\\*",
+    "`": "\\`",
+    "[": "\\[",
+    "]": "\\]",
+    "<": "&lt;",
+    ">": "&gt;",
+    "#": "\\#",
+}
 
 
 def md(text) -> str:
@@ -156,13 +228,22 @@ def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -
     for (defense, bonafide), rows in sorted(by_defense.items()):
         for series, coordinate in sorted(point_series(rows).items()):
             written.append(series_plot(group, defense, bonafide, series, coordinate, rows, plot_dir))
-    success = {k for r in members for k, info in r["metric_info"].items() if k not in ("clean_acc", "der")
-               and info.get("kind", "percent") == "percent" and not info.get("diagnostic", False)}
+    success = {
+        k
+        for r in members
+        for k, info in r["metric_info"].items()
+        if k not in ("clean_acc", "der")
+        and info.get("kind", "percent") == "percent"
+        and not info.get("diagnostic", False)
+    }
     for key in sorted(success):
         if all(r["metric_info"][key]["higher_is_better"] is False for r in members if key in r["metric_info"]):
             written.append(bonafide_plot(group, key, members, plot_dir))
-    links = [f"![{p.stem}]({p.relative_to(link_base).as_posix() if p.is_relative_to(link_base) else p.as_posix()})"
-             for p in written if p is not None]
+    links = [
+        f"![{p.stem}]({p.relative_to(link_base).as_posix() if p.is_relative_to(link_base) else p.as_posix()})"
+        for p in written
+        if p is not None
+    ]
     return ["", *links] if links else []
 
 
@@ -177,22 +258,37 @@ def _analysis_sections(rows: list[dict], plot_dir: Path | None, link_base: Path 
         groups.setdefault((r["analysis_label"], r["dataset_label"], r["model_label"]), []).append(r)
     for (analysis, dataset, model), members in sorted(groups.items()):
         seeds = sorted({r["seed"] for r in members})
-        lines += ["", f"## Analysis: {md(analysis)} on {md(dataset)} / {md(model)}", "",
-                  f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); "
-                  f"time per seed {_cell([sum(r['timings'].values()) for r in members], 'seconds')} s", ""]
+        lines += [
+            "",
+            f"## Analysis: {md(analysis)} on {md(dataset)} / {md(model)}",
+            "",
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); "
+            f"time per seed {_cell([sum(r['timings'].values()) for r in members], 'seconds')} s",
+            "",
+        ]
         columns = _metric_columns(members)
         if columns:
-            cells = [{"Value": md(info["label"]),
-                      "Mean ± std": _cell([r["metrics"][key] for r in members if key in r["metrics"]], info["kind"])}
-                     for key, info in columns]
+            cells = [
+                {
+                    "Value": md(info["label"]),
+                    "Mean ± std": _cell([r["metrics"][key] for r in members if key in r["metrics"]], info["kind"]),
+                }
+                for key, info in columns
+            ]
             lines.append(pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True))
         lines += _method_links(members)
         if plot_dir is not None:
+            link_base = link_base or plot_dir
             figures = {json_key(f): f for r in members for f in r["figures"]}
-            written = [analysis_plot(f"{analysis} / {dataset} / {model}", spec, members, plot_dir)
-                       for _, spec in sorted(figures.items())]
-            links = [f"![{p.stem}]({p.relative_to(link_base).as_posix() if p.is_relative_to(link_base) else p.as_posix()})"
-                     for p in written if p is not None]
+            written = [
+                analysis_plot(f"{analysis} / {dataset} / {model}", spec, members, plot_dir)
+                for _, spec in sorted(figures.items())
+            ]
+            links = [
+                f"![{p.stem}]({p.relative_to(link_base).as_posix() if p.is_relative_to(link_base) else p.as_posix()})"
+                for p in written
+                if p is not None
+            ]
             lines += ["", *links] if links else []
     return lines
 
@@ -204,7 +300,7 @@ def json_key(figure: dict) -> str:
 def _header(rows, ok, failed, store_path, jobs: bool = True) -> list[str]:
     suites = sorted({r["suite"] for r in rows})
     devices = sorted({r["device"] for r in ok})
-    versions = {}
+    versions: dict[str, set] = {}
     for r in ok:
         for key in ("robustness-bench", "torch", "python"):
             versions.setdefault(key, set()).add(r["versions"].get(key, "?"))
@@ -212,23 +308,30 @@ def _header(rows, ok, failed, store_path, jobs: bool = True) -> list[str]:
     started = min(r["started_at"] for r in rows)
     finished = max(r["finished_at"] for r in rows)
     suites = [md(name) for name in suites]
-    lines = [f"# Leaderboard: {', '.join(suites)}", "",
-             f"- Suite: {', '.join(suites)}; {len(rows)} jobs, {len(ok)} succeeded, {len(failed)} failed "
-             f"(store: {md(store_path.name)})",
-             f"- Device: {md('; '.join(devices)) or 'n/a'}",
-             "- Versions: " + ", ".join(f"{k} {md('/'.join(sorted(v)))}" for k, v in versions.items()),
-             f"- Data: {md('; '.join(sources))}",
-             f"- Run: {started[:10]} to {finished[:10]} (UTC)"]
+    lines = [
+        f"# Leaderboard: {', '.join(suites)}",
+        "",
+        f"- Suite: {', '.join(suites)}; {len(rows)} jobs, {len(ok)} succeeded, {len(failed)} failed "
+        f"(store: {md(store_path.name)})",
+        f"- Device: {md('; '.join(devices)) or 'n/a'}",
+        "- Versions: " + ", ".join(f"{k} {md('/'.join(sorted(v)))}" for k, v in versions.items()),
+        f"- Data: {md('; '.join(sources))}",
+        f"- Run: {started[:10]} to {finished[:10]} (UTC)",
+    ]
     plugins = sorted({value for r in ok for key, value in r["versions"].items() if ":" in key and value})
     if plugins:
         lines.append(f"- Plugins: {md(', '.join(plugins))}")
     if jobs:
-        lines.append("- Cells: mean ± std over seeds, percentages in percent; defense time in seconds (training the "
-                     "attacked model is shared by all defenses and not counted); the best ranked value in bold; "
-                     "each table's columns are explained under it.")
+        lines.append(
+            "- Cells: mean ± std over seeds, percentages in percent; defense time in seconds (training the "
+            "attacked model is shared by all defenses and not counted); the best ranked value in bold; "
+            "each table's columns are explained under it."
+        )
     else:
-        lines.append("- Analyses: values are mean ± std over seeds (percentages in percent); figures show the "
-                     "mean over seeds with ± std shaded.")
+        lines.append(
+            "- Analyses: values are mean ± std over seeds (percentages in percent); figures show the "
+            "mean over seeds with ± std shaded."
+        )
     return lines
 
 
@@ -243,8 +346,10 @@ def _missing_lines(ok: list[dict], planned: dict[str, tuple[str, list[str]]]) ->
         suite_file, keys = planned[suite]
         missing = [k for k in keys if k not in finished]
         if missing:
-            lines.append(f"- ⚠ Incomplete: {len(missing)} of the {len(keys)} jobs of suite {suite} have no result "
-                         f"yet; `bench run {suite_file}` runs them")
+            lines.append(
+                f"- ⚠ Incomplete: {len(missing)} of the {len(keys)} jobs of suite {suite} have no result "
+                f"yet; `bench run {suite_file}` runs them"
+            )
     return lines
 
 
@@ -274,12 +379,18 @@ def _before_line(members: list[dict]) -> list[str]:
     return [f"Attacked model, before any defense ({seeds}): " + ", ".join(parts)] if parts else []
 
 
-GLOSSARY = {"clean_acc": "clean accuracy", "asr": "attack success rate", "ra": "robust accuracy on triggered inputs",
-            "der": "defense effectiveness rating (BackdoorBench: (max(0, ASR drop) − max(0, C-Acc drop) + 1) / 2)",
-            "robust_acc": "robust accuracy, the per-image worst case over every attack run (as AutoAttack counts)",
-            "injection_success": "share of sneaked faults still active", "t_agreement": "kept images still agreeing",
-            "unreliable": "a gradient-masking check beat the attack", "mcr_t": "the point of the path MCR returned",
-            "pruned_channels": "channels fine-pruning removed"}
+GLOSSARY = {
+    "clean_acc": "clean accuracy",
+    "asr": "attack success rate",
+    "ra": "robust accuracy on triggered inputs",
+    "der": "defense effectiveness rating (BackdoorBench: (max(0, ASR drop) − max(0, C-Acc drop) + 1) / 2)",
+    "robust_acc": "robust accuracy, the per-image worst case over every attack run (as AutoAttack counts)",
+    "injection_success": "share of sneaked faults still active",
+    "t_agreement": "kept images still agreeing",
+    "unreliable": "a gradient-masking check beat the attack",
+    "mcr_t": "the point of the path MCR returned",
+    "pruned_channels": "channels fine-pruning removed",
+}
 
 
 _SAFE_LINK = re.compile(r"https://[A-Za-z0-9./?=_%&#:+~-]+")
@@ -291,20 +402,26 @@ def _method_links(members: list[dict]) -> list[str]:
     ignored)."""
     try:
         from bench.registry import load_plugins
+
         registry = load_plugins()
     except Exception:  # the report works without the plugins
         return []
-    names = ({("attack", r["attack"]) for r in members if "attack" in r}
-             | {("defense", r["defense"]) for r in members if "defense" in r}
-             | {("analysis", r["analysis"]) for r in members if "analysis" in r})
+    names = (
+        {("attack", r["attack"]) for r in members if "attack" in r}
+        | {("defense", r["defense"]) for r in members if "defense" in r}
+        | {("analysis", r["analysis"]) for r in members if "analysis" in r}
+    )
     parts = []
     for kind, name in sorted(names, key=lambda item: (item[0] != "attack", item[1])):
         try:
             cls = registry.get(kind, name).cls
         except Exception:
             continue
-        links = [f"[{label}]({url})" for label, url in (("paper", cls.paper), ("code", cls.code))
-                 if url and _SAFE_LINK.fullmatch(url)]
+        links = [
+            f"[{label}]({url})"
+            for label, url in (("paper", cls.paper), ("code", cls.code))
+            if url and _SAFE_LINK.fullmatch(url)
+        ]
         if links:
             parts.append(f"{md(name)} ({', '.join(links)})")
     return ["", "Methods: " + "; ".join(parts) + "."] if parts else []
@@ -323,9 +440,18 @@ def _table(members: list[dict]) -> str:
     table of them under it; then a glossary of the columns it has."""
     columns = _metric_columns(members)
     time_info = {"label": "Defense time (s)", "higher_is_better": None, "kind": "seconds", "diagnostic": False}
-    frame = pd.DataFrame([{"defense": r["defense_label"], "bonafide": r["bonafide_size"], "seed": r["seed"],
-                           **{k: r["metrics"].get(k) for k, _ in columns}, TIME: r["timings"].get("defense", 0.0)}
-                          for r in members])
+    frame = pd.DataFrame(
+        [
+            {
+                "defense": r["defense_label"],
+                "bonafide": r["bonafide_size"],
+                "seed": r["seed"],
+                **{k: r["metrics"].get(k) for k, _ in columns},
+                TIME: r["timings"].get("defense", 0.0),
+            }
+            for r in members
+        ]
+    )
     stats = frame.groupby(["defense", "bonafide"], sort=False).agg(["mean", "std", "count"])
     headline = headline_metric(columns)
     info = dict(columns).get(headline, {"higher_is_better": True})
@@ -337,7 +463,8 @@ def _table(members: list[dict]) -> str:
 
     order = sorted(stats.index, key=rank_key)
     stats = stats.loc[order]
-    ranks, position, previous = {}, 0, None
+    ranks: dict[tuple, str] = {}
+    position, previous, shown = 0, None, 0
     for index in order:
         if index[0] == "none":
             ranks[index] = "ref"
@@ -346,32 +473,39 @@ def _table(members: list[dict]) -> str:
         position += 1
         if value != previous:
             shown = position
-        ranks[index], previous = shown, value
+        ranks[index], previous = str(shown), value
     shown_columns = [(k, i) for k, i in columns if not i["diagnostic"]] + [(TIME, time_info)]
     diagnostics = [(k, i) for k, i in columns if i["diagnostic"]]
     text = _render(frame, stats, shown_columns, ranks)
     if diagnostics:
         text += "\n\nDiagnostics (per attack; not ranked):\n\n" + _render(frame, stats, diagnostics)
     labels = [(i["label"], GLOSSARY.get(k)) for k, i in columns if GLOSSARY.get(k)]
-    text += (f"\n\nRanked by {md(dict(columns).get(headline, {}).get('label', headline))} (`none` is the reference). "
-             + "; ".join(f"{md(label)}: {meaning}" for label, meaning in labels) + ".")
+    text += (
+        f"\n\nRanked by {md(dict(columns).get(headline, {}).get('label', headline))} (`none` is the reference). "
+        + "; ".join(f"{md(label)}: {meaning}" for label, meaning in labels)
+        + "."
+    )
     return text
 
 
-def _render(frame: pd.DataFrame, stats: pd.DataFrame, specs: list[tuple[str, dict]],
-            ranks: dict | None = None) -> str:
+def _render(frame: pd.DataFrame, stats: pd.DataFrame, specs: list[tuple[str, dict]], ranks: dict | None = None) -> str:
     best = {}
     for key, info in specs:
         means = stats[(key, "mean")].dropna()
         # Bold marks a best value only where "best" means something: ranked, headline numbers.
-        if len(means) > 1 and info["higher_is_better"] is not None and not info["diagnostic"] \
-                and info["kind"] in ("percent", "number"):
+        if (
+            len(means) > 1
+            and info["higher_is_better"] is not None
+            and not info["diagnostic"]
+            and info["kind"] in ("percent", "number")
+        ):
             best[key] = means.max() if info["higher_is_better"] else means.min()
     table = []
     for (defense, bonafide), row in stats.iterrows():
-        cells = {"Rank": str(ranks[(defense, bonafide)])} if ranks is not None else {}
-        cells.update({"Defense": md(defense), "Bonafide": bonafide if bonafide else "-",
-                      "Seeds": int(row[(TIME, "count")])})
+        cells: dict[str, Any] = {"Rank": str(ranks[(defense, bonafide)])} if ranks is not None else {}
+        cells.update(
+            {"Defense": md(defense), "Bonafide": bonafide if bonafide else "-", "Seeds": int(row[(TIME, "count")])}
+        )
         for key, info in specs:
             mean, std, count = row[(key, "mean")], row[(key, "std")], int(row[(key, "count")])
             if info["kind"] == "flag":

@@ -45,14 +45,23 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise BenchError("device 'cuda' was asked for, but torch sees no CUDA device "
-                         f"(torch {torch.__version__}); use --device cpu or auto")
+        raise BenchError(
+            "device 'cuda' was asked for, but torch sees no CUDA device "
+            f"(torch {torch.__version__}); use --device cpu or auto"
+        )
     return torch.device(choice)
 
 
-def prepare(suite: Suite, registry: Registry, *, device: str | None = None, artifact_dir: Path | None = None,
-            show_progress: bool | None = None, store_path: Path | None = None,
-            remote: bool = False) -> tuple[list[Job | AnalysisJob], JobEnvironment]:
+def prepare(
+    suite: Suite,
+    registry: Registry,
+    *,
+    device: str | None = None,
+    artifact_dir: Path | None = None,
+    show_progress: bool | None = None,
+    store_path: Path | None = None,
+    remote: bool = False,
+) -> tuple[list[Job | AnalysisJob], JobEnvironment]:
     """Everything checked before a job runs, writing nothing: the jobs, the device, the store
     (when given, before any data loads), then the preflight on the data and models. With
     `remote` the jobs run elsewhere: the device policy is resolved by each worker, and a driver
@@ -69,24 +78,39 @@ def prepare(suite: Suite, registry: Registry, *, device: str | None = None, arti
         check_store_path(store_path)
     if torch_device.type == "cuda" and suite.settings.deterministic:
         make_cuda_deterministic()
-    env = JobEnvironment(cache=ArtifactCache(Path(artifact_dir).expanduser().resolve() if artifact_dir
-                                             else (cache_root() / "artifacts").resolve()),
-                         device=torch_device, show_progress=show_progress,
-                         deterministic=suite.settings.deterministic, device_policy=policy)
+    env = JobEnvironment(
+        cache=ArtifactCache(
+            Path(artifact_dir).expanduser().resolve() if artifact_dir else (cache_root() / "artifacts").resolve()
+        ),
+        device=torch_device,
+        show_progress=show_progress,
+        deterministic=suite.settings.deterministic,
+        device_policy=policy,
+    )
     preflight(suite, jobs, env)
     return jobs, env
 
 
-def check_suite(suite: Suite, registry: Registry, *, device: str | None = None,
-                artifact_dir: Path | None = None) -> list[Job | AnalysisJob]:
+def check_suite(
+    suite: Suite, registry: Registry, *, device: str | None = None, artifact_dir: Path | None = None
+) -> list[Job | AnalysisJob]:
     """`bench run --dry-run`: the same checks as a run (data, models, options), nothing written."""
     return prepare(suite, registry, device=device, artifact_dir=artifact_dir)[0]
 
 
-def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = None, device: str | None = None,
-              artifact_dir: Path | None = None, executor: Executor | None = None,
-              show_progress: bool | None = None, echo: Callable[[str], None] = print,
-              time_limit: float | None = None, only_failed: bool = False) -> RunSummary:
+def run_suite(
+    suite: Suite,
+    registry: Registry,
+    *,
+    store_path: Path | None = None,
+    device: str | None = None,
+    artifact_dir: Path | None = None,
+    executor: Executor | None = None,
+    show_progress: bool | None = None,
+    echo: Callable[[str], None] = print,
+    time_limit: float | None = None,
+    only_failed: bool = False,
+) -> RunSummary:
     """Run the suite's unfinished jobs. With `time_limit` (seconds), no job is started once
     the time spent plus the longest job so far would pass the limit (the first job always
     starts); the jobs left are reported in `RunSummary.left` and a later run resumes them."""
@@ -94,20 +118,34 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
         raise BenchError(f"the time limit must be more than 0 seconds, not {time_limit}")
     started = time.monotonic()  # the limit counts data loading in the preflight too
     store_path = Path(store_path or suite.store_path).expanduser()
-    jobs, env = prepare(suite, registry, device=device, artifact_dir=artifact_dir, show_progress=show_progress,
-                        store_path=store_path, remote=getattr(executor, "remote", False))
+    jobs, env = prepare(
+        suite,
+        registry,
+        device=device,
+        artifact_dir=artifact_dir,
+        show_progress=show_progress,
+        store_path=store_path,
+        remote=getattr(executor, "remote", False),
+    )
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     with ResultStore(store_path) as store, user_interrupts_marked(), claims_renewed(store, owner):
-        store.record_suite(suite.name, str(suite.path), [job.key for job in jobs],
-                           datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        store.record_suite(
+            suite.name,
+            str(suite.path),
+            [job.key for job in jobs],
+            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
         done = store.finished_keys()
         todo = [job for job in jobs if job.key not in done]
         if only_failed:  # --rerun failed: the failed jobs only, not the ones never run
             failed_before = store.failed_keys()
             todo = [job for job in todo if job.key in failed_before]
-        echo(f"{suite.name}: {len(jobs)} jobs, {len(done & {j.key for j in jobs})} already in {store_path}, "
-             f"{len(todo)} {'failed ' if only_failed else ''}to run on {env.device}")
-        failed, succeeded, left = [], 0, 0
+        echo(
+            f"{suite.name}: {len(jobs)} jobs, {len(done & {j.key for j in jobs})} already in {store_path}, "
+            f"{len(todo)} {'failed ' if only_failed else ''}to run on {env.device}"
+        )
+        failed: list[tuple[Job | AnalysisJob, str]] = []
+        succeeded, left = 0, 0
         elsewhere: list[Job | AnalysisJob] = []
 
         def claimed(candidates):
@@ -137,14 +175,17 @@ def run_suite(suite: Suite, registry: Registry, *, store_path: Path | None = Non
                 longest, previous = max(longest, now - previous), now
                 if time_limit is not None and done_count < len(todo) and now - started + longest > time_limit:
                     left = len(todo) - done_count - len(elsewhere)
-                    bar.write(f"time limit: {now - started:.0f} s spent and the longest job took {longest:.0f} s; "
-                              f"jobs not started: {left}")
+                    bar.write(
+                        f"time limit: {now - started:.0f} s spent and the longest job took {longest:.0f} s; "
+                        f"jobs not started: {left}"
+                    )
                     break  # executors are lazy: leaving the loop starts no further job
     if elsewhere:
-        echo(f"{len(elsewhere)} jobs were running in another bench run process on this store; run again "
-             "after it ends to check they finished")
-    return RunSummary(len(jobs), len(done & {j.key for j in jobs}), succeeded, failed, store_path, left,
-                      len(elsewhere))
+        echo(
+            f"{len(elsewhere)} jobs were running in another bench run process on this store; run again "
+            "after it ends to check they finished"
+        )
+    return RunSummary(len(jobs), len(done & {j.key for j in jobs}), succeeded, failed, store_path, left, len(elsewhere))
 
 
 CLAIM_LEASE_SECONDS = 120.0  # a claim not renewed for this long (its process died) can be taken over
@@ -162,8 +203,9 @@ def claims_renewed(store: ResultStore, owner: str):
         try:
             while not stop.wait(CLAIM_LEASE_SECONDS / 3):
                 try:
-                    connection.execute("UPDATE claims SET expires_at = ? WHERE owner = ?",
-                                       (time.time() + CLAIM_LEASE_SECONDS, owner))
+                    connection.execute(
+                        "UPDATE claims SET expires_at = ? WHERE owner = ?", (time.time() + CLAIM_LEASE_SECONDS, owner)
+                    )
                 except sqlite3.Error:
                     pass  # busy for a minute: the next renewal comes well before the lease ends
         finally:

@@ -15,14 +15,24 @@ import signal
 import threading
 import time
 import traceback
+from typing import Any, Callable
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 import bench
-from bench.artifacts import (JobEnvironment, attacked_model, bonafide_pool_size, bonafide_test_indices, defended_model,
-                             load_dataset, make_context, model_key, split_bonafide)
+from bench.artifacts import (
+    JobEnvironment,
+    attacked_model,
+    bonafide_pool_size,
+    bonafide_test_indices,
+    defended_model,
+    load_dataset,
+    make_context,
+    model_key,
+    split_bonafide,
+)
 from bench.attacks import Attack, Metric
 from bench.analyses import AnalysisData, AnalysisResult
 from bench.context import DefenseContext, RunContext
@@ -61,7 +71,7 @@ def user_interrupts_marked():
         signal.signal(signal.SIGINT, previous)
 
 
-def execute_job(job: Job, env: JobEnvironment) -> Outcome:
+def execute_job(job: Job | AnalysisJob, env: JobEnvironment) -> Outcome:
     """Run a job; a failure becomes a failed Outcome with the traceback, never an exception,
     except the user's interrupt, which stops the run. A plugin calling sys.exit() or raising
     KeyboardInterrupt itself fails its job only."""
@@ -80,8 +90,7 @@ def execute_job(job: Job, env: JobEnvironment) -> Outcome:
             exiting = isinstance(exc, (KeyboardInterrupt, SystemExit))
             note = f"a plugin raised {type(exc).__name__} (e.g. called sys.exit()) inside the job\n" if exiting else ""
             error = f"{type(exc).__name__}: {exc}\n{note}{traceback.format_exc()}".strip()
-        outcome = Outcome(status="failed", error=error,
-                          device=str(env.device), versions=versions(job))
+        outcome = Outcome(status="failed", error=error, device=str(env.device), versions=versions(job))
     outcome.started_at, outcome.finished_at = started, _now()
     return outcome
 
@@ -91,27 +100,32 @@ def check_storable(outcome: Outcome) -> None:
     the job fails here, naming the value, instead of the store failing for the whole run."""
     for key, value in outcome.metrics.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise BenchError(f"metric '{key}' is a {type(value).__name__} ({str(value)[:60]!r}); attacks and "
-                             "defenses must report plain numbers (e.g. float(tensor))")
+            raise BenchError(
+                f"metric '{key}' is a {type(value).__name__} ({str(value)[:60]!r}); attacks and "
+                "defenses must report plain numbers (e.g. float(tensor))"
+            )
         outcome.metrics[key] = float(value)
     try:
         json.dumps(outcome.series)
     except (TypeError, ValueError) as exc:
-        raise BenchError(f"a series cannot be stored ({exc}); series hold lists of dicts of plain numbers "
-                         "and strings") from None
+        raise BenchError(
+            f"a series cannot be stored ({exc}); series hold lists of dicts of plain numbers and strings"
+        ) from None
 
 
 @torch.no_grad()
 def check_finite_outputs(model: nn.Module, images: ImageData, ctx: RunContext, what: str) -> None:
     """Fail the job when `model` gives NaN or infinite logits on a batch of evaluation images:
     argmax would turn them into class 0 and a broken model could rank first."""
-    x = to_model_input(images.x[:ctx.eval_batch_size])
+    x = to_model_input(images.x[: ctx.eval_batch_size])
     with ctx.autocast():
         logits = model.eval()(x)
     if not torch.isfinite(logits).all():
         bad = int((~torch.isfinite(logits)).any(dim=1).sum())
-        raise BenchError(f"{what} gives NaN or infinite outputs on {bad} of {len(x)} evaluation images "
-                         "(e.g. diverged training: check lr and the other options)")
+        raise BenchError(
+            f"{what} gives NaN or infinite outputs on {bad} of {len(x)} evaluation images "
+            "(e.g. diverged training: check lr and the other options)"
+        )
 
 
 def run_job(job: Job, env: JobEnvironment) -> Outcome:
@@ -127,6 +141,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
             torch.cuda.synchronize(env.device)
         timings[name] = round(time.perf_counter() - start, 4)
 
+    assert job.attack is not None  # a suite's jobs always have an attack
     attack: Attack = job.attack.instantiate()
     defense = job.defense.instantiate()
     with stage("data"):
@@ -136,8 +151,9 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
     with stage("train"):
         model, attack_state, model_hit = attacked_model(job, job.seed, splits, env)
     withheld = [attack_state[k] for k in ("poisoned_indices", "reserved_indices") if k in attack_state]
-    bonafide, evaluation = split_bonafide(splits, torch.cat(withheld) if withheld else None,
-                                          job.bonafide_source, job.bonafide_size, job.seed)
+    bonafide, evaluation = split_bonafide(
+        splits, torch.cat(withheld) if withheld else None, job.bonafide_source, job.bonafide_size, job.seed
+    )
 
     check_finite_outputs(model, evaluation, ctx, "the attacked model")
 
@@ -147,9 +163,15 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         return metrics
 
     with stage("evaluate_before"):
-        before_key = content_hash({"model": model_key(job, job.seed, splits, env.device),
-                                   "attack": job.attack.config(), "bonafide_source": job.bonafide_source.value,
-                                   "seed": job.seed, "eval_batch_size": job.eval_batch_size})
+        before_key = content_hash(
+            {
+                "model": model_key(job, job.seed, splits, env.device),
+                "attack": job.attack.config(),
+                "bonafide_source": job.bonafide_source.value,
+                "seed": job.seed,
+                "eval_batch_size": job.eval_batch_size,
+            }
+        )
         before, before_hit = env.cache.get_or_create("evaluations", before_key, lambda: measure(model))
 
     endpoint_seconds = []
@@ -189,21 +211,32 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
     info.update({m.key: m.info() for m in attack.metrics})
     success = attack.success_metric
     if success and success in after and success in before:
-        metrics["der"] = defense_effectiveness_rating(before[success], after[success],
-                                                      before["clean_acc"], after["clean_acc"])
+        metrics["der"] = defense_effectiveness_rating(
+            before[success], after[success], before["clean_acc"], after["clean_acc"]
+        )
         info["der"] = DER.info()
     declared = {m.key: m for m in defense.metrics}
     for key, value in result.values.items():
         metrics[key] = float(value)
         info[key] = declared[key].info()
     return Outcome(
-        status="ok", metrics=metrics, metric_info=info, timings=timings,
+        status="ok",
+        metrics=metrics,
+        metric_info=info,
+        timings=timings,
         series=series,
-        notes={"model_cache": "hit" if model_hit else "miss", "evaluation_cache": "hit" if before_hit else "miss",
-               "defended_model_cache": "hit" if cached_seconds is not None else "miss",
-               "data_source": splits.source, "bonafide_images": len(bonafide), "evaluation_images": len(evaluation),
-               "attack_protocol": attack.describe_protocol()},
-        device=_device_name(env.device), versions=versions(job))
+        notes={
+            "model_cache": "hit" if model_hit else "miss",
+            "evaluation_cache": "hit" if before_hit else "miss",
+            "defended_model_cache": "hit" if cached_seconds is not None else "miss",
+            "data_source": splits.source,
+            "bonafide_images": len(bonafide),
+            "evaluation_images": len(evaluation),
+            "attack_protocol": attack.describe_protocol(),
+        },
+        device=_device_name(env.device),
+        versions=versions(job),
+    )
 
 
 def _same_weights(model: nn.Module, other: nn.Module) -> bool:
@@ -218,7 +251,8 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
     start = time.perf_counter()
     splits = load_dataset(job, env.device)
     timings["data"] = round(time.perf_counter() - start, 4)
-    models, notes = {}, {}
+    models: dict[str, nn.Module] = {}
+    notes: dict[str, Any] = {}
     unseen = torch.ones(len(splits.test), dtype=torch.bool)  # test images no defender was given
     needs = []
     for name, need in job.needs:
@@ -236,8 +270,9 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
         if not need.defense.cls.returns_model_unchanged:
             bonafide, _ = split_bonafide(splits, None, need.bonafide_source, model_job.bonafide_size, model_job.seed)
             ctx = make_context(model_job, env, splits)
-            defense_ctx = DefenseContext(**vars(ctx), recipe=model_job.recipe,
-                                         attacked_model_with_seed=lambda s, j=model_job: attacked_model(j, s, splits, env)[0])
+            defense_ctx = DefenseContext(
+                **vars(ctx), recipe=model_job.recipe, attacked_model_with_seed=_models_of(model_job, splits, env)
+            )
             defense_ctx.seed_global_rng("defense")
             result, cached_seconds = defended_model(model_job, model, bonafide, splits, env, defense_ctx)
             model = result.model
@@ -247,9 +282,14 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
     timings["models"] = round(time.perf_counter() - start, 4)
 
     analysis = job.analysis.instantiate()
-    ctx = RunContext(device=env.device, seed=job.seed, num_classes=splits.num_classes,
-                     eval_batch_size=job.eval_batch_size, horizontal_flip=job.dataset.cls.horizontal_flip,
-                     show_progress=env.show_progress)
+    ctx = RunContext(
+        device=env.device,
+        seed=job.seed,
+        num_classes=splits.num_classes,
+        eval_batch_size=job.eval_batch_size,
+        horizontal_flip=job.dataset.cls.horizontal_flip,
+        show_progress=env.show_progress,
+    )
     ctx.seed_global_rng("analysis")
     start = time.perf_counter()
     result = analysis.run(models, AnalysisData(splits, evaluation), ctx)
@@ -263,17 +303,35 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
     for figure in result.figures:
         if figure.series not in result.series:
             raise BenchError(f"{analysis.name}: a figure draws the series '{figure.series}', which it did not return")
-    notes.update({"figures": [f.info() for f in result.figures], "data_source": splits.source,
-                  "evaluation_images": len(evaluation)})
-    return Outcome(status="ok", metrics={k: float(v) for k, v in result.values.items()},
-                   metric_info={k: declared[k].info() for k in result.values}, timings=timings,
-                   series={name: list(records) for name, records in result.series.items()}, notes=notes,
-                   device=_device_name(env.device), versions=versions(job))
+    notes.update(
+        {
+            "figures": [f.info() for f in result.figures],
+            "data_source": splits.source,
+            "evaluation_images": len(evaluation),
+        }
+    )
+    return Outcome(
+        status="ok",
+        metrics={k: float(v) for k, v in result.values.items()},
+        metric_info={k: declared[k].info() for k in result.values},
+        timings=timings,
+        series={name: list(records) for name, records in result.series.items()},
+        notes=notes,
+        device=_device_name(env.device),
+        versions=versions(job),
+    )
+
+
+def _models_of(job: Job, splits, env: JobEnvironment) -> Callable[[int], nn.Module]:
+    """`attacked_model_with_seed` for a defense that makes a model an analysis asked for."""
+    return lambda seed: attacked_model(job, seed, splits, env)[0]
 
 
 def versions(job: Job | AnalysisJob) -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "robustness-bench": bench.__version__}
-    kinds = ("analysis", "dataset", "model") if isinstance(job, AnalysisJob) else ("dataset", "model", "attack", "defense")
+    kinds = (
+        ("analysis", "dataset", "model") if isinstance(job, AnalysisJob) else ("dataset", "model", "attack", "defense")
+    )
     for kind in kinds:
         spec = getattr(job, kind)
         if spec is not None:

@@ -130,8 +130,10 @@ def describe_store(path: Path) -> None:
     except sqlite3.DatabaseError as exc:
         raise BenchError(f"{path}: unreadable SQLite file ({exc})") from None
     if tables and not {"results", "metrics"} <= tables:
-        raise BenchError(f"{path}: an SQLite database that is not a robustness-bench store (its tables: "
-                         f"{', '.join(sorted(tables))}); choose another store file")
+        raise BenchError(
+            f"{path}: an SQLite database that is not a robustness-bench store (its tables: "
+            f"{', '.join(sorted(tables))}); choose another store file"
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -173,8 +175,10 @@ class ResultStore:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             self._db.close()
-            raise BenchError(f"{self.path}: written by a newer robustness-bench (store schema {version}; this one "
-                             f"reads up to {SCHEMA_VERSION}); upgrade robustness-bench")
+            raise BenchError(
+                f"{self.path}: written by a newer robustness-bench (store schema {version}; this one "
+                f"reads up to {SCHEMA_VERSION}); upgrade robustness-bench"
+            )
 
     def __enter__(self):
         return self
@@ -184,13 +188,17 @@ class ResultStore:
 
     def record_suite(self, suite: str, suite_file: str, job_keys: list[str], when: str) -> None:
         """The jobs a run of `suite` is meant to produce, so a report can say what is missing."""
-        self._db.execute("INSERT OR REPLACE INTO suites (suite, suite_file, job_keys, updated_at) VALUES (?, ?, ?, ?)",
-                         (suite, suite_file, json.dumps(job_keys), when))
+        self._db.execute(
+            "INSERT OR REPLACE INTO suites (suite, suite_file, job_keys, updated_at) VALUES (?, ?, ?, ?)",
+            (suite, suite_file, json.dumps(job_keys), when),
+        )
 
     def planned_jobs(self) -> dict[str, tuple[str, list[str]]]:
         """suite -> (suite file, job keys) as recorded by the suite's latest run."""
-        return {suite: (suite_file, json.loads(keys))
-                for suite, suite_file, keys in self._db.execute("SELECT suite, suite_file, job_keys FROM suites")}
+        return {
+            suite: (suite_file, json.loads(keys))
+            for suite, suite_file, keys in self._db.execute("SELECT suite, suite_file, job_keys FROM suites")
+        }
 
     def finished_keys(self) -> set[str]:
         """Keys of jobs that ended successfully (failed jobs are run again)."""
@@ -210,13 +218,16 @@ class ResultStore:
             if job_key in self._finished(job_key):
                 self._db.execute("COMMIT")
                 return False
-            row = self._db.execute("SELECT owner, host, pid, expires_at FROM claims WHERE job_key = ?",
-                                   (job_key,)).fetchone()
+            row = self._db.execute(
+                "SELECT owner, host, pid, expires_at FROM claims WHERE job_key = ?", (job_key,)
+            ).fetchone()
             if row is not None and row[0] != owner and row[3] > now and not (row[1] == host and not _alive(row[2])):
                 self._db.execute("COMMIT")
                 return False
-            self._db.execute("INSERT OR REPLACE INTO claims (job_key, owner, host, pid, expires_at) "
-                             "VALUES (?, ?, ?, ?, ?)", (job_key, owner, host, pid, now + lease_seconds))
+            self._db.execute(
+                "INSERT OR REPLACE INTO claims (job_key, owner, host, pid, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (job_key, owner, host, pid, now + lease_seconds),
+            )
             self._db.execute("COMMIT")
             return True
         except BaseException:
@@ -227,11 +238,17 @@ class ResultStore:
         self._db.execute("DELETE FROM claims WHERE owner = ?", (owner,))
 
     def _finished(self, job_key: str) -> set[str]:
-        found = {r[0] for r in self._db.execute("SELECT job_key FROM results WHERE job_key = ? AND status = 'ok'",
-                                                (job_key,))}
+        found = {
+            r[0]
+            for r in self._db.execute("SELECT job_key FROM results WHERE job_key = ? AND status = 'ok'", (job_key,))
+        }
         if self._has_table("analyses"):
-            found |= {r[0] for r in self._db.execute(
-                "SELECT job_key FROM analyses WHERE job_key = ? AND status = 'ok'", (job_key,))}
+            found |= {
+                r[0]
+                for r in self._db.execute(
+                    "SELECT job_key FROM analyses WHERE job_key = ? AND status = 'ok'", (job_key,)
+                )
+            }
         return found
 
     def failed_keys(self) -> set[str]:
@@ -242,26 +259,40 @@ class ResultStore:
         return keys
 
     def _has_table(self, name: str) -> bool:
-        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                (name,)).fetchone() is not None
+        return (
+            self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+            is not None
+        )
 
     def record(self, job, outcome: Outcome) -> None:
         if isinstance(job, AnalysisJob):
             self._record_analysis(job, outcome)
             return
         row = {
-            "job_key": job.key, "suite": job.suite, "status": outcome.status,
-            "dataset": job.dataset.name, "model": job.model.name,
-            "attack": job.attack.name, "defense": job.defense.name,
-            "dataset_label": job.dataset.label, "model_label": job.model.label,
-            "attack_label": job.attack.label, "defense_label": job.defense.label,
-            "seed": job.seed, "bonafide_size": job.bonafide_size,
+            "job_key": job.key,
+            "suite": job.suite,
+            "status": outcome.status,
+            "dataset": job.dataset.name,
+            "model": job.model.name,
+            "attack": job.attack.name,
+            "defense": job.defense.name,
+            "dataset_label": job.dataset.label,
+            "model_label": job.model.label,
+            "attack_label": job.attack.label,
+            "defense_label": job.defense.label,
+            "seed": job.seed,
+            "bonafide_size": job.bonafide_size,
             "config": json.dumps(job.config(), sort_keys=True),
-            "timings": json.dumps(outcome.timings), "wall_time": sum(outcome.timings.values()),
-            "device": outcome.device, "versions": json.dumps(outcome.versions, sort_keys=True),
+            "timings": json.dumps(outcome.timings),
+            "wall_time": sum(outcome.timings.values()),
+            "device": outcome.device,
+            "versions": json.dumps(outcome.versions, sort_keys=True),
             "metric_info": json.dumps(outcome.metric_info),  # keeps the column order
-            "series": json.dumps(outcome.series), "notes": json.dumps(outcome.notes, sort_keys=True),
-            "error": outcome.error, "started_at": outcome.started_at, "finished_at": outcome.finished_at,
+            "series": json.dumps(outcome.series),
+            "notes": json.dumps(outcome.notes, sort_keys=True),
+            "error": outcome.error,
+            "started_at": outcome.started_at,
+            "finished_at": outcome.finished_at,
         }
         columns = ", ".join(row)
         placeholders = ", ".join(f":{k}" for k in row)
@@ -270,8 +301,10 @@ class ResultStore:
             self._db.execute("DELETE FROM claims WHERE job_key = ?", (job.key,))
             self._db.execute("DELETE FROM metrics WHERE job_key = ?", (job.key,))
             self._db.execute(f"INSERT OR REPLACE INTO results ({columns}) VALUES ({placeholders})", row)
-            self._db.executemany("INSERT INTO metrics (job_key, name, value) VALUES (?, ?, ?)",
-                                 [(job.key, k, float(v)) for k, v in outcome.metrics.items()])
+            self._db.executemany(
+                "INSERT INTO metrics (job_key, name, value) VALUES (?, ?, ?)",
+                [(job.key, k, float(v)) for k, v in outcome.metrics.items()],
+            )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -279,17 +312,29 @@ class ResultStore:
 
     def _record_analysis(self, job, outcome: Outcome) -> None:
         row = {
-            "job_key": job.key, "suite": job.suite, "status": outcome.status,
-            "analysis": job.analysis.name, "dataset": job.dataset.name, "model": job.model.name,
-            "analysis_label": job.analysis.label, "dataset_label": job.dataset.label,
-            "model_label": job.model.label, "seed": job.seed,
+            "job_key": job.key,
+            "suite": job.suite,
+            "status": outcome.status,
+            "analysis": job.analysis.name,
+            "dataset": job.dataset.name,
+            "model": job.model.name,
+            "analysis_label": job.analysis.label,
+            "dataset_label": job.dataset.label,
+            "model_label": job.model.label,
+            "seed": job.seed,
             "config": json.dumps(job.config(), sort_keys=True),
-            "metrics": json.dumps(outcome.metrics), "metric_info": json.dumps(outcome.metric_info),
-            "series": json.dumps(outcome.series), "figures": json.dumps(outcome.notes.get("figures", [])),
-            "timings": json.dumps(outcome.timings), "wall_time": sum(outcome.timings.values()),
-            "device": outcome.device, "versions": json.dumps(outcome.versions, sort_keys=True),
+            "metrics": json.dumps(outcome.metrics),
+            "metric_info": json.dumps(outcome.metric_info),
+            "series": json.dumps(outcome.series),
+            "figures": json.dumps(outcome.notes.get("figures", [])),
+            "timings": json.dumps(outcome.timings),
+            "wall_time": sum(outcome.timings.values()),
+            "device": outcome.device,
+            "versions": json.dumps(outcome.versions, sort_keys=True),
             "notes": json.dumps({k: v for k, v in outcome.notes.items() if k != "figures"}, sort_keys=True),
-            "error": outcome.error, "started_at": outcome.started_at, "finished_at": outcome.finished_at,
+            "error": outcome.error,
+            "started_at": outcome.started_at,
+            "finished_at": outcome.finished_at,
         }
         columns = ", ".join(row)
         placeholders = ", ".join(f":{k}" for k in row)
@@ -317,8 +362,10 @@ class ResultStore:
                 try:
                     r[key] = json.loads(r[key])
                 except (TypeError, ValueError):
-                    raise BenchError(f"{self.path}: the {key} of analysis {r['job_key']} is not valid JSON; the "
-                                     "store was changed outside robustness-bench") from None
+                    raise BenchError(
+                        f"{self.path}: the {key} of analysis {r['job_key']} is not valid JSON; the "
+                        "store was changed outside robustness-bench"
+                    ) from None
         return results
 
     def rows(self, suite: str | None = None) -> list[dict]:
@@ -338,6 +385,8 @@ class ResultStore:
                 try:
                     r[key] = json.loads(r[key])
                 except (TypeError, ValueError):
-                    raise BenchError(f"{self.path}: the {key} of job {r['job_key']} is not valid JSON; the store "
-                                     "was changed outside robustness-bench") from None
+                    raise BenchError(
+                        f"{self.path}: the {key} of job {r['job_key']} is not valid JSON; the store "
+                        "was changed outside robustness-bench"
+                    ) from None
         return results

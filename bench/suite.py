@@ -44,8 +44,13 @@ from bench.models import TrainRecipe
 from bench.options import check_value, option, parse_options
 from bench.registry import Registry
 
-PLUGIN_TABLES = {"datasets": "dataset", "models": "model", "attacks": "attack", "defenses": "defense",
-                 "analyses": "analysis"}
+PLUGIN_TABLES = {
+    "datasets": "dataset",
+    "models": "model",
+    "attacks": "attack",
+    "defenses": "defense",
+    "analyses": "analysis",
+}
 TOP_LEVEL_KEYS = ("suite", "training", *PLUGIN_TABLES, "exclude")
 # Tables a suite may leave out: analyses always; attacks and defenses when it has analyses.
 OPTIONAL_TABLES = ("analyses",)
@@ -63,17 +68,24 @@ class DeviceChoice(enum.Enum):
 class SuiteSettings:
     """The `[suite]` table."""
 
-    name: str = option("", "suite name, recorded with every result (default: the file name); letters, digits, "
-                            "'.', '_' and '-'")
-    seeds: list[int] = option([0], "random seeds; every job runs once per seed", min=0, max=2 ** 63 - 1)
+    name: str = option(
+        "", "suite name, recorded with every result (default: the file name); letters, digits, '.', '_' and '-'"
+    )
+    seeds: list[int] = option([0], "random seeds; every job runs once per seed", min=0, max=2**63 - 1)
     bonafide_size: list[int] = option([100], "clean images granted to each defense (a list is swept)", min=1)
     bonafide_source: BonafideSource = option(BonafideSource.TEST_HALF, "where bonafide images come from")
-    store: str = option("", "SQLite file for results; a relative path is relative to the suite file's folder "
-                            "(default: results/<name>.db under the working directory)")
+    store: str = option(
+        "",
+        "SQLite file for results; a relative path is relative to the suite file's folder "
+        "(default: results/<name>.db under the working directory)",
+    )
     device: DeviceChoice = option(DeviceChoice.AUTO, "auto (CUDA when available), cpu or cuda")
     eval_batch_size: int = option(1024, "images per evaluation batch", min=1)
-    deterministic: bool = option(True, "deterministic CUDA kernels, so a rerun job reproduces its numbers "
-                                       "(torch warns about ops without one; false: maybe faster, not reproducible)")
+    deterministic: bool = option(
+        True,
+        "deterministic CUDA kernels, so a rerun job reproduces its numbers "
+        "(torch warns about ops without one; false: maybe faster, not reproducible)",
+    )
 
 
 @dataclass(frozen=True)
@@ -120,8 +132,9 @@ def load_suite(path: str | Path, registry: Registry) -> Suite:
 def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            raise SuiteError(f"{path}: unknown table '{key}'{did_you_mean(key, TOP_LEVEL_KEYS)}; "
-                             f"valid: {', '.join(TOP_LEVEL_KEYS)}")
+            raise SuiteError(
+                f"{path}: unknown table '{key}'{did_you_mean(key, TOP_LEVEL_KEYS)}; valid: {', '.join(TOP_LEVEL_KEYS)}"
+            )
     settings_table = _table(data, "suite", path)
     for key in ("seeds", "bonafide_size"):
         if isinstance(settings_table.get(key), int) and not isinstance(settings_table.get(key), bool):
@@ -130,8 +143,10 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
     name = settings.name or path.stem
     if not SUITE_NAME.fullmatch(name) or len(name) > 100:
         where = "[suite].name" if settings.name else "the file name (set [suite].name)"
-        raise SuiteError(f"{path}: {where}: {name!r} is not a valid suite name; use letters, digits, '.', '_' "
-                         "and '-', starting with a letter or digit (it names files, so no paths)")
+        raise SuiteError(
+            f"{path}: {where}: {name!r} is not a valid suite name; use letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit (it names files, so no paths)"
+        )
     if settings.store.startswith("~"):
         settings = dataclasses.replace(settings, store=str(Path(settings.store).expanduser()))
     for key in ("seeds", "bonafide_size"):
@@ -146,11 +161,13 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
     hints = typing.get_type_hints(TrainRecipe)
     for key, value in training.items():
         if key not in recipe_fields:
-            raise SuiteError(f"{path}: [training]: unknown key '{key}'{did_you_mean(key, list(recipe_fields))}; "
-                             f"valid keys: {', '.join(recipe_fields)}")
+            raise SuiteError(
+                f"{path}: [training]: unknown key '{key}'{did_you_mean(key, list(recipe_fields))}; "
+                f"valid keys: {', '.join(recipe_fields)}"
+            )
         training[key] = check_value(value, hints[key], recipe_fields[key].metadata, f"{path}: [training].{key}")
 
-    plugins = {}
+    plugins: dict[str, list[PluginSpec]] = {}
     has_analyses = data.get("analyses") is not None
     for table, kind in PLUGIN_TABLES.items():
         entries = data.get(table)
@@ -158,8 +175,10 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
             plugins[table] = []
             continue
         if entries is None:
-            raise SuiteError(f"{path}: missing '{table}'; add at least one [[{table}]] table with a name, "
-                             f"e.g. name = \"{registry.names(kind)[0] if registry.names(kind) else '...'}\"")
+            raise SuiteError(
+                f"{path}: missing '{table}'; add at least one [[{table}]] table with a name, "
+                f'e.g. name = "{registry.names(kind)[0] if registry.names(kind) else "..."}"'
+            )
         if not isinstance(entries, list) or not entries:
             raise SuiteError(f"{path}: '{table}' must be a non-empty array of tables ([[{table}]])")
         specs = []
@@ -171,10 +190,13 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
             if other is spec:
                 continue
             if other.config() == spec.config():
-                raise SuiteError(f"{path}: {table}: '{spec.label}' is configured twice with the same options; "
-                                 "remove one")
-            raise SuiteError(f"{path}: {table}: the label '{spec.label}' names two configurations with different "
-                             "options; give each its own label")
+                raise SuiteError(
+                    f"{path}: {table}: '{spec.label}' is configured twice with the same options; remove one"
+                )
+            raise SuiteError(
+                f"{path}: {table}: the label '{spec.label}' names two configurations with different "
+                "options; give each its own label"
+            )
         plugins[table] = specs
 
     exclude = data.get("exclude", [])
@@ -182,20 +204,25 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
         raise SuiteError(f"{path}: 'exclude' must be an array of tables ([[exclude]])")
     for index, entry in enumerate(exclude):
         if not entry:
-            raise SuiteError(f"{path}: exclude[{index}] is empty and would drop every job; give at least one of "
-                             + ", ".join(EXCLUDE_KEYS))
+            raise SuiteError(
+                f"{path}: exclude[{index}] is empty and would drop every job; give at least one of "
+                + ", ".join(EXCLUDE_KEYS)
+            )
         for key, value in entry.items():
             where = f"{path}: exclude[{index}].{key}"
             if key not in EXCLUDE_KEYS:
-                raise SuiteError(f"{where}: unknown key{did_you_mean(key, EXCLUDE_KEYS)}; valid keys: "
-                                 + ", ".join(EXCLUDE_KEYS))
+                raise SuiteError(
+                    f"{where}: unknown key{did_you_mean(key, EXCLUDE_KEYS)}; valid keys: " + ", ".join(EXCLUDE_KEYS)
+                )
             expected = int if key in ("seed", "bonafide_size") else str
             check_value(value, expected, {}, where)
             if key in PLUGIN_KINDS:
                 known = {n for spec in plugins[PLUGIN_KINDS[key]] for n in (spec.name, spec.label)}
                 if value not in known:
-                    raise SuiteError(f"{where}: '{value}' matches no configured {key}"
-                                     f"{did_you_mean(value, sorted(known))}; configured: {', '.join(sorted(known))}")
+                    raise SuiteError(
+                        f"{where}: '{value}' matches no configured {key}"
+                        f"{did_you_mean(value, sorted(known))}; configured: {', '.join(sorted(known))}"
+                    )
             else:
                 configured = settings.seeds if key == "seed" else settings.bonafide_size
                 if value not in configured:
@@ -203,14 +230,20 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
         if "bonafide_size" in entry and "defense" in entry:
             matching = [s for s in plugins["defenses"] if entry["defense"] in (s.name, s.label)]
             if matching and not any(s.cls.uses_bonafide for s in matching):
-                raise SuiteError(f"{path}: exclude[{index}]: defense '{entry['defense']}' uses no bonafide data, so "
-                                 "its jobs have no bonafide_size; drop bonafide_size from this rule")
+                raise SuiteError(
+                    f"{path}: exclude[{index}]: defense '{entry['defense']}' uses no bonafide data, so "
+                    "its jobs have no bonafide_size; drop bonafide_size from this rule"
+                )
     if bool(plugins["attacks"]) != bool(plugins["defenses"]):
         missing = "defenses" if plugins["attacks"] else "attacks"
-        raise SuiteError(f"{path}: missing '{missing}': jobs need both [[attacks]] and [[defenses]] tables "
-                         "(a suite of analyses only has neither)")
-    analysis_models = {spec.label: resolve_model_needs(spec, f"{path}: analyses ('{spec.label}')", registry)
-                       for spec in plugins["analyses"]}
+        raise SuiteError(
+            f"{path}: missing '{missing}': jobs need both [[attacks]] and [[defenses]] tables "
+            "(a suite of analyses only has neither)"
+        )
+    analysis_models = {
+        spec.label: resolve_model_needs(spec, f"{path}: analyses ('{spec.label}')", registry)
+        for spec in plugins["analyses"]
+    }
     return Suite(path, settings, training, plugins, exclude, analysis_models)
 
 

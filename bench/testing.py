@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from bench.registry import Registry, load_plugins
 from bench.store import ResultStore
@@ -29,11 +29,21 @@ TINY_MODEL = {"name": "small_cnn", "width": 8}
 TINY_ATTACK = {"name": "badnets", "poison_rate": 0.1, "trigger_size": 2}
 
 
-def write_suite(path: str | Path, *, datasets: list = ("digits",), models: list = (TINY_MODEL,),
-                attacks: list = (TINY_ATTACK,), defenses: list = ("none",), seeds: list[int] = (0,),
-                bonafide_size: int | list[int] = 50, training: dict | None = None,
-                store: str | Path | None = None, exclude: list[dict] = (), analyses: list = (),
-                **settings: Any) -> Path:
+def write_suite(
+    path: str | Path,
+    *,
+    datasets: Sequence = ("digits",),
+    models: Sequence = (TINY_MODEL,),
+    attacks: Sequence = (TINY_ATTACK,),
+    defenses: Sequence = ("none",),
+    seeds: Sequence[int] = (0,),
+    bonafide_size: int | list[int] = 50,
+    training: dict | None = None,
+    store: str | Path | None = None,
+    exclude: Sequence[dict] = (),
+    analyses: Sequence = (),
+    **settings: Any,
+) -> Path:
     """Write a suite file for a tiny CPU run (2 epochs unless `training` says otherwise). A
     suite of analyses only passes `attacks=(), defenses=()`."""
     path = Path(path)
@@ -44,8 +54,14 @@ def write_suite(path: str | Path, *, datasets: list = ("digits",), models: list 
     lines = []
     for name, table in tables.items():
         lines += [f"[{name}]", *_key_values(table), ""]
-    for name, entries in (("datasets", datasets), ("models", models), ("attacks", attacks),
-                          ("defenses", defenses), ("analyses", analyses), ("exclude", exclude)):
+    for name, entries in (
+        ("datasets", datasets),
+        ("models", models),
+        ("attacks", attacks),
+        ("defenses", defenses),
+        ("analyses", analyses),
+        ("exclude", exclude),
+    ):
         for entry in entries:
             entry = {"name": entry} if isinstance(entry, str) else entry
             lines += [f"[[{name}]]", *_key_values(entry), ""]
@@ -76,14 +92,21 @@ def trained_digits_model(epochs: int = 3, width: int = 8, seed: int = 0):
     net = SmallCNN(SmallCNN.Options(width=width)).build(InputShape(1, 8, 8, splits.num_classes))
     model = Classifier(net, splits.mean, splits.std)
     recipe = dataclasses.replace(SmallCNN.recipe, epochs=epochs)
-    ctx = DefenseContext(device=torch.device("cpu"), seed=seed, num_classes=splits.num_classes,
-                         horizontal_flip=False, show_progress=False, recipe=recipe)
+    ctx = DefenseContext(
+        device=torch.device("cpu"),
+        seed=seed,
+        num_classes=splits.num_classes,
+        horizontal_flip=False,
+        show_progress=False,
+        recipe=recipe,
+    )
     train_classifier(model, splits.train, recipe, ctx, flip=False)
     return model.eval(), splits, ctx
 
 
-def run_suite_file(suite_path: str | Path, workdir: str | Path, registry: Registry | None = None,
-                   **run_options: Any) -> list[dict]:
+def run_suite_file(
+    suite_path: str | Path, workdir: str | Path, registry: Registry | None = None, **run_options: Any
+) -> list[dict]:
     """Run a suite on the CPU with the store and model cache under `workdir`; return the rows
     (the jobs', then the analyses'; an analysis row has `analysis`, `analysis_label`, `metrics`
     (its values), `series`, `figures` and no attack, defense or bonafide size)."""
@@ -93,7 +116,15 @@ def run_suite_file(suite_path: str | Path, workdir: str | Path, registry: Regist
     registry = registry or load_plugins()
     workdir = Path(workdir)
     store = workdir / "results.db"
-    run_suite(load_suite(suite_path, registry), registry, store_path=store, device="cpu",
-              artifact_dir=workdir / "artifacts", show_progress=False, echo=lambda _: None, **run_options)
+    run_suite(
+        load_suite(suite_path, registry),
+        registry,
+        store_path=store,
+        device="cpu",
+        artifact_dir=workdir / "artifacts",
+        show_progress=False,
+        echo=lambda _: None,
+        **run_options,
+    )
     with ResultStore(store) as results:
         return results.rows() + results.analysis_rows()

@@ -21,19 +21,33 @@ What is here:
 - errors and seeds: `did_you_mean`, `derived_seed`.
 """
 
-from bench.adversarial import (EvasionAttack, EvasionSettings, Norm, ProtocolOptions, attack_success_rate,
-                               import_torchattacks, pgd_attack, robust_accuracy)
+from bench.adversarial import (
+    EvasionAttack,
+    EvasionSettings,
+    Norm,
+    ProtocolOptions,
+    attack_success_rate,
+    import_torchattacks,
+    pgd_attack,
+    robust_accuracy,
+)
 from bench.backdoor import AllToOneBackdoor
 from bench.context import derived_seed
 from bench.artifacts import cache_dir, save_arrays_atomically
 from bench.data import channel_stats
 from bench.errors import BenchError, did_you_mean
-from bench.evaluation import (STOCHASTIC_PROBE_IMAGES, clean_accuracy, eval_mode, is_stochastic, predict,
-                              to_model_input)
+from bench.evaluation import STOCHASTIC_PROBE_IMAGES, clean_accuracy, eval_mode, is_stochastic, predict, to_model_input
 from bench.metrics import accuracy
 from bench.models import GridAvgPool
-from bench.training import (REFERENCE_SAMPLES_PER_EPOCH, cosine_lr_factor, epoch_order, random_crop_flip,
-                            reference_lr_factor, steps_per_epoch, train_classifier)
+from bench.training import (
+    REFERENCE_SAMPLES_PER_EPOCH,
+    cosine_lr_factor,
+    epoch_order,
+    random_crop_flip,
+    reference_lr_factor,
+    steps_per_epoch,
+    train_classifier,
+)
 
 API_VERSION = 1
 
@@ -41,13 +55,42 @@ API_VERSION = 1
 def require_api(version: int) -> None:
     """Fail with a clear message unless this robustness-bench provides toolkit API `version`."""
     if version != API_VERSION:
-        raise BenchError(f"this plugin needs bench.toolkit API version {version}; the installed robustness-bench "
-                         f"provides version {API_VERSION}")
+        raise BenchError(
+            f"this plugin needs bench.toolkit API version {version}; the installed robustness-bench "
+            f"provides version {API_VERSION}"
+        )
 
 
-__all__ = ["API_VERSION", "AllToOneBackdoor", "EvasionAttack", "EvasionSettings", "GridAvgPool", "Norm",
-           "ProtocolOptions", "REFERENCE_SAMPLES_PER_EPOCH", "STOCHASTIC_PROBE_IMAGES", "accuracy",
-           "attack_success_rate", "cache_dir", "channel_stats", "clean_accuracy", "cosine_lr_factor", "derived_seed", "did_you_mean",
-           "epoch_order", "eval_mode", "import_torchattacks", "is_stochastic", "pgd_attack", "predict",
-           "random_crop_flip", "reference_lr_factor", "require_api", "robust_accuracy", "save_arrays_atomically",
-           "steps_per_epoch", "to_model_input", "train_classifier"]
+__all__ = [
+    "API_VERSION",
+    "AllToOneBackdoor",
+    "EvasionAttack",
+    "EvasionSettings",
+    "GridAvgPool",
+    "Norm",
+    "ProtocolOptions",
+    "REFERENCE_SAMPLES_PER_EPOCH",
+    "STOCHASTIC_PROBE_IMAGES",
+    "accuracy",
+    "attack_success_rate",
+    "cache_dir",
+    "channel_stats",
+    "clean_accuracy",
+    "cosine_lr_factor",
+    "derived_seed",
+    "did_you_mean",
+    "epoch_order",
+    "eval_mode",
+    "import_torchattacks",
+    "is_stochastic",
+    "pgd_attack",
+    "predict",
+    "random_crop_flip",
+    "reference_lr_factor",
+    "require_api",
+    "robust_accuracy",
+    "save_arrays_atomically",
+    "steps_per_epoch",
+    "to_model_input",
+    "train_classifier",
+]

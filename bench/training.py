@@ -90,15 +90,25 @@ def lr_schedule(recipe: TrainRecipe, total_steps: int):
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
     return factor
 
 
-def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx: RunContext,
-                     *, flip: bool, stream: str = "train", desc: str = "train",
-                     perturb: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                     samples_per_epoch: int = 0, reference_schedule: bool = False,
-                     cosine_schedule: bool = False, nesterov: bool | None = None,
-                     ) -> list[float]:
+def train_classifier(
+    model: nn.Module,
+    data: ImageData,
+    recipe: TrainRecipe,
+    ctx: RunContext,
+    *,
+    flip: bool,
+    stream: str = "train",
+    desc: str = "train",
+    perturb: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    samples_per_epoch: int = 0,
+    reference_schedule: bool = False,
+    cosine_schedule: bool = False,
+    nesterov: bool | None = None,
+) -> list[float]:
     """Train `model` in place on `data` (already on `ctx.device`) following `recipe`.
     `perturb(x, y, generator)`, if given, replaces each augmented float batch before the step
     (adversarial training). `samples_per_epoch` repeats small data to fill each epoch (see
@@ -111,14 +121,17 @@ def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx
         raise ValueError("train_classifier: choose reference_schedule or cosine_schedule, not both")
     generator = ctx.generator(stream)
     model.train()
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() <= 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr, momentum=recipe.momentum,
-        nesterov=recipe.momentum > 0 if nesterov is None else nesterov and recipe.momentum > 0)
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.momentum > 0 if nesterov is None else nesterov and recipe.momentum > 0,
+    )
     total_steps = recipe.epochs * steps_per_epoch(len(data), recipe.batch_size, samples_per_epoch)
     per_epoch = reference_lr_factor if reference_schedule else cosine_lr_factor if cosine_schedule else None
     if per_epoch is not None:
@@ -134,7 +147,7 @@ def train_classifier(model: nn.Module, data: ImageData, recipe: TrainRecipe, ctx
         order = epoch_order(len(data), samples_per_epoch, generator, ctx.device)
         loss_sum = torch.zeros((), device=ctx.device)
         for start in range(0, len(order), recipe.batch_size):
-            idx = order[start:start + recipe.batch_size]
+            idx = order[start : start + recipe.batch_size]
             xb = data.x[idx]
             if recipe.augment:
                 xb = random_crop_flip(xb, recipe.crop_padding, flip, generator)

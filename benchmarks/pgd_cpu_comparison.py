@@ -59,27 +59,39 @@ AttackFn = Callable[[torch.Tensor, torch.Tensor, bool, int], torch.Tensor]
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--cifar10-root", default="", help="the cifar10 plugin's root (tarball, ImageFolder or "
-                        "torchvision files); default: $BENCH_CIFAR10_ROOT, else ./data")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--cifar10-root",
+        default="",
+        help="the cifar10 plugin's root (tarball, ImageFolder or "
+        "torchvision files); default: $BENCH_CIFAR10_ROOT, else ./data",
+    )
     parser.add_argument("--images", type=int, default=200, help="test images attacked (seeded subset)")
-    parser.add_argument("--batch-size", type=int, default=50, help="attack batch size, the same for all three "
-                        "(ART's batch_size)")
+    parser.add_argument(
+        "--batch-size", type=int, default=50, help="attack batch size, the same for all three (ART's batch_size)"
+    )
     parser.add_argument("--eps", type=float, default=8 / 255, help="L-inf budget")
     parser.add_argument("--step", type=float, default=2 / 255, help="step size")
     parser.add_argument("--steps", type=int, default=10, help="PGD iterations")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per library with random start, then "
-                        "one without; per batch the best run counts")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed runs per library with random start, then one without; per batch the best run counts",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--weights", default="", help="state dict of Classifier(resnet20) to load instead of "
-                        "training")
+    parser.add_argument("--weights", default="", help="state dict of Classifier(resnet20) to load instead of training")
     parser.add_argument("--save-weights", default="", help="save the trained state dict here")
     parser.add_argument("--train-only", action="store_true", help="stop after training (with --save-weights)")
     parser.add_argument("--train-images", type=int, default=4000, help="training images (seeded subset)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs")
-    parser.add_argument("--standard-training", action="store_true", help="train on clean images only (robust "
-                        "accuracy then lands near 0)")
+    parser.add_argument(
+        "--standard-training",
+        action="store_true",
+        help="train on clean images only (robust accuracy then lands near 0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -102,19 +114,30 @@ def build_model(args, train, ctx: RunContext) -> tuple[nn.Module, str]:
         state = torch.load(args.weights, map_location="cpu")
         model.load_state_dict(state.get("state_dict", state))
         return model.eval(), f"weights from {args.weights}"
-    recipe = TrainRecipe(epochs=args.epochs, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                         warmup_fraction=0.15, augment=True, crop_padding=4)
+    recipe = TrainRecipe(
+        epochs=args.epochs,
+        batch_size=128,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        warmup_fraction=0.15,
+        augment=True,
+        crop_padding=4,
+    )
 
     def fgsm(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # FGSM with a random start and step 1.25 eps ("fast adversarial training").
-        return pgd_attack(model, x, y, eps=args.eps, step=1.25 * args.eps, steps=1, random_start=True,
-                          generator=generator)
+        return pgd_attack(
+            model, x, y, eps=args.eps, step=1.25 * args.eps, steps=1, random_start=True, generator=generator
+        )
 
     start = time.perf_counter()
     losses = train_classifier(model, train, recipe, ctx, flip=True, perturb=None if args.standard_training else fgsm)
     kind = "standard" if args.standard_training else "FGSM adversarial (random start, step 1.25 eps)"
-    description = (f"{kind} training, {args.epochs} epochs on {len(train)} images, batch 128, "
-                   f"{time.perf_counter() - start:.0f} s, final loss {losses[-1]:.3f}")
+    description = (
+        f"{kind} training, {args.epochs} epochs on {len(train)} images, batch 128, "
+        f"{time.perf_counter() - start:.0f} s, final loss {losses[-1]:.3f}"
+    )
     if args.save_weights:
         torch.save(model.state_dict(), args.save_weights)
     return model.eval(), description
@@ -127,22 +150,48 @@ def make_attacks(model: nn.Module, args) -> dict[str, AttackFn]:
 
     def native(x, y, random_start, seed):
         with eval_mode(model):
-            return pgd_attack(model, x, y, eps=args.eps, step=args.step, steps=args.steps, norm=Norm.LINF,
-                              random_start=random_start, generator=torch.Generator().manual_seed(seed))
+            return pgd_attack(
+                model,
+                x,
+                y,
+                eps=args.eps,
+                step=args.step,
+                steps=args.steps,
+                norm=Norm.LINF,
+                random_start=random_start,
+                generator=torch.Generator().manual_seed(seed),
+            )
 
-    torchattacks_pgd = {rs: torchattacks.PGD(model, eps=args.eps, alpha=args.step, steps=args.steps, random_start=rs)
-                        for rs in (True, False)}
+    torchattacks_pgd = {
+        rs: torchattacks.PGD(model, eps=args.eps, alpha=args.step, steps=args.steps, random_start=rs)
+        for rs in (True, False)
+    }
 
     def with_torchattacks(x, y, random_start, seed):
         torch.manual_seed(seed)  # torchattacks draws its random start from torch's global generator
         return torchattacks_pgd[random_start](x, y)
 
-    classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=(3, 32, 32), nb_classes=10,
-                                   clip_values=(0.0, 1.0), device_type="cpu")
-    art_pgd = {rs: ProjectedGradientDescentPyTorch(classifier, norm=np.inf, eps=args.eps, eps_step=args.step,
-                                                   max_iter=args.steps, num_random_init=int(rs),
-                                                   batch_size=args.batch_size, verbose=False)
-               for rs in (True, False)}
+    classifier = PyTorchClassifier(
+        model=model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=(3, 32, 32),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
+    art_pgd = {
+        rs: ProjectedGradientDescentPyTorch(
+            classifier,
+            norm=np.inf,
+            eps=args.eps,
+            eps_step=args.step,
+            max_iter=args.steps,
+            num_random_init=int(rs),
+            batch_size=args.batch_size,
+            verbose=False,
+        )
+        for rs in (True, False)
+    }
 
     def with_art(x, y, random_start, seed):
         np.random.seed(seed)  # ART draws its random start from numpy's global generator
@@ -154,8 +203,9 @@ def make_attacks(model: nn.Module, args) -> dict[str, AttackFn]:
 def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Per image: whether the model classifies it correctly (one shared count for all three)."""
     with torch.no_grad(), eval_mode(model):
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
-                          for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size] for i in range(0, len(x), batch_size)]
+        )
 
 
 def main() -> None:
@@ -164,28 +214,35 @@ def main() -> None:
         raise SystemExit("pgd_cpu_comparison: --train-only needs --save-weights")
     torch.set_num_threads(args.threads)
     ctx = RunContext(device=torch.device("cpu"), seed=args.seed, num_classes=10, show_progress=False)
-    splits = Cifar10(Cifar10.Options(root=args.cifar10_root, train_images=args.train_images,
-                                     test_images=args.images)).load()
+    splits = Cifar10(
+        Cifar10.Options(root=args.cifar10_root, train_images=args.train_images, test_images=args.images)
+    ).load()
     model, model_description = build_model(args, splits.train, ctx)
     x, y = to_model_input(splits.test.x), splits.test.y
     clean = correct(model, x, y, args.batch_size).float().mean().item()
-    print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
-          f"adversarial-robustness-toolbox {version('adversarial-robustness-toolbox')}, "
-          f"torchattacks {version('torchattacks')}, numpy {np.__version__}")
-    print(f"Model: resnet20 plugin in Classifier (CIFAR-10 mean/std), {model_description}; "
-          f"clean accuracy {clean:.1%} on the {len(x)} test images attacked ({splits.source})")
+    print(
+        f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
+        f"adversarial-robustness-toolbox {version('adversarial-robustness-toolbox')}, "
+        f"torchattacks {version('torchattacks')}, numpy {np.__version__}"
+    )
+    print(
+        f"Model: resnet20 plugin in Classifier (CIFAR-10 mean/std), {model_description}; "
+        f"clean accuracy {clean:.1%} on the {len(x)} test images attacked ({splits.source})"
+    )
     if args.train_only:
         print(f"Saved the state dict to {args.save_weights}")
         return
-    print(f"Attack: PGD-{args.steps}, L-inf eps {args.eps * 255:g}/255, step {args.step * 255:g}/255, "
-          f"batch {args.batch_size} for all three, float32")
+    print(
+        f"Attack: PGD-{args.steps}, L-inf eps {args.eps * 255:g}/255, step {args.step * 255:g}/255, "
+        f"batch {args.batch_size} for all three, float32"
+    )
 
     attacks = make_attacks(model, args)
     names = list(attacks)
     starts = range(0, len(x), args.batch_size)
     load_before = os.getloadavg()
     for attack in attacks.values():  # warm-up: one batch each
-        attack(x[:args.batch_size], y[:args.batch_size], True, args.seed)
+        attack(x[: args.batch_size], y[: args.batch_size], True, args.seed)
     # wall[name][run][batch] and cpu[...]: seconds. Batches are interleaved across the libraries
     # (in an order that rotates), so that load from other processes falls on all three alike.
     runs = [True] * args.repeats + [False]
@@ -211,36 +268,54 @@ def main() -> None:
     best_wall, best_cpu = best(wall), best(cpu)
     acc = {key: c.float().mean().item() for key, c in correct_after.items()}
     print()
-    print("| implementation | images/s | native speed / this | images per CPU-second | native / this, CPU "
-          "| robust acc, random start | vs native | robust acc, no random start | vs native |")
+    print(
+        "| implementation | images/s | native speed / this | images per CPU-second | native / this, CPU "
+        "| robust acc, random start | vs native | robust acc, no random start | vs native |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
-        ratios = ["1 (reference)" if name == "native" else f"{best_[name] / best_['native']:.2f}x"
-                  for best_ in (best_wall, best_cpu)]
-        cells = [f"{acc[name, rs]:.1%} | " + ("" if name == "native" else
-                                               f"{(acc[name, rs] - acc['native', rs]) * 100:+.1f} pt")
-                 for rs in (True, False)]
-        print(f"| {name} | {len(x) / best_wall[name]:.2f} | {ratios[0]} | {len(x) / best_cpu[name]:.2f} "
-              f"| {ratios[1]} | {cells[0]} | {cells[1]} |")
+        ratios = [
+            "1 (reference)" if name == "native" else f"{best_[name] / best_['native']:.2f}x"
+            for best_ in (best_wall, best_cpu)
+        ]
+        cells = [
+            f"{acc[name, rs]:.1%} | "
+            + ("" if name == "native" else f"{(acc[name, rs] - acc['native', rs]) * 100:+.1f} pt")
+            for rs in (True, False)
+        ]
+        print(
+            f"| {name} | {len(x) / best_wall[name]:.2f} | {ratios[0]} | {len(x) / best_cpu[name]:.2f} "
+            f"| {ratios[1]} | {cells[0]} | {cells[1]} |"
+        )
     print()
-    print(f"- images/s: wall clock, per batch the best of {len(runs)} runs ({args.repeats} with random start, "
-          f"then 1 without), summed over the {len(starts)} batches; CPU-seconds: this process's CPU time "
-          f"(all threads), counted the same way")
-    print("- whole runs, wall seconds: " + "; ".join(
-        f"{name} " + ", ".join(f"{sum(run):.1f}" for run in wall[name]) for name in names))
+    print(
+        f"- images/s: wall clock, per batch the best of {len(runs)} runs ({args.repeats} with random start, "
+        f"then 1 without), summed over the {len(starts)} batches; CPU-seconds: this process's CPU time "
+        f"(all threads), counted the same way"
+    )
+    print(
+        "- whole runs, wall seconds: "
+        + "; ".join(f"{name} " + ", ".join(f"{sum(run):.1f}" for run in wall[name]) for name in names)
+    )
     for name in names[1:]:
         flips = [(correct_after[name, rs] != correct_after["native", rs]).sum().item() for rs in (True, False)]
         gap = (adversarial[name, False] - adversarial["native", False]).abs()
-        print(f"- {name} vs native: per-image verdict differs on {flips[0]} of {len(x)} images with random start, "
-              f"{flips[1]} without; without random start {(gap > 1e-6).float().mean().item():.3%} of the "
-              f"adversarial pixels differ (by at most {gap.max().item() * 255:.2f}/255)")
+        print(
+            f"- {name} vs native: per-image verdict differs on {flips[0]} of {len(x)} images with random start, "
+            f"{flips[1]} without; without random start {(gap > 1e-6).float().mean().item():.3%} of the "
+            f"adversarial pixels differ (by at most {gap.max().item() * 255:.2f}/255)"
+        )
     spread = {rs: max(abs(acc[name, rs] - acc["native", rs]) for name in names) * 100 for rs in (True, False)}
     verdict = "within" if max(spread.values()) <= 1 else "NOT within"
-    print(f"- largest robust-accuracy difference from native: {spread[True]:.1f} points with random start, "
-          f"{spread[False]:.1f} without ({verdict} 1 point; 1 point = {len(x) / 100:g} images)")
-    print(f"- load average (1, 5, 15 min) on {os.cpu_count()} CPUs: {load_before[0]:.2f}, {load_before[1]:.2f}, "
-          f"{load_before[2]:.2f} before the attacks, {load_after[0]:.2f}, {load_after[1]:.2f}, "
-          f"{load_after[2]:.2f} after")
+    print(
+        f"- largest robust-accuracy difference from native: {spread[True]:.1f} points with random start, "
+        f"{spread[False]:.1f} without ({verdict} 1 point; 1 point = {len(x) / 100:g} images)"
+    )
+    print(
+        f"- load average (1, 5, 15 min) on {os.cpu_count()} CPUs: {load_before[0]:.2f}, {load_before[1]:.2f}, "
+        f"{load_before[2]:.2f} before the attacks, {load_after[0]:.2f}, {load_after[1]:.2f}, "
+        f"{load_after[2]:.2f} after"
+    )
 
 
 if __name__ == "__main__":

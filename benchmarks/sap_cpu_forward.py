@@ -46,12 +46,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, best of {args.repeats}\n")
-    print("| input | undefended (ms) | sap, multinomial (ms) | sap, inverse CDF (ms) | ratio multinomial | ratio inverse CDF |")
+    print(
+        "| input | undefended (ms) | sap, multinomial (ms) | sap, inverse CDF (ms) | ratio multinomial "
+        "| ratio inverse CDF |"
+    )
     print("|---|---|---|---|---|---|")
     for side, channels in ((8, 1), (32, 3)):
         torch.manual_seed(0)
-        model = Classifier(SmallCNN().build(bench.InputShape(channels, side, side, 10)), (0.5,) * channels,
-                           (0.25,) * channels).eval()
+        model = Classifier(
+            SmallCNN().build(bench.InputShape(channels, side, side, 10)), (0.5,) * channels, (0.25,) * channels
+        ).eval()
         pruned, _ = sap.insert_pruning(model, 1.0, None)
         x = torch.rand(args.batch, channels, side, side)
         best = {"plain": float("inf"), "multinomial": float("inf"), "inverse": float("inf")}
@@ -65,8 +69,10 @@ def main() -> None:
                     best[variant] = min(best[variant], time.perf_counter() - start)
         sap.prune_activations = original
         plain, multinomial, inverse = (best[k] * 1000 for k in ("plain", "multinomial", "inverse"))
-        print(f"| {channels}x{side}x{side} | {plain:.1f} | {multinomial:.1f} | {inverse:.1f} | "
-              f"{multinomial / plain:.1f}x | {inverse / plain:.1f}x |")
+        print(
+            f"| {channels}x{side}x{side} | {plain:.1f} | {multinomial:.1f} | {inverse:.1f} | "
+            f"{multinomial / plain:.1f}x | {inverse / plain:.1f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -44,11 +44,16 @@ def summarise(rows: list[dict]) -> list[tuple[str, str]]:
         if points:
             count = len(mine[0]["series"].get("path", []))
             lines.append((f"`{defense}` path evaluation, {count} points (per job)", _stats(points)))
-        lines.append((f"`{defense}` evaluation after the defense (per job)", _stats([r["timings"]["evaluate"] for r in mine])))
+        lines.append(
+            (f"`{defense}` evaluation after the defense (per job)", _stats([r["timings"]["evaluate"] for r in mine]))
+        )
     for defense in sorted({r["defense_label"] for r in rows}):
         mine = [r["metrics"] for r in rows if r["defense_label"] == defense]
-        summary = ", ".join(f"{k} {statistics.mean(m[k] for m in mine) * 100:.1f}%" for k in ("clean_acc", "asr")
-                            if all(k in m for m in mine))
+        summary = ", ".join(
+            f"{k} {statistics.mean(m[k] for m in mine) * 100:.1f}%"
+            for k in ("clean_acc", "asr")
+            if all(k in m for m in mine)
+        )
         lines.append((f"`{defense}` results (mean over seeds)", summary))
     return lines
 
@@ -63,8 +68,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", type=Path)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md",
-                        help="markdown file the figures are appended to")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path(__file__).parent / "RESULTS.md",
+        help="markdown file the figures are appended to",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep the store and cache in this folder")
     args = parser.parse_args()
 
@@ -78,13 +87,22 @@ def main() -> int:
     total = time.perf_counter() - start
     with ResultStore(store) as results:
         rows = [r for r in results.rows() if r["status"] == "ok"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    lines = [f"## Stage timings: `{args.suite}`", "",
-             f"- Date: {datetime.date.today().isoformat()}; device: {name}; torch {torch.__version__}",
-             f"- Command: `python benchmarks/stage_timings.py {args.suite} --device {args.device}`",
-             f"- Jobs: {summary.total} ({summary.succeeded} succeeded, {len(summary.failed)} failed); "
-             f"whole suite including data loading: {total:.1f} s", "",
-             "| stage | wall time |", "|---|---|"]
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    lines = [
+        f"## Stage timings: `{args.suite}`",
+        "",
+        f"- Date: {datetime.date.today().isoformat()}; device: {name}; torch {torch.__version__}",
+        f"- Command: `python benchmarks/stage_timings.py {args.suite} --device {args.device}`",
+        f"- Jobs: {summary.total} ({summary.succeeded} succeeded, {len(summary.failed)} failed); "
+        f"whole suite including data loading: {total:.1f} s",
+        "",
+        "| stage | wall time |",
+        "|---|---|",
+    ]
     lines += [f"| {stage} | {value} |" for stage, value in summarise(rows)]
     text = "\n".join(lines) + "\n"
     print(text)

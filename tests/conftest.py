@@ -12,6 +12,7 @@ os.environ.pop("BENCH_CIFAR10_ROOT", None)
 @pytest.fixture
 def registry():
     from bench.registry import load_plugins
+
     return load_plugins()
 
 
@@ -20,6 +21,7 @@ def one_cpu_thread():
     """Train on one torch thread: on a busy 2-core machine, two threads waiting for each other
     train 10-50x slower (results are deterministic for a given thread count either way)."""
     import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

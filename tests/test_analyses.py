@@ -19,11 +19,31 @@ from bench.evaluation import clean_accuracy
 TINY = {"name": "small_cnn", "width": 4}
 TINY_ANALYSES = [
     {"name": "budget_curve", "eps": [0.0, 0.1], "steps": 2, "eot_samples": 2, "passes": 2, "images": 40},
-    {"name": "robust_path", "epochs": 1, "samples_per_epoch": 128, "path_points": 3, "robust_eps": 0.1,
-     "robust_epochs": 1, "robust_images": 200, "eps": 0.1, "pgd_steps": 2, "images": 40, "hessian_images": 8,
-     "power_iterations": 3},
-    {"name": "stitching", "epochs": 1, "train_images": 100, "robust_eps": 0.1, "robust_epochs": 1,
-     "robust_images": 200, "eps": 0.1, "pgd_steps": 1, "images": 40},
+    {
+        "name": "robust_path",
+        "epochs": 1,
+        "samples_per_epoch": 128,
+        "path_points": 3,
+        "robust_eps": 0.1,
+        "robust_epochs": 1,
+        "robust_images": 200,
+        "eps": 0.1,
+        "pgd_steps": 2,
+        "images": 40,
+        "hessian_images": 8,
+        "power_iterations": 3,
+    },
+    {
+        "name": "stitching",
+        "epochs": 1,
+        "train_images": 100,
+        "robust_eps": 0.1,
+        "robust_epochs": 1,
+        "robust_images": 200,
+        "eps": 0.1,
+        "pgd_steps": 1,
+        "images": 40,
+    },
 ]
 
 
@@ -39,8 +59,9 @@ def test_power_iteration_finds_the_top_eigenvalue_of_each_images_quadratic_loss(
         return 0.5 * (scale * ((flat @ a) * flat).sum(dim=1)).sum()
 
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    eigenvalues, residual = input_hessian_top_eigenvalues(loss_sum, x, iterations=60,
-                                                          generator=torch.Generator().manual_seed(2))
+    eigenvalues, residual = input_hessian_top_eigenvalues(
+        loss_sum, x, iterations=60, generator=torch.Generator().manual_seed(2)
+    )
     assert eigenvalues.tolist() == pytest.approx([5.0, 10.0, 15.0], rel=1e-6)
     assert residual < 1e-6
     _, early = input_hessian_top_eigenvalues(loss_sum, x, iterations=2, generator=torch.Generator().manual_seed(2))
@@ -60,8 +81,9 @@ def test_stitching_a_network_to_itself_recovers_its_accuracy_and_leaves_both_unc
     layers = stitch_points(model)
     assert len(layers) == 4  # three ReLUs and the flattening
     for layer in layers:
-        stitched = stitch(model, model, layer, splits.train.subset(torch.arange(300)), ctx, epochs=1, lr=1e-3,
-                          batch_size=64)
+        stitched = stitch(
+            model, model, layer, splits.train.subset(torch.arange(300)), ctx, epochs=1, lr=1e-3, batch_size=64
+        )
         assert abs(clean_accuracy(stitched, splits.test, ctx) - own) <= 0.02, layer
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for p in stitched.front.parameters():
@@ -69,11 +91,18 @@ def test_stitching_a_network_to_itself_recovers_its_accuracy_and_leaves_both_unc
 
 
 def test_an_analysis_suite_runs_stores_reports_and_resumes(tmp_path, one_cpu_thread):
-    suite = write_suite(tmp_path / "analyses.toml", models=[TINY], attacks=(), defenses=(), analyses=TINY_ANALYSES,
-                        training={"epochs": 2})
+    suite = write_suite(
+        tmp_path / "analyses.toml",
+        models=[TINY],
+        attacks=(),
+        defenses=(),
+        analyses=TINY_ANALYSES,
+        training={"epochs": 2},
+    )
     rows = run_suite_file(suite, tmp_path)
-    assert [r["analysis"] for r in rows] == sorted(["budget_curve", "robust_path", "stitching"],
-                                                   key=lambda n: [r["analysis"] for r in rows].index(n))
+    assert [r["analysis"] for r in rows] == sorted(
+        ["budget_curve", "robust_path", "stitching"], key=lambda n: [r["analysis"] for r in rows].index(n)
+    )
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     by_name = {r["analysis"]: r for r in rows}
     points = by_name["robust_path"]["series"]["points"]
@@ -83,8 +112,12 @@ def test_an_analysis_suite_runs_stores_reports_and_resumes(tmp_path, one_cpu_thr
     assert {r["attack"] for r in curve} == {"undefended", "defended, plain PGD", "defended, EOT-PGD"}
     assert all(r["stochastic"] for r in curve if r["attack"] != "undefended")  # sap is found stochastic
     stitched = by_name["stitching"]["series"]["stitched"]
-    assert {r["pair"] for r in stitched} == {"robust -> regular", "regular -> robust", "robust -> robust",
-                                             "regular -> regular"}
+    assert {r["pair"] for r in stitched} == {
+        "robust -> regular",
+        "regular -> robust",
+        "robust -> robust",
+        "regular -> regular",
+    }
 
     out = tmp_path / "board" / "analyses.md"
     result = CliRunner().invoke(main, ["report", str(tmp_path / "results.db"), "--output", str(out)])
@@ -94,19 +127,47 @@ def test_an_analysis_suite_runs_stores_reports_and_resumes(tmp_path, one_cpu_thr
         assert f"## Analysis: {name}" in text
     figures = list((tmp_path / "board" / "analyses-figures").glob("analysis-*.png"))
     assert len(figures) == 1 + 3 + 4  # budget curve, three along the paths, one per stitching pair
-    again = CliRunner().invoke(main, ["run", str(suite), "--store", str(tmp_path / "results.db"), "--cache-dir",
-                                      str(tmp_path / "artifacts"), "--device", "cpu", "--no-progress"])
+    again = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(suite),
+            "--store",
+            str(tmp_path / "results.db"),
+            "--cache-dir",
+            str(tmp_path / "artifacts"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
     assert again.exit_code == 0 and "3 already in" in again.output and "0 to run" in again.output
 
 
 def test_an_analysis_reuses_the_defended_model_a_leaderboard_job_built(tmp_path, one_cpu_thread):
-    pgd = {"name": "pgd", "eps": 0.1, "step": 0.05, "steps": 2, "check_subset": 20, "check_steps_factor": 1,
-           "check_restarts": 1, "check_square_queries": 0, "eot_samples": 2}
+    pgd = {
+        "name": "pgd",
+        "eps": 0.1,
+        "step": 0.05,
+        "steps": 2,
+        "check_subset": 20,
+        "check_steps_factor": 1,
+        "check_restarts": 1,
+        "check_square_queries": 0,
+        "eot_samples": 2,
+    }
     training = {"name": "adversarial_training"}  # its defaults, as budget_curve applies it
-    curve = {"name": "budget_curve", "defense": "adversarial_training", "bonafide_size": 50, "eps": [0.1],
-             "steps": 2, "images": 20}
-    suite = write_suite(tmp_path / "shared.toml", models=[TINY], attacks=[pgd], defenses=[training],
-                        analyses=[curve], bonafide_size=50)
+    curve = {
+        "name": "budget_curve",
+        "defense": "adversarial_training",
+        "bonafide_size": 50,
+        "eps": [0.1],
+        "steps": 2,
+        "images": 20,
+    }
+    suite = write_suite(
+        tmp_path / "shared.toml", models=[TINY], attacks=[pgd], defenses=[training], analyses=[curve], bonafide_size=50
+    )
     rows = run_suite_file(suite, tmp_path)
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     job, analysis = rows
@@ -115,13 +176,16 @@ def test_an_analysis_reuses_the_defended_model_a_leaderboard_job_built(tmp_path,
     assert analysis["notes"]["defended_defense_cache"] == "hit"  # and adversarially trained it
 
 
-@pytest.mark.parametrize("entry, expected", [
-    ({"name": "budget_curve", "defense": "nope"}, "unknown defense 'nope'"),
-    ({"name": "budget_curve", "eps": []}, "eps: give at least one budget"),
-    ({"name": "robust_path", "epoch": 3}, "epoch"),
-    ({"name": "stitching", "epochs": 0}, "epochs"),
-    ({"name": "analysis_x"}, "unknown analysis 'analysis_x'"),
-])
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ({"name": "budget_curve", "defense": "nope"}, "unknown defense 'nope'"),
+        ({"name": "budget_curve", "eps": []}, "eps: give at least one budget"),
+        ({"name": "robust_path", "epoch": 3}, "epoch"),
+        ({"name": "stitching", "epochs": 0}, "epochs"),
+        ({"name": "analysis_x"}, "unknown analysis 'analysis_x'"),
+    ],
+)
 def test_bad_analysis_options_fail_before_anything_runs(tmp_path, entry, expected):
     store = tmp_path / "never.db"
     suite = write_suite(tmp_path / "bad.toml", models=[TINY], attacks=(), defenses=(), analyses=[entry], store=store)
@@ -133,8 +197,14 @@ def test_bad_analysis_options_fail_before_anything_runs(tmp_path, entry, expecte
 
 def test_a_model_an_analysis_cannot_cut_is_refused_before_anything_runs(tmp_path):
     store = tmp_path / "never.db"
-    suite = write_suite(tmp_path / "bad.toml", models=[{"name": "preact_resnet18"}], attacks=(), defenses=(),
-                        analyses=[{"name": "stitching"}], store=store)
+    suite = write_suite(
+        tmp_path / "bad.toml",
+        models=[{"name": "preact_resnet18"}],
+        attacks=(),
+        defenses=(),
+        analyses=[{"name": "stitching"}],
+        store=store,
+    )
     result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
     assert result.exit_code == 2 and "nn.Sequential" in result.output, result.output
     assert not store.exists()
@@ -190,8 +260,9 @@ def test_a_third_party_analysis_is_discovered_and_runs_like_a_built_in(tmp_path,
     registry = _third_party_registry(tmp_path, monkeypatch)
     info = registry.get("analysis", "seed_spread")
     assert (info.package, info.version) == ("third-analysis", "0.1")
-    suite = write_suite(tmp_path / "third.toml", models=[TINY], attacks=(), defenses=(),
-                        analyses=[{"name": "seed_spread", "offset": 2}])
+    suite = write_suite(
+        tmp_path / "third.toml", models=[TINY], attacks=(), defenses=(), analyses=[{"name": "seed_spread", "offset": 2}]
+    )
     (row,) = run_suite_file(suite, tmp_path, registry=registry)
     assert row["status"] == "ok", row["error"]
     assert row["versions"]["analysis:seed_spread"] == "third-analysis 0.1"

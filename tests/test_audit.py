@@ -17,8 +17,18 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def command(suite, tmp_path, store, cache):
-    return [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / cache),
-            "--store", str(tmp_path / store), "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "run",
+        str(suite),
+        "--cache-dir",
+        str(tmp_path / cache),
+        "--store",
+        str(tmp_path / store),
+        "--no-progress",
+    ]
 
 
 def metrics_of(path):
@@ -42,8 +52,12 @@ def test_kills_at_successive_moments_lose_nothing_and_redo_nothing(tmp_path, sui
     finished_before: dict[str, str] = {}
     kills = 0
     for delay in [1.0 + 1.5 * i for i in range(12)]:
-        process = subprocess.Popen(command(suite, tmp_path, "killed.db", "cache"), env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command(suite, tmp_path, "killed.db", "cache"),
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -68,8 +82,16 @@ def test_kills_at_successive_moments_lose_nothing_and_redo_nothing(tmp_path, sui
 @pytest.mark.slow
 def test_two_runs_of_one_suite_at_once_agree_with_one_run(tmp_path, suite_and_reference):
     suite, reference = suite_and_reference
-    processes = [subprocess.Popen(command(suite, tmp_path, "shared.db", "shared-cache"), env=ENV,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            command(suite, tmp_path, "shared.db", "shared-cache"),
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     succeeded = 0
     for process in processes:
         out, err = process.communicate(timeout=300)

@@ -32,9 +32,11 @@ def test_autoattack_is_at_least_as_strong_as_pgd(digits_model):
     subset = test.subset(torch.arange(12))
     # a short budget keeps the test fast; the attacks are those of the standard set
     aa = AutoAttack(AutoAttack.Options(eps=0.1, subset=12, iterations=20, square_queries=30)).evaluate(
-        model, subset, CTX, {})
+        model, subset, CTX, {}
+    )
     pgd = PGD(PGD.Options(eps=0.1, step=0.025, subset=12, check_restarts=1, check_square_queries=100)).evaluate(
-        model, subset, CTX, {})
+        model, subset, CTX, {}
+    )
     assert aa["robust_acc"] <= pgd["robust_acc_attack"] + 1 / 12  # PGD's own number, not pgd's worst case
     assert aa["robust_acc"] < 0.9  # eps 0.1 on 8x8 digits breaks many images
     assert aa["asr"] == pytest.approx(1 - aa["robust_acc"], abs=1e-6)  # all 12 images are clean-correct

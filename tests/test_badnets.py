@@ -9,20 +9,23 @@ from bench_plugins.attacks.badnets import BadNets, Corner, stamp_trigger
 CPU = RunContext(device=torch.device("cpu"), seed=0, num_classes=10)
 
 
-@pytest.mark.parametrize("corner, margin, rows, cols", [
-    # 8x10 images (not square, so rows and columns cannot be swapped unnoticed), a 3-pixel trigger
-    (Corner.BOTTOM_RIGHT, 1, (4, 7), (6, 9)),
-    (Corner.BOTTOM_LEFT, 1, (4, 7), (1, 4)),
-    (Corner.TOP_RIGHT, 1, (1, 4), (6, 9)),
-    (Corner.TOP_LEFT, 1, (1, 4), (1, 4)),
-    (Corner.BOTTOM_RIGHT, 0, (5, 8), (7, 10)),
-])
+@pytest.mark.parametrize(
+    "corner, margin, rows, cols",
+    [
+        # 8x10 images (not square, so rows and columns cannot be swapped unnoticed), a 3-pixel trigger
+        (Corner.BOTTOM_RIGHT, 1, (4, 7), (6, 9)),
+        (Corner.BOTTOM_LEFT, 1, (4, 7), (1, 4)),
+        (Corner.TOP_RIGHT, 1, (1, 4), (6, 9)),
+        (Corner.TOP_LEFT, 1, (1, 4), (1, 4)),
+        (Corner.BOTTOM_RIGHT, 0, (5, 8), (7, 10)),
+    ],
+)
 def test_trigger_sets_exactly_its_square_to_the_trigger_value_and_nothing_else(corner, margin, rows, cols):
     x = torch.randint(0, 256, (2, 3, 8, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     original = x.clone()
     out = stamp_trigger(x, size=3, corner=corner, margin=margin, value=7)
     square = torch.zeros(8, 10, dtype=torch.bool)
-    square[rows[0]:rows[1], cols[0]:cols[1]] = True
+    square[rows[0] : rows[1], cols[0] : cols[1]] = True
     assert out[..., square].eq(7).all()  # every channel of every image
     assert torch.equal(out[..., ~square], x[..., ~square])
     assert torch.equal(x, original)  # the input is not modified
@@ -44,8 +47,14 @@ def digit_like_data(count=100):
 def test_poisoning_stamps_and_relabels_round_rate_times_n_non_target_images():
     train = digit_like_data()
     original = ImageData(train.x.clone(), train.y.clone())
-    options = BadNets.Options(poison_rate=0.137, target_class=3, trigger_size=2, trigger_corner=Corner.TOP_LEFT,
-                              trigger_margin=0, trigger_value=9)
+    options = BadNets.Options(
+        poison_rate=0.137,
+        target_class=3,
+        trigger_size=2,
+        trigger_corner=Corner.TOP_LEFT,
+        trigger_margin=0,
+        trigger_value=9,
+    )
     poisoned, state = BadNets(options).poison(train, CPU)
     idx = state["poisoned_indices"]
     assert len(idx) == len(idx.unique()) == 14  # round(13.7), not truncated

@@ -21,7 +21,9 @@ def make_image_folder(root, per_class=2):
             folder = root / "cifar10" / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
-                pixels = np.full((32, 32, 3), label * 20, dtype=np.uint8) + rng.integers(0, 5, (32, 32, 3), dtype=np.uint8)
+                pixels = np.full((32, 32, 3), label * 20, dtype=np.uint8) + rng.integers(
+                    0, 5, (32, 32, 3), dtype=np.uint8
+                )
                 Image.fromarray(pixels).save(folder / f"{i:04d}.png")
                 written.setdefault(split, []).append(pixels)
     return np.stack(written["train"])
@@ -38,6 +40,7 @@ def test_reads_an_image_folder_in_label_order_and_decodes_it_once(tmp_path, monk
 
     def no_decoding(path):
         raise AssertionError("decoded again instead of reading the cache")
+
     monkeypatch.setattr(cifar10_module, "_decode", no_decoding)
     again = Cifar10(Cifar10.Options(root=str(tmp_path))).load()
     assert torch.equal(again.train.x, splits.train.x) and torch.equal(again.test.y, splits.test.y)

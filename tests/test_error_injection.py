@@ -87,7 +87,9 @@ def test_injection_changes_only_the_last_linear_weight_and_hits_its_targets(trai
 
 def test_images_come_from_the_training_split_and_are_disjoint(trained):
     splits, model = trained
-    state = ErrorInjection(ErrorInjection.Options(steps=1, keep_images=50)).tamper(copy.deepcopy(model), splits, CPU, {})
+    state = ErrorInjection(ErrorInjection.Options(steps=1, keep_images=50)).tamper(
+        copy.deepcopy(model), splits, CPU, {}
+    )
     train_rows = {tuple(img.flatten().tolist()) for img in splits.train.x}
     sneak = [tuple(img.flatten().tolist()) for img in state["sneak_images"]]
     keep = [tuple(img.flatten().tolist()) for img in state["keep_images"]]
@@ -113,8 +115,9 @@ def test_a_second_model_of_the_job_reports_its_own_change(trained):
     """An MCR endpoint: `tamper` gets the job's own state and repeats its faults on another
     clean model; the change it reports must be measured on that model, not copied."""
     splits, model = trained
-    attack = ErrorInjection(ErrorInjection.Options(keep_images=100, steps=200, penalty=Penalty.L1,
-                                                   penalty_weight=0.003, prune_below=0.01))
+    attack = ErrorInjection(
+        ErrorInjection.Options(keep_images=100, steps=200, penalty=Penalty.L1, penalty_weight=0.003, prune_below=0.01)
+    )
     first = copy.deepcopy(model)
     first_state = attack.tamper(first, splits, CPU, {})
     second = copy.deepcopy(model)
@@ -153,10 +156,15 @@ def penalized_runs(trained, options: dict[str, dict]) -> dict[str, dict]:
 
 
 def test_penalties_make_a_smaller_change_that_still_injects(trained):
-    results = penalized_runs(trained, {
-        "plain": {}, "l2": {"penalty": Penalty.L2, "penalty_weight": 0.01},
-        "l1": {"penalty": Penalty.L1, "penalty_weight": 0.003},
-        "l1_pruned": {"penalty": Penalty.L1, "penalty_weight": 0.003, "prune_below": 0.02}})
+    results = penalized_runs(
+        trained,
+        {
+            "plain": {},
+            "l2": {"penalty": Penalty.L2, "penalty_weight": 0.01},
+            "l1": {"penalty": Penalty.L1, "penalty_weight": 0.003},
+            "l1_pruned": {"penalty": Penalty.L1, "penalty_weight": 0.003, "prune_below": 0.02},
+        },
+    )
     plain, l2, l1, pruned = results["plain"], results["l2"], results["l1"], results["l1_pruned"]
     assert plain["changed_elements"] > 0.95 * plain["delta"].numel()  # Adam moves every weight
     assert l2["change_l2"] < 0.8 * plain["change_l2"]
@@ -181,11 +189,15 @@ def test_unknown_layer_is_an_actionable_error(trained):
 
 
 def test_error_injection_runs_through_the_pipeline(tmp_path):
-    extra = importlib.metadata.EntryPoint("error_injection", "bench_plugins.attacks.error_injection",
-                                          ENTRY_POINT_GROUP)
+    extra = importlib.metadata.EntryPoint("error_injection", "bench_plugins.attacks.error_injection", ENTRY_POINT_GROUP)
     registry = build_registry([*importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), extra])
-    suite = write_suite(tmp_path / "s.toml", attacks=[{"name": "error_injection", "keep_images": 300}],
-                        training={"epochs": 4}, defenses=["none"], bonafide_source="train")
+    suite = write_suite(
+        tmp_path / "s.toml",
+        attacks=[{"name": "error_injection", "keep_images": 300}],
+        training={"epochs": 4},
+        defenses=["none"],
+        bonafide_source="train",
+    )
     (row,) = run_suite_file(suite, tmp_path, registry=registry)
     assert row["status"] == "ok", row["error"]
     assert row["metrics"]["injection_success"] == 1.0

@@ -123,16 +123,25 @@ def digits_mlp():
     """A small MLP trained briefly on digits, and the first 100 test images."""
     splits = Digits().load()
     torch.manual_seed(0)
-    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
-                       splits.mean, splits.std)
+    model = Classifier(
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), splits.mean, splits.std
+    )
     recipe = bench.TrainRecipe(epochs=5, batch_size=64, lr=0.05, augment=False)
     train_classifier(model, splits.train, recipe, context(), flip=False)
     return model.eval(), splits.test.subset(torch.arange(100))
 
 
 # eps 0.1 on digits (17 grey levels): the undefended MLP keeps about 60%; checks on every image.
-CHECKED = dict(eps=0.1, step=0.025, steps=10, subset=100, check_subset=100, check_restarts=1, check_steps_factor=2,
-               check_square_queries=300)
+CHECKED = dict(
+    eps=0.1,
+    step=0.025,
+    steps=10,
+    subset=100,
+    check_subset=100,
+    check_restarts=1,
+    check_steps_factor=2,
+    check_square_queries=300,
+)
 
 
 @pytest.mark.parametrize("norm,eps", [(Norm.LINF, 8 / 255), (Norm.L2, 0.5)])
@@ -143,8 +152,18 @@ def test_perturbations_stay_within_eps_and_the_unit_box(norm, eps, random_start,
     x[:8] = 0.0  # images on the box boundary, where clamping and projection interact
     x[8:16] = 1.0
     y = torch.arange(64) % 10
-    x_adv = pgd_attack(model, x, y, eps=eps, step=eps / 2, steps=5, norm=norm, random_start=random_start,
-                       restarts=restarts, generator=torch.Generator().manual_seed(0))
+    x_adv = pgd_attack(
+        model,
+        x,
+        y,
+        eps=eps,
+        step=eps / 2,
+        steps=5,
+        norm=norm,
+        random_start=random_start,
+        restarts=restarts,
+        generator=torch.Generator().manual_seed(0),
+    )
     delta = (x_adv - x).flatten(1)
     size = delta.abs().amax(dim=1) if norm is Norm.LINF else delta.norm(dim=1)
     assert (size <= eps + 1e-5).all()
@@ -157,10 +176,20 @@ def test_more_pgd_steps_never_do_worse_than_fgsm():
     data = self_labelled_data(model)
     common = dict(batch_size=128, passes=1)
     with eval_mode(model):
-        fgsm = robust_accuracy(model, data.x, data.y, **common, attack=lambda x, y: pgd_attack(
-            model, x, y, eps=4 / 255, step=4 / 255, steps=1, random_start=False))
-        pgd = robust_accuracy(model, data.x, data.y, **common, attack=lambda x, y: pgd_attack(
-            model, x, y, eps=4 / 255, step=1 / 255, steps=20, random_start=False))
+        fgsm = robust_accuracy(
+            model,
+            data.x,
+            data.y,
+            **common,
+            attack=lambda x, y: pgd_attack(model, x, y, eps=4 / 255, step=4 / 255, steps=1, random_start=False),
+        )
+        pgd = robust_accuracy(
+            model,
+            data.x,
+            data.y,
+            **common,
+            attack=lambda x, y: pgd_attack(model, x, y, eps=4 / 255, step=1 / 255, steps=20, random_start=False),
+        )
     assert pgd.accuracy().item() <= fgsm.accuracy().item() + 0.01
     assert fgsm.accuracy().item() < 1.0  # the budget is large enough to matter
 
@@ -178,8 +207,19 @@ def test_eot_averages_exactly_k_samples_per_step():
 def test_targeted_pgd_reaches_the_next_class():
     model = linear_model()
     data = self_labelled_data(model, count=200)
-    attack = PGD(PGD.Options(targeted=True, eps=0.5, step=0.1, steps=10, subset=0, check_subset=50,
-                             check_steps_factor=2, check_restarts=1, check_square_queries=100))
+    attack = PGD(
+        PGD.Options(
+            targeted=True,
+            eps=0.5,
+            step=0.1,
+            steps=10,
+            subset=0,
+            check_subset=50,
+            check_steps_factor=2,
+            check_restarts=1,
+            check_square_queries=100,
+        )
+    )
     metrics = attack.evaluate(model, data, context(), {})
     assert metrics["asr"] > 0.9 and metrics["robust_acc"] < 0.1
 
@@ -187,8 +227,18 @@ def test_targeted_pgd_reaches_the_next_class():
 def test_eot_beats_one_sample_gradients_on_a_gradient_shattered_model():
     inner = linear_model(classes=2)
     data = self_labelled_data(inner, count=400)
-    options = PGD.Options(eps=8 / 255, step=2 / 255, steps=10, subset=0, eot_samples=10, passes=2, check_subset=50,
-                          check_steps_factor=1, check_restarts=1, check_square_queries=100)
+    options = PGD.Options(
+        eps=8 / 255,
+        step=2 / 255,
+        steps=10,
+        subset=0,
+        eot_samples=10,
+        passes=2,
+        check_subset=50,
+        check_steps_factor=1,
+        check_restarts=1,
+        check_square_queries=100,
+    )
     metrics = PGD(options).evaluate(GradientShattered(inner, scale=3.0), data, context(2), {})
     assert metrics["stochastic"] == 1.0  # declared
     assert metrics["robust_acc_attack"] - metrics["robust_acc_eot"] > 0.1
@@ -241,13 +291,21 @@ def test_a_zero_gradient_quantizer_is_flagged_through_square(digits_mlp):
     assert masked["unreliable"] == 1.0
 
 
-@pytest.mark.parametrize("wrapper", [lambda m: m, lambda m: ScaledLogits(m, 1e4), lambda m: Quantized(m, 16)],
-                         ids=["plain", "scaled", "quantized"])
+@pytest.mark.parametrize(
+    "wrapper",
+    [lambda m: m, lambda m: ScaledLogits(m, 1e4), lambda m: Quantized(m, 16)],
+    ids=["plain", "scaled", "quantized"],
+)
 def test_the_headline_is_the_worst_case_over_every_attack(wrapper, digits_mlp):
     model, data = digits_mlp
     metrics = PGD(PGD.Options(**CHECKED)).evaluate(wrapper(model), data, context(), {})
-    per_attack = ["robust_acc_attack", "robust_acc_eot", "robust_acc_check_ce", "robust_acc_check_dlr",
-                  "robust_acc_check_square"]
+    per_attack = [
+        "robust_acc_attack",
+        "robust_acc_eot",
+        "robust_acc_check_ce",
+        "robust_acc_check_dlr",
+        "robust_acc_check_square",
+    ]
     assert all(metrics["robust_acc"] <= metrics[key] + 1e-9 for key in per_attack), metrics
     # Deterministic model: ASR is the share of clean-correct images the worst case fools.
     clean = metrics["clean_acc_one_pass"]
@@ -296,15 +354,26 @@ def test_a_torchattacks_version_outside_the_bound_skips_square_visibly(monkeypat
     import torchattacks
 
     monkeypatch.setattr(torchattacks, "__version__", "3.6.0")
-    assert "NO Square check: torchattacks 3.6.0 is installed, outside the supported torchattacks>=3.5,<3.6" \
+    assert (
+        "NO Square check: torchattacks 3.6.0 is installed, outside the supported torchattacks>=3.5,<3.6"
         in PGD().describe_protocol()
+    )
 
 
 def test_targeted_checks_count_target_hits():
     model = linear_model()
     data = self_labelled_data(model, count=100)
-    options = PGD.Options(targeted=True, eps=0.3, step=0.1, steps=1, random_start=False, subset=0, check_subset=100,
-                          check_steps_factor=5, check_square_queries=50)
+    options = PGD.Options(
+        targeted=True,
+        eps=0.3,
+        step=0.1,
+        steps=1,
+        random_start=False,
+        subset=0,
+        check_subset=100,
+        check_steps_factor=5,
+        check_square_queries=50,
+    )
     metrics = PGD(options).evaluate(model, data, context(), {})
     # One short step rarely leaves the true class; the 5-step checks reach the target, the gap
     # (in target hits) says by how much, and the worst case counts their hits.
@@ -318,8 +387,11 @@ def test_fgsm_plugin_reports_every_metric_through_the_registry():
     registry.register(PGD)
     registry.register(FGSM)
     fgsm_cls = registry.get("attack", "fgsm").cls
-    options = parse_options(fgsm_cls.Options, {"norm": "l2", "eps": 0.5, "subset": 100, "check_subset": 100,
-                                               "check_square_queries": 100}, "test")
+    options = parse_options(
+        fgsm_cls.Options,
+        {"norm": "l2", "eps": 0.5, "subset": 100, "check_subset": 100, "check_square_queries": 100},
+        "test",
+    )
     model = mlp()
     metrics = fgsm_cls(options).evaluate(model, self_labelled_data(model), context(), {})
     assert set(metrics) == {m.key for m in fgsm_cls.metrics}
@@ -338,12 +410,35 @@ def test_native_pgd_agrees_with_art():
     data = self_labelled_data(model, count=400, seed=3)
     eps, step, steps = 6 / 255, 1 / 255, 10
     with eval_mode(model):
-        native = robust_accuracy(model, data.x, data.y, batch_size=128, attack=lambda x, y: pgd_attack(
-            model, x, y, eps=eps, step=step, steps=steps, random_start=False)).accuracy().item()
-    classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=(1, 8, 8),
-                                   nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
-    art_pgd = ProjectedGradientDescentPyTorch(classifier, norm=np.inf, eps=eps, eps_step=step, max_iter=steps,
-                                              num_random_init=0, batch_size=128, verbose=False)
+        native = (
+            robust_accuracy(
+                model,
+                data.x,
+                data.y,
+                batch_size=128,
+                attack=lambda x, y: pgd_attack(model, x, y, eps=eps, step=step, steps=steps, random_start=False),
+            )
+            .accuracy()
+            .item()
+        )
+    classifier = PyTorchClassifier(
+        model=model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=(1, 8, 8),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
+    art_pgd = ProjectedGradientDescentPyTorch(
+        classifier,
+        norm=np.inf,
+        eps=eps,
+        eps_step=step,
+        max_iter=steps,
+        num_random_init=0,
+        batch_size=128,
+        verbose=False,
+    )
     x = data.x.float().numpy() / 255
     x_adv = art_pgd.generate(x, y=data.y.numpy())
     art = float((classifier.predict(x_adv).argmax(axis=1) == data.y.numpy()).mean())
@@ -352,8 +447,9 @@ def test_native_pgd_agrees_with_art():
 
 
 def test_a_target_class_the_dataset_lacks_fails_before_the_run():
-    splits = bench.DatasetSplits(self_labelled_data(linear_model()), self_labelled_data(linear_model()), 10,
-                                 (0.5,), (0.25,), "random")
+    splits = bench.DatasetSplits(
+        self_labelled_data(linear_model()), self_labelled_data(linear_model()), 10, (0.5,), (0.25,), "random"
+    )
     PGD(PGD.Options(targeted=True, target_class=9)).check_dataset(splits)
     with pytest.raises(bench.BenchError, match="target_class 10"):
         FGSM(FGSM.Options(targeted=True, target_class=10)).check_dataset(splits)

@@ -21,8 +21,15 @@ ACTIVATION = torch.tensor([3.0, 1.0, 0.5, 0.1, 0.0, 2.0, 0.02, 0.7])
 
 
 def defense_context(recipe=bench.TrainRecipe()) -> bench.DefenseContext:
-    return bench.DefenseContext(device=CPU, seed=0, num_classes=10, eval_batch_size=256, horizontal_flip=False,
-                                show_progress=False, recipe=recipe)
+    return bench.DefenseContext(
+        device=CPU,
+        seed=0,
+        num_classes=10,
+        eval_batch_size=256,
+        horizontal_flip=False,
+        show_progress=False,
+        recipe=recipe,
+    )
 
 
 def keep_probability(h: torch.Tensor, draws: int) -> torch.Tensor:
@@ -87,8 +94,13 @@ def digits_problem():
 
 def pgd_accuracy(model: nn.Module, data: bench.ImageData, eps: float) -> float:
     with eval_mode(model):
-        counts = robust_accuracy(model, data.x, data.y, batch_size=512, attack=lambda x, y: pgd_attack(
-            model, x, y, eps=eps, step=eps / 4, steps=10, random_start=False))
+        counts = robust_accuracy(
+            model,
+            data.x,
+            data.y,
+            batch_size=512,
+            attack=lambda x, y: pgd_attack(model, x, y, eps=eps, step=eps / 4, steps=10, random_start=False),
+        )
     return counts.accuracy().item()
 
 
@@ -97,8 +109,9 @@ def test_adversarial_training_raises_robust_accuracy(method, digits_problem):
     model, splits, recipe = digits_problem
     eps = 0.15
     before = pgd_accuracy(model, splits.test, eps)
-    options = AdversarialTraining.Options(method=method, eps=eps, step=eps / 2.5, steps=3, epochs=4, lr=0.05,
-                                          batch_size=64)
+    options = AdversarialTraining.Options(
+        method=method, eps=eps, step=eps / 2.5, steps=3, epochs=4, lr=0.05, batch_size=64
+    )
     defended = AdversarialTraining(options).apply(copy.deepcopy(model), splits.train, defense_context(recipe))
     after = pgd_accuracy(defended, splits.test, eps)
     assert after > before + 0.15, (before, after)
@@ -138,8 +151,18 @@ def sap_and_undefended(digits_problem):
     """The pgd protocol's metrics at eps 0.1 on 100 digits for the trained MLP and SAP on it."""
     model, splits, _ = digits_problem
     test = splits.test.subset(torch.arange(100))
-    options = PGD.Options(eps=0.1, step=0.025, steps=10, subset=100, eot_samples=8, passes=4, check_subset=20,
-                          check_restarts=1, check_steps_factor=2, check_square_queries=50)
+    options = PGD.Options(
+        eps=0.1,
+        step=0.025,
+        steps=10,
+        subset=100,
+        eot_samples=8,
+        passes=4,
+        check_subset=20,
+        check_restarts=1,
+        check_steps_factor=2,
+        check_square_queries=50,
+    )
     undefended = PGD(options).evaluate(model, test, defense_context(), {})
     defended = SAP().apply(copy.deepcopy(model), None, defense_context())
     return undefended, PGD(options).evaluate(defended, test, defense_context(), {})

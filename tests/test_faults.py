@@ -132,8 +132,10 @@ def test_the_report_shows_only_the_suites_latest_configuration(tmp_path, registr
 def test_two_suites_in_one_store_never_mix_unless_one_is_chosen(tmp_path, registry):
     for name in ("first", "second"):
         path = write_suite(tmp_path / f"{name}.toml", store=tmp_path / "r.db")
-        assert CliRunner().invoke(main, ["run", str(path), "--cache-dir", str(tmp_path / "c"),
-                                         "--no-progress"]).exit_code == 0
+        assert (
+            CliRunner().invoke(main, ["run", str(path), "--cache-dir", str(tmp_path / "c"), "--no-progress"]).exit_code
+            == 0
+        )
     result = CliRunner().invoke(main, ["report", str(tmp_path / "r.db")])
     assert result.exit_code == 2 and "several suites (first, second); choose one with --suite" in result.output
     assert "# Leaderboard: second" in render_report(tmp_path / "r.db", suite="second")
@@ -151,9 +153,11 @@ def test_report_never_changes_the_store_and_refuses_bad_files(tmp_path, registry
     assert result.exit_code == 0, result.output
     assert {p.name: p.read_bytes() for p in tmp_path.glob("r.db*")} == before
     (tmp_path / "junk.db").write_text("not a database")
-    for args, expected in ((["report", str(tmp_path / "junk.db")], "not an SQLite file"),
-                           (["report", str(store), "--output", str(tmp_path)], "expected a markdown file name"),
-                           (["report", str(store), "--output", "."], "expected a markdown file name")):
+    for args, expected in (
+        (["report", str(tmp_path / "junk.db")], "not an SQLite file"),
+        (["report", str(store), "--output", str(tmp_path)], "expected a markdown file name"),
+        (["report", str(store), "--output", "."], "expected a markdown file name"),
+    ):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and expected in result.output, result.output
 
@@ -163,7 +167,7 @@ def test_strings_from_suites_are_inert_in_the_markdown(tmp_path, registry):
     run(tmp_path, defenses=[{"name": "none", "label": label}])
     text = render_report(tmp_path / "r.db")
     row = next(line for line in text.splitlines() if "evil" in line)
-    header = next(line for line in text.splitlines() if line.startswith("| Defense"))
+    header = next(line for line in text.splitlines() if line.startswith("| Rank"))
     assert row.replace("\\|", "").count("|") == header.count("|")  # no extra column
     assert "<script>" not in text and "&lt;script&gt;" in row
     assert "\n## heading" not in text and "\\[x\\]" in row

@@ -71,8 +71,11 @@ def test_prune_point_is_after_the_last_conv_and_its_activation():
 
 def test_a_module_called_twice_is_never_the_prune_point():
     relu = nn.ReLU()
-    net = Classifier(nn.Sequential(nn.Conv2d(1, 4, 3), relu, nn.Conv2d(4, 4, 3), relu, nn.Flatten(),
-                                   nn.Linear(64, 10)), (0.5,), (0.25,))
+    net = Classifier(
+        nn.Sequential(nn.Conv2d(1, 4, 3), relu, nn.Conv2d(4, 4, 3), relu, nn.Flatten(), nn.Linear(64, 10)),
+        (0.5,),
+        (0.25,),
+    )
     assert find_prune_point(net, torch.rand(2, 1, 8, 8)) == ("net.2", "net.2")
 
 
@@ -80,8 +83,9 @@ def test_prunes_exactly_the_reported_channels_and_they_stay_zero_after_fine_tuni
     bonafide = digits.test.subset(torch.arange(200))
     activation = mean_channel_activation(trained, trained.get_submodule("net.10"), bonafide, context())
     before = {k: v.clone() for k, v in trained.state_dict().items()}
-    options = FinePruning.Options(max_accuracy_drop=1.0, max_prune_ratio=0.5, epochs=2, augment=False,
-                                  samples_per_epoch=0)
+    options = FinePruning.Options(
+        max_accuracy_drop=1.0, max_prune_ratio=0.5, epochs=2, augment=False, samples_per_epoch=0
+    )
     result = FinePruning(options).apply(copy.deepcopy(trained), bonafide, context())
     defended = result.model
 
@@ -118,14 +122,14 @@ def test_stops_before_the_accuracy_drop_exceeds_the_limit(digits, trained):
 
 
 def test_fine_pruning_only_ever_sees_bonafide_images(trained):
-    bonafide = bench.ImageData(torch.randint(100, 150, (48, 1, 8, 8), dtype=torch.uint8),
-                               torch.randint(0, 10, (48,)))
+    bonafide = bench.ImageData(torch.randint(100, 150, (48, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (48,)))
     allowed = {row.numpy().tobytes() for row in to_model_input(bonafide.x)}
     seen = []
     model = copy.deepcopy(trained)
     model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     FinePruning(FinePruning.Options(epochs=1, augment=False, batch_size=16, samples_per_epoch=0)).apply(
-        model, bonafide, context())
+        model, bonafide, context()
+    )
     assert seen
     assert all(row.numpy().tobytes() in allowed for batch in seen for row in batch)
 

@@ -18,16 +18,20 @@ def suite(registry, **overrides):
 def test_cross_product_with_sweeps(registry):
     jobs = expand(suite(registry))
     # 2 models x 2 poison rates x 2 seeds x (none once + finetune per bonafide size), each once
-    expected = {(model, attack, seed, defense, size)
-                for model in ("small_cnn", "small_cnn(width=8)")
-                for attack in ("badnets(poison_rate=0.05)", "badnets")  # the default rate is not repeated
-                for seed in (0, 1)
-                for defense, size in (("none", 0), ("finetune", 100), ("finetune", 50))}
+    expected = {
+        (model, attack, seed, defense, size)
+        for model in ("small_cnn", "small_cnn(width=8)")
+        for attack in ("badnets(poison_rate=0.05)", "badnets")  # the default rate is not repeated
+        for seed in (0, 1)
+        for defense, size in (("none", 0), ("finetune", 100), ("finetune", 50))
+    }
     found = [(j.model.label, j.attack.label, j.seed, j.defense.name, j.bonafide_size) for j in jobs]
     assert len(found) == len(expected) == 24 and set(found) == expected
     assert len({job.key for job in jobs}) == len(jobs)
-    assert {j.attack.label: j.attack.config()["options"]["poison_rate"] for j in jobs} == \
-        {"badnets(poison_rate=0.05)": 0.05, "badnets": 0.1}
+    assert {j.attack.label: j.attack.config()["options"]["poison_rate"] for j in jobs} == {
+        "badnets(poison_rate=0.05)": 0.05,
+        "badnets": 0.1,
+    }
 
 
 def test_defense_without_bonafide_is_not_repeated_per_size(registry):
@@ -37,7 +41,11 @@ def test_defense_without_bonafide_is_not_repeated_per_size(registry):
 
 
 def test_exclude_drops_matching_jobs_only(registry):
-    jobs = expand(suite(registry, exclude=[{"defense": "finetune", "bonafide_size": 50}, {"seed": 1, "model": "small_cnn(width=8)"}]))
+    jobs = expand(
+        suite(
+            registry, exclude=[{"defense": "finetune", "bonafide_size": 50}, {"seed": 1, "model": "small_cnn(width=8)"}]
+        )
+    )
     assert not [j for j in jobs if j.defense.name == "finetune" and j.bonafide_size == 50]
     assert not [j for j in jobs if j.seed == 1 and j.model.label == "small_cnn(width=8)"]
     assert len(jobs) == 24 - 8 - 6 + 2  # the two rules overlap on 2 jobs

@@ -17,8 +17,14 @@ from bench.models import Classifier
 from bench.training import train_classifier
 from bench_plugins.datasets.digits import Digits
 from bench_plugins.defenses import mcr
-from bench_plugins.defenses.mcr import (Curve, Endpoint, ModeConnectivityRepair, ParameterCurve, TSelection,
-                                        recompute_batchnorm)
+from bench_plugins.defenses.mcr import (
+    Curve,
+    Endpoint,
+    ModeConnectivityRepair,
+    ParameterCurve,
+    TSelection,
+    recompute_batchnorm,
+)
 from bench_plugins.models.small_cnn import SmallCNN
 
 CPU = torch.device("cpu")
@@ -112,8 +118,10 @@ def test_recompute_batchnorm_gives_the_bonafide_mean():
     bn = net.net[0]
     bn.running_mean.fill_(123.0)  # stale statistics from training must not leak into the estimate
     generator = torch.Generator().manual_seed(0)
-    bonafide = bench.ImageData(torch.randint(200, 256, (50, 1, 8, 8), dtype=torch.uint8, generator=generator),
-                               torch.zeros(50, dtype=torch.long))
+    bonafide = bench.ImageData(
+        torch.randint(200, 256, (50, 1, 8, 8), dtype=torch.uint8, generator=generator),
+        torch.zeros(50, dtype=torch.long),
+    )
     ctx = context(eval_batch_size=7)  # uneven batches: 7 x 7 + 1
     recompute_batchnorm(net, bonafide, ctx)
     normalized = (to_model_input(bonafide.x) - 0.5) / 0.25
@@ -124,8 +132,7 @@ def test_recompute_batchnorm_gives_the_bonafide_mean():
 
 
 def test_mcr_only_ever_sees_bonafide_images():
-    bonafide = bench.ImageData(torch.randint(100, 150, (40, 1, 8, 8), dtype=torch.uint8),
-                               torch.randint(0, 10, (40,)))
+    bonafide = bench.ImageData(torch.randint(100, 150, (40, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (40,)))
     allowed = {row.numpy().tobytes() for row in to_model_input(bonafide.x)}
     seen, seeds = [], []
 
@@ -140,8 +147,9 @@ def test_mcr_only_ever_sees_bonafide_images():
         seeds.append(seed)
         return second
 
-    defense = ModeConnectivityRepair(ModeConnectivityRepair.Options(epochs=2, batch_size=16, path_points=3,
-                                                                    samples_per_epoch=0))
+    defense = ModeConnectivityRepair(
+        ModeConnectivityRepair.Options(epochs=2, batch_size=16, path_points=3, samples_per_epoch=0)
+    )
     repaired = defense.apply(model, bonafide, context(seed=5, attacked_model_with_seed=second_model))
     points = list(repaired.points())
     assert seeds == [6]
@@ -170,8 +178,9 @@ def fixed_t_repair(start, end, bonafide, t=0.4, epochs=3):
         original_init(self, *args, **kwargs)
         curves.append(self)
 
-    defense = ModeConnectivityRepair(ModeConnectivityRepair.Options(epochs=epochs, t=t, t_selection=TSelection.FIXED,
-                                                                    samples_per_epoch=0))
+    defense = ModeConnectivityRepair(
+        ModeConnectivityRepair.Options(epochs=epochs, t=t, t_selection=TSelection.FIXED, samples_per_epoch=0)
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ParameterCurve, "__init__", recording_init)
         result = defense.apply(copy.deepcopy(start), bonafide, context(attacked_model_with_seed=lambda seed: end))
@@ -214,8 +223,19 @@ def test_training_lowers_the_curve_loss_and_moves_the_bend(digits, trained_pair)
 
 
 def test_the_rule_steps_away_from_a_middle_that_loses_held_out_accuracy():
-    dipping = {0.0: 0.90, 0.1: 0.90, 0.2: 0.89, 0.3: 0.89, 0.4: 0.80, 0.5: 0.60, 0.6: 0.82, 0.7: 0.90,
-               0.8: 0.91, 0.9: 0.91, 1.0: 0.92}
+    dipping = {
+        0.0: 0.90,
+        0.1: 0.90,
+        0.2: 0.89,
+        0.3: 0.89,
+        0.4: 0.80,
+        0.5: 0.60,
+        0.6: 0.82,
+        0.7: 0.90,
+        0.8: 0.91,
+        0.9: 0.91,
+        1.0: 0.92,
+    }
     # 0.3 and 0.7 are equally far from the ends and within 0.02 of the worse end (0.90): the better wins
     assert mcr.farthest_acceptable_t(dipping, max_accuracy_drop=0.02) == 0.7
     dipping[0.7] = 0.85

@@ -26,14 +26,17 @@ def test_asr_and_ra_are_nan_without_non_target_images():
     assert math.isnan(robust_accuracy(torch.tensor([0]), torch.tensor([0]), 0))
 
 
-@pytest.mark.parametrize("asr_before, asr_after, acc_before, acc_after, expected", [
-    (1.0, 0.0, 0.9, 0.9, 1.0),     # perfect: ASR gone, accuracy kept
-    (1.0, 0.0, 0.9, 0.4, 0.75),    # ASR gone at a cost of 50 points of accuracy: (1 - 0.5 + 1) / 2
-    (0.9, 0.3, 0.8, 0.7, 0.75),    # (0.6 - 0.1 + 1) / 2
-    (0.9, 0.2, 0.8, 0.85, 0.85),   # accuracy rose: its negative drop is clamped, (0.7 - 0 + 1) / 2
-    (0.2, 0.5, 0.9, 0.8, 0.45),    # ASR rose: its negative drop is clamped, (0 - 0.1 + 1) / 2
-    (0.5, 0.8, 0.9, 0.95, 0.5),    # ASR rose and accuracy rose: both clamped
-    (0.0, 0.0, 1.0, 0.0, 0.0),     # accuracy destroyed, nothing gained
-])
+@pytest.mark.parametrize(
+    "asr_before, asr_after, acc_before, acc_after, expected",
+    [
+        (1.0, 0.0, 0.9, 0.9, 1.0),  # perfect: ASR gone, accuracy kept
+        (1.0, 0.0, 0.9, 0.4, 0.75),  # ASR gone at a cost of 50 points of accuracy: (1 - 0.5 + 1) / 2
+        (0.9, 0.3, 0.8, 0.7, 0.75),  # (0.6 - 0.1 + 1) / 2
+        (0.9, 0.2, 0.8, 0.85, 0.85),  # accuracy rose: its negative drop is clamped, (0.7 - 0 + 1) / 2
+        (0.2, 0.5, 0.9, 0.8, 0.45),  # ASR rose: its negative drop is clamped, (0 - 0.1 + 1) / 2
+        (0.5, 0.8, 0.9, 0.95, 0.5),  # ASR rose and accuracy rose: both clamped
+        (0.0, 0.0, 1.0, 0.0, 0.0),  # accuracy destroyed, nothing gained
+    ],
+)
 def test_der_follows_backdoorbench(asr_before, asr_after, acc_before, acc_after, expected):
     assert defense_effectiveness_rating(asr_before, asr_after, acc_before, acc_after) == pytest.approx(expected)

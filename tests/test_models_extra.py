@@ -54,7 +54,15 @@ def test_resnet20_fits_a_small_batch_with_every_parameter_in_use(one_cpu_thread)
 
 
 def test_recipes_are_the_documented_fast_cifar_schedules():
-    common = dict(batch_size=512, lr=0.2, momentum=0.9, weight_decay=5e-4, warmup_fraction=0.15,
-                  label_smoothing=0.0, augment=True, crop_padding=4)
+    common = dict(
+        batch_size=512,
+        lr=0.2,
+        momentum=0.9,
+        weight_decay=5e-4,
+        warmup_fraction=0.15,
+        label_smoothing=0.0,
+        augment=True,
+        crop_padding=4,
+    )
     assert ResNet20.recipe == bench.TrainRecipe(epochs=40, **common)
     assert Vgg16Bn.recipe == bench.TrainRecipe(epochs=30, **common)

@@ -13,10 +13,18 @@ from bench.suite import parse_suite
 
 
 def badnets_jobs(registry):
-    suite = parse_suite({"suite": {"seeds": [0]}, "training": {"epochs": 1}, "datasets": ["digits"],
-                         "models": [{"name": "small_cnn", "width": 4}],
-                         "attacks": [{"name": "badnets", "trigger_size": 2}], "defenses": ["mcr", "none"]},
-                        Path("s.toml"), registry)
+    suite = parse_suite(
+        {
+            "suite": {"seeds": [0]},
+            "training": {"epochs": 1},
+            "datasets": ["digits"],
+            "models": [{"name": "small_cnn", "width": 4}],
+            "attacks": [{"name": "badnets", "trigger_size": 2}],
+            "defenses": ["mcr", "none"],
+        },
+        Path("s.toml"),
+        registry,
+    )
     return expand(suite)
 
 
@@ -46,8 +54,9 @@ def test_second_attacked_model_has_the_same_poisoned_data_but_its_own_training(r
 
 def test_bonafide_from_training_data_leaves_out_every_withheld_image():
     n = 200
-    train = ImageData(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous(),
-                      torch.arange(n) % 10)
+    train = ImageData(
+        torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous(), torch.arange(n) % 10
+    )
     test = ImageData(torch.zeros(40, 1, 2, 2, dtype=torch.uint8), torch.arange(40) % 10)
     splits = DatasetSplits(train, test, 10, (0.5,), (0.25,), "test")
     withheld = torch.arange(0, n, 2)  # every even image was poisoned or reserved
@@ -79,10 +88,12 @@ def test_test_half_split_evaluates_on_the_half_the_defender_never_sees():
 def test_model_cache_key_follows_the_data_and_the_device_not_the_defense(registry):
     job, job_without_defense = badnets_jobs(registry)
     splits = load_dataset(job, torch.device("cpu"))
-    assert model_key(job_without_defense, 0, splits, torch.device("cpu")) == \
-        model_key(job, 0, splits, torch.device("cpu"))  # every defense repairs the same model
-    other_pixels = DatasetSplits(splits.train, splits.test, 10, splits.mean, splits.std, splits.source,
-                                 fingerprint="different")
+    assert model_key(job_without_defense, 0, splits, torch.device("cpu")) == model_key(
+        job, 0, splits, torch.device("cpu")
+    )  # every defense repairs the same model
+    other_pixels = DatasetSplits(
+        splits.train, splits.test, 10, splits.mean, splits.std, splits.source, fingerprint="different"
+    )
     key = model_key(job, 0, splits, torch.device("cpu"))
     assert key == model_key(job, 0, splits, torch.device("cpu"))
     assert key != model_key(job, 0, other_pixels, torch.device("cpu"))
@@ -91,10 +102,18 @@ def test_model_cache_key_follows_the_data_and_the_device_not_the_defense(registr
 
 
 def test_second_model_of_an_error_injection_job_carries_the_same_faults(registry, tmp_path, one_cpu_thread):
-    suite = parse_suite({"suite": {"seeds": [0]}, "training": {"epochs": 2}, "datasets": ["digits"],
-                         "models": [{"name": "small_cnn", "width": 4}],
-                         "attacks": [{"name": "error_injection", "keep_images": 50, "steps": 30}],
-                         "defenses": ["mcr"]}, Path("s.toml"), registry)
+    suite = parse_suite(
+        {
+            "suite": {"seeds": [0]},
+            "training": {"epochs": 2},
+            "datasets": ["digits"],
+            "models": [{"name": "small_cnn", "width": 4}],
+            "attacks": [{"name": "error_injection", "keep_images": 50, "steps": 30}],
+            "defenses": ["mcr"],
+        },
+        Path("s.toml"),
+        registry,
+    )
     (job,) = expand(suite)
     env = JobEnvironment(ArtifactCache(tmp_path), torch.device("cpu"), show_progress=False)
     splits = load_dataset(job, env.device)

@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -17,8 +16,10 @@ from bench.testing import write_suite
 
 ray = pytest.importorskip("ray")
 
-QUICK = [{"name": "finetune", "epochs": 1, "samples_per_epoch": 0},
-         {"name": "mcr", "epochs": 1, "samples_per_epoch": 0, "path_points": 3}]
+QUICK = [
+    {"name": "finetune", "epochs": 1, "samples_per_epoch": 0},
+    {"name": "mcr", "epochs": 1, "samples_per_epoch": 0, "path_points": 3},
+]
 
 DIES_ONCE = '''
 import os
@@ -56,14 +57,31 @@ def environment(tmp_path, **extra):
         info.mkdir()
         (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dies-once\nVersion: 0.1\n")
         (info / "entry_points.txt").write_text("[robustness_bench]\ndies_once = dies_once_plugin\n")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path]), "OMP_NUM_THREADS": "1",
-            "RAY_AUTH_MODE": "disabled", "DIES_ONCE_MARKER": str(tmp_path / "died"), "PYTHONUNBUFFERED": "1",
-            **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), *sys.path]),
+        "OMP_NUM_THREADS": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "DIES_ONCE_MARKER": str(tmp_path / "died"),
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
 
 
 def command(suite, tmp_path, store, *extra):
-    return [sys.executable, "-m", "bench.cli", "run", str(suite), "--store", str(tmp_path / store), "--cache-dir",
-            str(tmp_path / f"{store}-cache"), "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "run",
+        str(suite),
+        "--store",
+        str(tmp_path / store),
+        "--cache-dir",
+        str(tmp_path / f"{store}-cache"),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def metrics_of(path):
@@ -73,15 +91,23 @@ def metrics_of(path):
 
 @pytest.mark.slow
 def test_a_suite_on_ray_stores_what_the_in_process_run_stores_and_survives_a_lost_worker(tmp_path):
-    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1], defenses=["none", *QUICK, "dies_once"], bonafide_size=40,
-                        exclude=[])
-    in_process = write_suite(tmp_path / "in_process.toml", seeds=[0, 1], defenses=["none", *QUICK, "dies_once"],
-                             bonafide_size=40, exclude=[{"defense": "dies_once"}], name="s")
+    suite = write_suite(
+        tmp_path / "s.toml", seeds=[0, 1], defenses=["none", *QUICK, "dies_once"], bonafide_size=40, exclude=[]
+    )
+    in_process = write_suite(
+        tmp_path / "in_process.toml",
+        seeds=[0, 1],
+        defenses=["none", *QUICK, "dies_once"],
+        bonafide_size=40,
+        exclude=[{"defense": "dies_once"}],
+        name="s",
+    )
     env = environment(tmp_path)
     local = subprocess.run(command(in_process, tmp_path, "local.db"), env=env, capture_output=True, text=True)
     assert local.returncode == 0, local.stdout + local.stderr
-    on_ray = subprocess.run(command(suite, tmp_path, "ray.db", "--executor", "ray"), env=env, capture_output=True,
-                            text=True, timeout=600)
+    on_ray = subprocess.run(
+        command(suite, tmp_path, "ray.db", "--executor", "ray"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert on_ray.returncode == 0, on_ray.stdout + on_ray.stderr
     assert (tmp_path / "died").exists()  # a worker was killed mid-job, and its task ran again
     assert "8 succeeded, 0 failed" in on_ray.stdout
@@ -94,8 +120,13 @@ def test_a_killed_driver_resumes_without_redoing_or_corrupting_anything(tmp_path
     suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", *QUICK], bonafide_size=40)
     env = environment(tmp_path)
     store = tmp_path / "ray.db"
-    driver = subprocess.Popen(command(suite, tmp_path, "ray.db", "--executor", "ray"), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        command(suite, tmp_path, "ray.db", "--executor", "ray"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 400
     finished = {}
     while time.monotonic() < deadline and driver.poll() is None:
@@ -108,8 +139,9 @@ def test_a_killed_driver_resumes_without_redoing_or_corrupting_anything(tmp_path
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
     driver.wait()
     assert finished, "no job finished before the deadline"
-    rerun = subprocess.run(command(suite, tmp_path, "ray.db", "--executor", "ray"), env=env, capture_output=True,
-                           text=True, timeout=600)
+    rerun = subprocess.run(
+        command(suite, tmp_path, "ray.db", "--executor", "ray"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     with ResultStore(store) as results:
         rows = results.rows()

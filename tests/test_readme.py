@@ -46,7 +46,9 @@ def test_the_suite_in_the_readme_is_valid(registry):
     from bench.suite import parse_suite
 
     start = README.index("## Writing a suite")
-    block = README[README.index("```toml", start) + len("```toml"):README.index("```", README.index("```toml", start) + 7)]
+    block = README[
+        README.index("```toml", start) + len("```toml") : README.index("```", README.index("```toml", start) + 7)
+    ]
     suite = parse_suite(tomllib.loads(block), Path("my-suite.toml"), registry)
     jobs = expand(suite)
     # 3 seeds x 2 poison rates x (none once + finetune-short at 2500 and 500; 50 is excluded)
@@ -71,5 +73,6 @@ def test_every_committed_suite_is_valid_and_its_leaderboard_names_it(registry):
 def test_python_minus_m_bench_is_the_cli():
     import subprocess
     import sys
+
     result = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "Usage: bench" in result.stdout and "report" in result.stdout

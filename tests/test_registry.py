@@ -15,8 +15,10 @@ from bench.testing import write_suite
 import importlib.metadata
 
 BUILT_INS = {
-    "dataset": {"digits", "cifar10"}, "model": {"small_cnn", "preact_resnet18"},
-    "attack": {"badnets"}, "defense": {"none", "finetune"},
+    "dataset": {"digits", "cifar10"},
+    "model": {"small_cnn", "preact_resnet18"},
+    "attack": {"badnets"},
+    "defense": {"none", "finetune"},
 }
 EXAMPLE = Path(__file__).parent.parent / "examples" / "bench-median-filter"
 
@@ -42,9 +44,17 @@ def fake_distribution(site: Path, package: str, modules: dict[str, str], entry_p
 
 @pytest.fixture
 def broken_site(tmp_path, monkeypatch):
-    fake_distribution(tmp_path, "broken-import", {"broken_import": "import not_a_module_anywhere\n"},
-                      {"broken_import": "broken_import"})
-    fake_distribution(tmp_path, "dupe-defense", {"dupe_defense": """
+    fake_distribution(
+        tmp_path,
+        "broken-import",
+        {"broken_import": "import not_a_module_anywhere\n"},
+        {"broken_import": "broken_import"},
+    )
+    fake_distribution(
+        tmp_path,
+        "dupe-defense",
+        {
+            "dupe_defense": """
         import bench
 
         class Impostor(bench.Defense):
@@ -59,14 +69,24 @@ def broken_site(tmp_path, monkeypatch):
         def register_defenses(register):
             register(Impostor)
             register(Fine)
-        """}, {"dupe_defense": "dupe_defense"})
-    fake_distribution(tmp_path, "typo-hook", {"typo_hook": """
+        """
+        },
+        {"dupe_defense": "dupe_defense"},
+    )
+    fake_distribution(
+        tmp_path,
+        "typo-hook",
+        {
+            "typo_hook": """
         import bench
 
         @bench.hookimpl
         def register_defence(register):
             pass
-        """}, {"typo_hook": "typo_hook"})
+        """
+        },
+        {"typo_hook": "typo_hook"},
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -104,32 +124,54 @@ def test_bench_plugins_lists_problems_without_failing(broken_site):
 def test_third_party_package_installed_with_pip_is_discovered_and_runs(tmp_path):
     site, source = tmp_path / "site", tmp_path / "source"
     shutil.copytree(EXAMPLE, source)  # pip builds in place: keep the repository clean
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(source)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
     listing = subprocess.run([sys.executable, "-m", "bench.cli", "plugins"], env=env, capture_output=True, text=True)
     assert listing.returncode == 0, listing.stderr
-    line = next(l for l in listing.stdout.splitlines() if "median_filter" in l)
+    line = next(row for row in listing.stdout.splitlines() if "median_filter" in row)
     assert "defense" in line and "bench-median-filter" in line and "0.1.0" in line
 
-    suite = write_suite(tmp_path / "third.toml", defenses=["none", {"name": "median_filter", "kernel": 3}],
-                        store=tmp_path / "r.db")
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "c")],
-                         env=env, capture_output=True, text=True)
+    suite = write_suite(
+        tmp_path / "third.toml", defenses=["none", {"name": "median_filter", "kernel": 3}], store=tmp_path / "r.db"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "c")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 succeeded, 0 failed" in run.stdout
 
 
 def test_every_builtin_plugin_has_a_description_and_documented_typed_options(registry):
     from bench.options import describe
+
     for info in registry.all():
         if info.package != "robustness-bench":
             continue
         assert info.description and len(info.description) < 120, info.name
         for option in describe(info.cls.Options):
             assert option["doc"], f"{info.kind} {info.name}: option {option['name']} has no doc line"
-            assert option["type"] in ("int", "float", "bool", "str") or option["type"].startswith(("one of", "list of")), \
-                f"{info.kind} {info.name}: option {option['name']} has type {option['type']}"
+            assert option["type"] in ("int", "float", "bool", "str") or option["type"].startswith(
+                ("one of", "list of")
+            ), f"{info.kind} {info.name}: option {option['name']} has type {option['type']}"
 
 
 def registry_with(tmp_path, monkeypatch, source: str):
@@ -148,16 +190,23 @@ import bench
 """
 
 
-@pytest.mark.parametrize("options, expected", [
-    ("@dataclass(frozen=True)\n    class Options:\n        k: int", "Options.k has no default"),
-    ("@dataclass\n    class Options:\n        k: int = bench.option(3, 'k')", "must be frozen"),
-    ("class Options:\n        k = 3", "must be a dataclass"),
-    ("@dataclass(frozen=True)\n    class Options:\n        k: tuple = bench.option((1, 2), 'k')", "has type tuple"),
-    ("@dataclass(frozen=True)\n    class Options:\n        k: int = bench.option(0, 'k', min=1)",
-     "the default is invalid", ),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ("@dataclass(frozen=True)\n    class Options:\n        k: int", "Options.k has no default"),
+        ("@dataclass\n    class Options:\n        k: int = bench.option(3, 'k')", "must be frozen"),
+        ("class Options:\n        k = 3", "must be a dataclass"),
+        ("@dataclass(frozen=True)\n    class Options:\n        k: tuple = bench.option((1, 2), 'k')", "has type tuple"),
+        (
+            "@dataclass(frozen=True)\n    class Options:\n        k: int = bench.option(0, 'k', min=1)",
+            "the default is invalid",
+        ),
+    ],
+)
 def test_bad_options_are_refused_at_registration_naming_the_class_and_field(tmp_path, monkeypatch, options, expected):
-    source = HEADER + f"""
+    source = (
+        HEADER
+        + f"""
 class Bad(bench.Defense):
     name = "bad"
     description = "bad options"
@@ -172,6 +221,7 @@ def register_defenses(register):
     register(Bad)
     register(Good)
 """
+    )
     registry = registry_with(tmp_path, monkeypatch, source)
     problem = next(p for p in registry.problems if p.plugin == "third_plugin")
     assert expected in problem.message and "defense 'bad'" in problem.message
@@ -182,17 +232,21 @@ def register_defenses(register):
 
 def bench_errors():
     import bench.errors
+
     return bench.errors
 
 
 def test_hooks_that_would_never_be_called_are_reported(tmp_path, monkeypatch):
-    source = HEADER + """
+    source = (
+        HEADER
+        + """
 def register_defenses(register):
     pass
 
 def register_defences(register):
     pass
 """
+    )
     registry = registry_with(tmp_path, monkeypatch, source)
     messages = " ".join(p.message for p in registry.problems if p.plugin == "third_plugin")
     assert "register_defenses() is not decorated with @bench.hookimpl" in messages
@@ -200,7 +254,9 @@ def register_defences(register):
 
 
 def test_a_clashing_name_is_an_error_when_a_suite_uses_it(tmp_path, monkeypatch):
-    source = HEADER + """
+    source = (
+        HEADER
+        + """
 class MyNone(bench.Defense):
     name = "none"
     description = "clashes with the built-in"
@@ -209,13 +265,16 @@ class MyNone(bench.Defense):
 def register_defenses(register):
     register(MyNone)
 """
+    )
     registry = registry_with(tmp_path, monkeypatch, source)
     with pytest.raises(bench_errors().UnknownPluginError, match="duplicates the one from robustness-bench.*ambiguous"):
         registry.get("defense", "none")
 
 
 def test_an_error_in_post_init_is_a_one_line_option_error(tmp_path, monkeypatch):
-    source = HEADER + """
+    source = (
+        HEADER
+        + """
 class Odd(bench.Defense):
     name = "odd"
     description = "odd kernels only"
@@ -232,8 +291,10 @@ class Odd(bench.Defense):
 def register_defenses(register):
     register(Odd)
 """
+    )
     registry = registry_with(tmp_path, monkeypatch, source)
     from bench.options import parse_options
+
     with pytest.raises(bench_errors().OptionError, match="s.toml: defenses.0.: kernel must be odd, got 4"):
         parse_options(registry.get("defense", "odd").cls.Options, {"kernel": 4}, "s.toml: defenses[0]")
 
@@ -248,8 +309,10 @@ def test_defenses_can_be_tested_directly_on_a_small_trained_model():
     assert before > 0.5  # trained: far above chance (10%)
     bonafide = splits.test.subset(torch.arange(100))
     tuned = FineTune(FineTune.Options(epochs=1, samples_per_epoch=0)).apply(model, bonafide, ctx)
-    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(),
-                                                      trained_digits_model(epochs=2)[0].state_dict().values()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(tuned.state_dict().values(), trained_digits_model(epochs=2)[0].state_dict().values())
+    )
 
 
 def test_the_example_plugin_refuses_an_even_kernel_when_the_suite_is_read(tmp_path, monkeypatch):
@@ -257,5 +320,6 @@ def test_the_example_plugin_refuses_an_even_kernel_when_the_suite_is_read(tmp_pa
     import bench_median_filter
     from bench.errors import OptionError
     from bench.options import parse_options
+
     with pytest.raises(OptionError, match="s.toml: defenses.0.: kernel must be odd, got 4"):
         parse_options(bench_median_filter.MedianFilter.Options, {"kernel": 4}, "s.toml: defenses[0]")

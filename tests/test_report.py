@@ -8,39 +8,77 @@ from bench.report import render_report
 from bench.jobs import Outcome
 from bench.store import ResultStore
 
-INFO = {"clean_acc": {"label": "C-Acc", "higher_is_better": True, "kind": "percent", "diagnostic": False},
-        "asr": {"label": "ASR", "higher_is_better": False, "kind": "percent", "diagnostic": False},
-        "der": {"label": "DER", "higher_is_better": True, "kind": "percent", "diagnostic": False}}
+INFO = {
+    "clean_acc": {"label": "C-Acc", "higher_is_better": True, "kind": "percent", "diagnostic": False},
+    "asr": {"label": "ASR", "higher_is_better": False, "kind": "percent", "diagnostic": False},
+    "der": {"label": "DER", "higher_is_better": True, "kind": "percent", "diagnostic": False},
+}
 
 
 def fake_job(defense, seed, bonafide):
-    spec = lambda name: SimpleNamespace(name=name, label=name, config=lambda: {"name": name})
-    return SimpleNamespace(key=f"{defense}-{seed}-{bonafide}", suite="demo", dataset=spec("digits"),
-                           model=spec("small_cnn"), attack=spec("badnets"), defense=spec(defense), seed=seed,
-                           bonafide_size=bonafide, config=lambda: {"defense": defense, "seed": seed})
+    def spec(name):
+        return SimpleNamespace(name=name, label=name, config=lambda: {"name": name})
+
+    return SimpleNamespace(
+        key=f"{defense}-{seed}-{bonafide}",
+        suite="demo",
+        dataset=spec("digits"),
+        model=spec("small_cnn"),
+        attack=spec("badnets"),
+        defense=spec(defense),
+        seed=seed,
+        bonafide_size=bonafide,
+        config=lambda: {"defense": defense, "seed": seed},
+    )
 
 
 def fill(store_path):
-    results = {("none", 0): (0.90, 1.00), ("none", 1): (0.92, 0.98),
-               ("finetune", 0): (0.88, 0.20), ("finetune", 1): (0.86, 0.30)}
+    results = {
+        ("none", 0): (0.90, 1.00),
+        ("none", 1): (0.92, 0.98),
+        ("finetune", 0): (0.88, 0.20),
+        ("finetune", 1): (0.86, 0.30),
+    }
     with ResultStore(store_path) as store:
         for (defense, seed), (acc, asr) in results.items():
-            metrics = {"clean_acc": acc, "asr": asr, "clean_acc_before": 0.9 + 0.02 * seed,
-                       "asr_before": 1.0 - 0.02 * seed, "der": 0.5}
-            store.record(fake_job(defense, seed, 0 if defense == "none" else 100), Outcome(
-                status="ok", metrics=metrics, metric_info=INFO, timings={"defense": 1.0 + seed},
-                device="cpu (test)", versions={"robustness-bench": "0.1.0", "torch": "2", "python": "3.11"},
-                notes={"data_source": "test data"}, started_at="2026-11-23T10:00:00", finished_at="2026-11-23T10:01:00"))
-        store.record(fake_job("finetune", 2, 100), Outcome(status="failed", error="RuntimeError: boom\ntrace",
-                                                            started_at="2026-11-23T10:02:00", finished_at="2026-11-23T10:03:00"))
+            metrics = {
+                "clean_acc": acc,
+                "asr": asr,
+                "clean_acc_before": 0.9 + 0.02 * seed,
+                "asr_before": 1.0 - 0.02 * seed,
+                "der": 0.5,
+            }
+            store.record(
+                fake_job(defense, seed, 0 if defense == "none" else 100),
+                Outcome(
+                    status="ok",
+                    metrics=metrics,
+                    metric_info=INFO,
+                    timings={"defense": 1.0 + seed},
+                    device="cpu (test)",
+                    versions={"robustness-bench": "0.1.0", "torch": "2", "python": "3.11"},
+                    notes={"data_source": "test data"},
+                    started_at="2026-11-23T10:00:00",
+                    finished_at="2026-11-23T10:01:00",
+                ),
+            )
+        store.record(
+            fake_job("finetune", 2, 100),
+            Outcome(
+                status="failed",
+                error="RuntimeError: boom\ntrace",
+                started_at="2026-11-23T10:02:00",
+                finished_at="2026-11-23T10:03:00",
+            ),
+        )
 
 
 def test_report_shows_mean_and_std_over_seeds_and_marks_the_best(tmp_path):
     fill(tmp_path / "r.db")
     text = render_report(tmp_path / "r.db")
     assert "## digits / small_cnn / badnets" in text
-    none_row = next(l for l in text.splitlines() if "| none " in l)
-    ft_row = next(l for l in text.splitlines() if "| finetune " in l)
+    none_row = next(line for line in text.splitlines() if "| none " in line)
+    ft_row = next(line for line in text.splitlines() if "| finetune " in line)
     assert "**91.0 ± 1.4**" in none_row  # best clean accuracy, mean and sample std over 2 seeds
     assert "99.0 ± 1.4" in none_row and "**" not in none_row.split("|")[6]  # Rank, Defense, Bonafide, Seeds, C-Acc, ASR
     assert "**25.0 ± 7.1**" in ft_row  # lowest ASR is best
@@ -69,16 +107,28 @@ def test_report_draws_paths_and_bonafide_sweeps_and_links_them(tmp_path):
         for seed in (0, 1):
             for bonafide in (50, 500):
                 path = [{"t": t / 10, "clean_acc": 0.9, "asr": abs(t - 5) / 5} for t in range(11)]
-                store.record(fake_job("mcr", seed, bonafide), Outcome(
-                    status="ok", metrics={"clean_acc": 0.9, "asr": 0.1 if bonafide == 500 else 0.4},
-                    metric_info=INFO, timings={"defense": 1.0}, series={"path": path}, device="cpu",
-                    started_at="2026-11-23T10:00:00", finished_at="2026-11-23T10:01:00"))
+                store.record(
+                    fake_job("mcr", seed, bonafide),
+                    Outcome(
+                        status="ok",
+                        metrics={"clean_acc": 0.9, "asr": 0.1 if bonafide == 500 else 0.4},
+                        metric_info=INFO,
+                        timings={"defense": 1.0},
+                        series={"path": path},
+                        device="cpu",
+                        started_at="2026-11-23T10:00:00",
+                        finished_at="2026-11-23T10:01:00",
+                    ),
+                )
     out = tmp_path / "board" / "demo.md"
     result = CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--output", str(out)])
     assert result.exit_code == 0, result.output
     figures = sorted(p.name for p in (tmp_path / "board" / "demo-figures").glob("*.png"))
-    assert figures == ["bonafide-digits-small-cnn-badnets-asr.png",
-                       "path-digits-small-cnn-badnets-mcr-50.png", "path-digits-small-cnn-badnets-mcr-500.png"]
+    assert figures == [
+        "bonafide-digits-small-cnn-badnets-asr.png",
+        "path-digits-small-cnn-badnets-mcr-50.png",
+        "path-digits-small-cnn-badnets-mcr-500.png",
+    ]
     text = out.read_text()
     for name in figures:
         assert f"](demo-figures/{name})" in text
@@ -91,14 +141,24 @@ def test_any_series_of_measured_points_is_drawn_whatever_its_name(tmp_path):
         for seed in (0, 1):
             sweep = [{"alpha": a / 4, "clean_acc": 0.9, "asr": 1 - a / 4} for a in range(5)]
             own = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(5)]
-            store.record(fake_job("smoothing", seed, 100), Outcome(
-                status="ok", metrics={"clean_acc": 0.9, "asr": 0.1}, metric_info=INFO, timings={"defense": 1.0},
-                series={"sweep": sweep, "losses": own}, device="cpu",
-                started_at="2026-11-23T10:00:00", finished_at="2026-11-23T10:01:00"))
+            store.record(
+                fake_job("smoothing", seed, 100),
+                Outcome(
+                    status="ok",
+                    metrics={"clean_acc": 0.9, "asr": 0.1},
+                    metric_info=INFO,
+                    timings={"defense": 1.0},
+                    series={"sweep": sweep, "losses": own},
+                    device="cpu",
+                    started_at="2026-11-23T10:00:00",
+                    finished_at="2026-11-23T10:01:00",
+                ),
+            )
     out = tmp_path / "demo.md"
     assert CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--output", str(out)]).exit_code == 0
     assert sorted(p.name for p in (tmp_path / "demo-figures").glob("*.png")) == [
-        "sweep-digits-small-cnn-badnets-smoothing-100.png"]
+        "sweep-digits-small-cnn-badnets-smoothing-100.png"
+    ]
 
 
 def test_unreliable_rows_are_flagged_not_averaged(tmp_path):
@@ -106,36 +166,55 @@ def test_unreliable_rows_are_flagged_not_averaged(tmp_path):
     with ResultStore(tmp_path / "r.db") as store:
         for defense, flags in (("sap", (1.0, 0.0)), ("none", (0.0, 0.0))):
             for seed, flag in enumerate(flags):
-                store.record(fake_job(defense, seed, 0), Outcome(
-                    status="ok", metrics={"clean_acc": 0.9, "asr": 0.5, "unreliable": flag}, metric_info=info,
-                    timings={"defense": 1.0}, device="cpu", started_at="2026-11-23T10:00:00",
-                    finished_at="2026-11-23T10:01:00"))
+                store.record(
+                    fake_job(defense, seed, 0),
+                    Outcome(
+                        status="ok",
+                        metrics={"clean_acc": 0.9, "asr": 0.5, "unreliable": flag},
+                        metric_info=info,
+                        timings={"defense": 1.0},
+                        device="cpu",
+                        started_at="2026-11-23T10:00:00",
+                        finished_at="2026-11-23T10:01:00",
+                    ),
+                )
     text = render_report(tmp_path / "r.db")
-    assert "⚠ unreliable (1/2 seeds)" in next(l for l in text.splitlines() if "| sap " in l)
-    assert "unreliable" not in next(l for l in text.splitlines() if "| none " in l)
+    assert "⚠ unreliable (1/2 seeds)" in next(line for line in text.splitlines() if "| sap " in line)
+    assert "unreliable" not in next(line for line in text.splitlines() if "| none " in line)
 
 
 def test_cells_render_by_kind_diagnostics_go_below_and_only_ranked_headline_columns_are_bold(tmp_path):
-    info = {**INFO,
-            "robust_acc_attack": {"label": "PGD acc", "higher_is_better": True, "kind": "percent", "diagnostic": True},
-            "mcr_t": {"label": "t", "higher_is_better": None, "kind": "number", "diagnostic": False}}
+    info = {
+        **INFO,
+        "robust_acc_attack": {"label": "PGD acc", "higher_is_better": True, "kind": "percent", "diagnostic": True},
+        "mcr_t": {"label": "t", "higher_is_better": None, "kind": "number", "diagnostic": False},
+    }
     with ResultStore(tmp_path / "r.db") as store:
         for defense, acc, t, seconds in (("mcr", 0.8, 0.3, 5.0), ("finetune", 0.7, None, 1.0)):
             metrics = {"clean_acc": acc, "asr": 0.1, "robust_acc_attack": acc - 0.1}
             if t is not None:
                 metrics["mcr_t"] = t
-            store.record(fake_job(defense, 0, 100), Outcome(
-                status="ok", metrics=metrics, metric_info=info, timings={"defense": seconds}, device="cpu",
-                started_at="2026-11-23T10:00:00", finished_at="2026-11-23T10:01:00"))
+            store.record(
+                fake_job(defense, 0, 100),
+                Outcome(
+                    status="ok",
+                    metrics=metrics,
+                    metric_info=info,
+                    timings={"defense": seconds},
+                    device="cpu",
+                    started_at="2026-11-23T10:00:00",
+                    finished_at="2026-11-23T10:01:00",
+                ),
+            )
     text = render_report(tmp_path / "r.db")
     main, _, diagnostics = text.partition("Diagnostics (per attack; not ranked):")
-    mcr_row = next(l for l in main.splitlines() if "| mcr " in l)
-    ft_row = next(l for l in main.splitlines() if "| finetune " in l)
+    mcr_row = next(line for line in main.splitlines() if "| mcr " in line)
+    ft_row = next(line for line in main.splitlines() if "| finetune " in line)
     assert "| 0.30 " in mcr_row and "**0.30" not in mcr_row  # a chosen value, not a percentage, never ranked
     assert "**80.0**" in mcr_row  # ranked headline percentage
     assert "5.00" in mcr_row and "1.00" in ft_row and "**1.00" not in ft_row  # times are not ranked
     assert "PGD acc" not in main.splitlines()[-3] and "PGD acc" in diagnostics
-    diag_mcr = next(l for l in diagnostics.splitlines() if "| mcr " in l)
+    diag_mcr = next(line for line in diagnostics.splitlines() if "| mcr " in line)
     assert "70.0" in diag_mcr and "**" not in diagnostics
 
 
@@ -144,6 +223,7 @@ def test_report_json_carries_the_markdown_tables_as_data(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--format", "json"])
     assert result.exit_code == 0, result.output
     import json
+
     data = json.loads(result.output)
     (table,) = data["tables"]
     assert (table["dataset"], table["model"], table["attack"]) == ("digits", "small_cnn", "badnets")
@@ -158,23 +238,42 @@ def test_export_gives_one_row_per_job_with_stable_columns(tmp_path):
     import io
 
     import pandas as pd
+
     fill(tmp_path / "r.db")
     result = CliRunner().invoke(main, ["export", str(tmp_path / "r.db"), "--format", "csv"])
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(io.StringIO(result.output))
     assert len(frame) == 5  # four ok jobs and the failed one
-    for column in ("suite", "job_key", "status", "dataset", "attack_label", "defense", "seed", "bonafide_size",
-                   "metric.asr", "metric.asr_before", "metric.clean_acc", "time.defense", "device",
-                   "version.robustness-bench", "error", "started_at"):
+    for column in (
+        "suite",
+        "job_key",
+        "status",
+        "dataset",
+        "attack_label",
+        "defense",
+        "seed",
+        "bonafide_size",
+        "metric.asr",
+        "metric.asr_before",
+        "metric.clean_acc",
+        "time.defense",
+        "device",
+        "version.robustness-bench",
+        "error",
+        "started_at",
+    ):
         assert column in frame.columns, column
     assert set(frame[frame.status == "ok"]["metric.asr"]) == {1.0, 0.98, 0.2, 0.3}
     out = tmp_path / "r.json"
-    assert CliRunner().invoke(main, ["export", str(tmp_path / "r.db"), "--format", "json", "-o", str(out)]).exit_code == 0
+    assert (
+        CliRunner().invoke(main, ["export", str(tmp_path / "r.db"), "--format", "json", "-o", str(out)]).exit_code == 0
+    )
     assert len(pd.read_json(out)) == 5
 
 
 def test_a_store_from_a_newer_version_is_refused_and_an_older_one_migrated(tmp_path):
     import sqlite3
+
     fill(tmp_path / "r.db")
     with sqlite3.connect(tmp_path / "r.db") as con:
         con.execute("DROP TABLE analyses")
@@ -195,10 +294,18 @@ def test_rows_are_ranked_by_the_headline_metric_with_none_as_the_reference(tmp_p
     info = {**INFO, "ra": {"label": "RA", "higher_is_better": True, "kind": "percent", "diagnostic": False}}
     with ResultStore(tmp_path / "r.db") as store:
         for defense, der in (("none", 0.5), ("weak", 0.6), ("strong", 0.9), ("middling", 0.7)):
-            store.record(fake_job(defense, 0, 0 if defense == "none" else 100), Outcome(
-                status="ok", metrics={"clean_acc": 0.9, "asr": 1 - der, "der": der}, metric_info=INFO,
-                timings={"defense": 1.0}, device="cpu", started_at="2026-11-23T10:00:00",
-                finished_at="2026-11-23T10:01:00"))
+            store.record(
+                fake_job(defense, 0, 0 if defense == "none" else 100),
+                Outcome(
+                    status="ok",
+                    metrics={"clean_acc": 0.9, "asr": 1 - der, "der": der},
+                    metric_info=INFO,
+                    timings={"defense": 1.0},
+                    device="cpu",
+                    started_at="2026-11-23T10:00:00",
+                    finished_at="2026-11-23T10:01:00",
+                ),
+            )
     text = render_report(tmp_path / "r.db")
     order = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ") and "Rank" not in line]
     assert order == ["none", "strong", "middling", "weak"]

@@ -59,8 +59,10 @@ def test_failing_job_is_recorded_and_the_rest_goes_on(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
     assert result.exit_code == 1, result.output  # some job failed
     assert "1 succeeded, 1 failed" in result.output
-    assert "FAILED digits / small_cnn(width=8) / badnets(trigger_size=2) / exploding bonafide=50 seed=0: " \
-           "RuntimeError: this defense always fails" in result.output
+    assert (
+        "FAILED digits / small_cnn(width=8) / badnets(trigger_size=2) / exploding bonafide=50 seed=0: "
+        "RuntimeError: this defense always fails" in result.output
+    )
     with ResultStore(tmp_path / "r.db") as store:
         rows = {r["defense"]: r for r in store.rows()}
     assert rows["none"]["status"] == "ok"
@@ -80,8 +82,18 @@ def _ok_rows(db):
 def test_resume_after_kill_minus_nine_matches_an_uninterrupted_run(tmp_path):
     suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", QUICK_FINETUNE], bonafide_size=40)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "cache-a"),
-               "--store", str(tmp_path / "killed.db"), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "run",
+        str(suite),
+        "--cache-dir",
+        str(tmp_path / "cache-a"),
+        "--store",
+        str(tmp_path / "killed.db"),
+        "--no-progress",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while _ok_rows(tmp_path / "killed.db") < 2 and time.time() < deadline and process.poll() is None:
@@ -102,8 +114,18 @@ def test_resume_after_kill_minus_nine_matches_an_uninterrupted_run(tmp_path):
     for key, row in before.items():  # finished jobs were not redone
         assert resumed[key]["finished_at"] == row["finished_at"]
 
-    clean = [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "cache-b"),
-             "--store", str(tmp_path / "clean.db"), "--no-progress"]
+    clean = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "run",
+        str(suite),
+        "--cache-dir",
+        str(tmp_path / "cache-b"),
+        "--store",
+        str(tmp_path / "clean.db"),
+        "--no-progress",
+    ]
     subprocess.run(clean, env=env, check=True, capture_output=True)
     with ResultStore(tmp_path / "clean.db") as store:
         uninterrupted = {r["job_key"]: r["metrics"] for r in store.rows()}
@@ -112,10 +134,21 @@ def test_resume_after_kill_minus_nine_matches_an_uninterrupted_run(tmp_path):
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", QUICK_FINETUNE], bonafide_size=40)
-    command = [sys.executable, "-m", "bench.cli", "run", str(suite), "--cache-dir", str(tmp_path / "c"),
-               "--store", str(tmp_path / "r.db"), "--no-progress"]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "run",
+        str(suite),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--store",
+        str(tmp_path / "r.db"),
+        "--no-progress",
+    ]
+    process = subprocess.Popen(
+        command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while _ok_rows(tmp_path / "r.db") < 1 and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -137,8 +170,9 @@ def test_time_limit_starts_no_job_past_it_and_a_rerun_finishes(tmp_path):
     assert "1 succeeded, 0 failed, 0 already done, 2 left for the next run" in stopped.output
     assert _ok_rows(tmp_path / "r.db") == 1
     report = CliRunner().invoke(main, ["report", str(tmp_path / "r.db")])
-    assert f"⚠ Incomplete: 2 of the 3 jobs of suite s have no result yet; `bench run {suite}` runs them" \
-        in report.output
+    assert (
+        f"⚠ Incomplete: 2 of the 3 jobs of suite s have no result yet; `bench run {suite}` runs them" in report.output
+    )
     resumed = CliRunner().invoke(main, command + ["--time-limit", "60"])
     assert resumed.exit_code == 0, resumed.output
     assert "2 succeeded, 0 failed, 1 already done; results in" in resumed.output
@@ -165,6 +199,7 @@ class Branchy(bench.Model):
             def forward(self, x):
                 x = torch.relu(x.flatten(1))
                 return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
         return Net()
 
 
@@ -196,9 +231,12 @@ def test_the_none_defense_is_not_attacked_a_second_time(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
     for defense, evaluations in (("none", 1), ("finetune", 2)):  # a fresh cache each: nothing measured yet
         CountingAttack.calls = 0
-        suite = write_suite(tmp_path / f"{defense}.toml", attacks=["counting"],
-                            defenses=[QUICK_FINETUNE if defense == "finetune" else defense],
-                            store=tmp_path / f"{defense}.db")
+        suite = write_suite(
+            tmp_path / f"{defense}.toml",
+            attacks=["counting"],
+            defenses=[QUICK_FINETUNE if defense == "finetune" else defense],
+            store=tmp_path / f"{defense}.db",
+        )
         result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / defense), "--no-progress"])
         assert result.exit_code == 0, result.output
         assert CountingAttack.calls == evaluations, defense
@@ -234,8 +272,9 @@ def test_what_a_defense_returns_is_checked_and_its_values_are_stored(tmp_path, m
     for cls in (NotAModel, UndeclaredValue, ChosenValue):
         registry.register(cls, plugin="test", package="tests")
     monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
-    suite = write_suite(tmp_path / "s.toml", defenses=["not_a_model", "undeclared_value", "chosen_value"],
-                        store=tmp_path / "r.db")
+    suite = write_suite(
+        tmp_path / "s.toml", defenses=["not_a_model", "undeclared_value", "chosen_value"], store=tmp_path / "r.db"
+    )
     result = CliRunner().invoke(main, ["run", str(suite), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
     assert result.exit_code == 1, result.output  # two failed jobs, the suite went on
     with ResultStore(tmp_path / "r.db") as store:
@@ -256,8 +295,9 @@ def test_a_claimed_job_is_left_to_its_owner_until_it_dies_or_its_lease_ends(tmp_
     from bench.store import ResultStore
 
     host = socket.gethostname()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a pid that has exited
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()  # a pid that has exited
     me, other_live = f"{host}:{os.getpid()}:a", f"{host}:{os.getppid()}:b"
     with ResultStore(tmp_path / "r.db") as store:
         assert store.claim("job1", other_live, lease_seconds=60)
@@ -306,8 +346,9 @@ def test_relative_paths_in_a_suite_are_relative_to_its_folder(tmp_path, registry
 
     folder = tmp_path / "project" / "suites"
     folder.mkdir(parents=True)
-    suite_file = write_suite(folder / "s.toml", datasets=[{"name": "cifar10", "root": "../data"}],
-                             store="../results/s.db")
+    suite_file = write_suite(
+        folder / "s.toml", datasets=[{"name": "cifar10", "root": "../data"}], store="../results/s.db"
+    )
     monkeypatch.chdir(tmp_path)  # somewhere else entirely
     suite = load_suite(suite_file, registry)
     assert suite.store_path == tmp_path / "project" / "results" / "s.db"

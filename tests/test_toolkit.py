@@ -22,15 +22,19 @@ def bench_imports(path: Path) -> set[str]:
     return modules
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "plugins").rglob("*.py")) + [
-    ROOT / "examples" / "bench-median-filter" / "bench_median_filter.py"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "plugins").rglob("*.py")) + [ROOT / "examples" / "bench-median-filter" / "bench_median_filter.py"],
+    ids=lambda p: p.name,
+)
 def test_plugins_import_only_the_public_api(path):
     assert bench_imports(path) <= PUBLIC, f"{path.name} reaches into {bench_imports(path) - PUBLIC}"
 
 
 def test_the_toolkit_exports_what_it_lists_and_versions_it():
     assert set(bench.toolkit.__all__) == {n for n in dir(bench.toolkit) if not n.startswith("_")} - {
-        "BenchError"}  # re-exported from bench, used by require_api
+        "BenchError"
+    }  # re-exported from bench, used by require_api
     for name in bench.toolkit.__all__:
         assert getattr(bench.toolkit, name) is not None
     bench.toolkit.require_api(bench.toolkit.API_VERSION)
@@ -38,14 +42,17 @@ def test_the_toolkit_exports_what_it_lists_and_versions_it():
         bench.toolkit.require_api(99)
 
 
-@pytest.mark.parametrize("module, never", [
-    ("jobs", {"bench.stages", "bench.artifacts", "bench.store", "bench.registry", "bench.suite", "bench.runner"}),
-    ("expansion", {"bench.stages", "bench.artifacts", "bench.store", "bench.runner", "bench.suite"}),
-    ("artifacts", {"bench.stages", "bench.store", "bench.registry", "bench.suite", "bench.runner"}),
-    ("stages", {"bench.store", "bench.registry", "bench.suite", "bench.runner"}),
-    ("preflight", {"bench.stages", "bench.store", "bench.runner"}),
-    ("store", {"bench.stages", "bench.artifacts", "bench.registry", "bench.runner"}),
-])
+@pytest.mark.parametrize(
+    "module, never",
+    [
+        ("jobs", {"bench.stages", "bench.artifacts", "bench.store", "bench.registry", "bench.suite", "bench.runner"}),
+        ("expansion", {"bench.stages", "bench.artifacts", "bench.store", "bench.runner", "bench.suite"}),
+        ("artifacts", {"bench.stages", "bench.store", "bench.registry", "bench.suite", "bench.runner"}),
+        ("stages", {"bench.store", "bench.registry", "bench.suite", "bench.runner"}),
+        ("preflight", {"bench.stages", "bench.store", "bench.runner"}),
+        ("store", {"bench.stages", "bench.artifacts", "bench.registry", "bench.runner"}),
+    ],
+)
 def test_the_data_flows_one_way(module, never):
     """suite -> expansion -> jobs -> preflight/stages (with artifacts) -> store -> report: a
     module never imports one downstream of it, so a job runs without the store or the registry."""

@@ -33,7 +33,9 @@ def write_idx(raw, train_count=12, test_count=6):
     for prefix, count in (("train", train_count), ("t10k", test_count)):
         images = RNG.integers(0, 256, (count, 28, 28), dtype=np.uint8)
         labels = RNG.integers(0, 10, count, dtype=np.uint8)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, count, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 0x0803, count, 28, 28) + images.tobytes()
+        )
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, count) + labels.tobytes())
         arrays[prefix] = (images, labels)
     return arrays
@@ -143,6 +145,7 @@ def test_gtsrb_resizes_every_image_and_decodes_only_once(tmp_path, monkeypatch):
 
     def no_decoding(*args):
         raise AssertionError("decoded again instead of reading the cache")
+
     monkeypatch.setattr(gtsrb_module, "_decode_splits", no_decoding)
     again = Gtsrb(Gtsrb.Options(root=str(tmp_path))).load()
     assert torch.equal(again.train.x, splits.train.x)

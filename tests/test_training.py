@@ -22,8 +22,12 @@ def crops_drawn(padding: int, flip: bool, count: int = 400) -> list[tuple[int, i
     image = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4)
     out = random_crop_flip(image.expand(count, 1, 4, 4), padding, flip, torch.Generator().manual_seed(3))
     padded = torch.nn.functional.pad(image[0], (padding,) * 4)
-    windows = {(r, c, mirrored): padded[:, r:r + 4, c:c + 4].flip(-1) if mirrored else padded[:, r:r + 4, c:c + 4]
-               for r in range(2 * padding + 1) for c in range(2 * padding + 1) for mirrored in (False, True)}
+    windows = {
+        (r, c, mirrored): padded[:, r : r + 4, c : c + 4].flip(-1) if mirrored else padded[:, r : r + 4, c : c + 4]
+        for r in range(2 * padding + 1)
+        for c in range(2 * padding + 1)
+        for mirrored in (False, True)
+    }
     drawn = []
     for copy in out:
         (crop,) = [key for key, window in windows.items() if torch.equal(copy, window)]  # exactly one window
@@ -43,8 +47,9 @@ def test_each_image_gets_its_own_random_window_of_every_shift_and_mirroring():
 def test_schedule_warms_up_linearly_then_decays_linearly_to_zero():
     # 10 steps, 20% warm-up: 2 steps rising to the peak, then 8 falling by 1/8 each
     factor = lr_schedule(TrainRecipe(warmup_fraction=0.2), total_steps=10)
-    assert [factor(s) for s in range(11)] == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25,
-                                                            0.125, 0.0])
+    assert [factor(s) for s in range(11)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+    )
     no_warmup = lr_schedule(TrainRecipe(warmup_fraction=0.0), total_steps=10)
     assert [no_warmup(s) for s in (0, 1, 4, 9)] == pytest.approx([1.0, 1.0, 6 / 9, 1 / 9])
 
@@ -62,6 +67,7 @@ def test_a_small_cnn_trained_three_epochs_reads_held_out_digits_far_above_chance
 
 def test_reference_schedule_values():
     from bench.training import reference_lr_factor
+
     # 100 epochs: constant through epoch 50 (progress 0.5), 0.505 at progress 0.7, 1% from progress 0.9 on
     assert [reference_lr_factor(e, 100) for e in (0, 49)] == [1.0, 1.0]
     assert abs(reference_lr_factor(69, 100) - 0.505) < 1e-9
@@ -71,6 +77,7 @@ def test_reference_schedule_values():
 
 def test_an_epoch_repeats_small_data_evenly_to_fill_its_samples():
     from bench.training import epoch_order
+
     order = epoch_order(50, 10_000, torch.Generator().manual_seed(0), "cpu")
     assert len(order) == 10_000 and torch.bincount(order).tolist() == [200] * 50
     assert not torch.equal(order[:50], torch.arange(50))  # shuffled
@@ -102,18 +109,28 @@ def test_repair_defenses_take_the_same_number_of_steps_whatever_the_bonafide_siz
         torch.manual_seed(0)
         return Classifier(SmallCNN(SmallCNN.Options(width=2)).build(shape), (0.5,), (0.25,)).eval()
 
-    defenses = {"finetune": FineTune(FineTune.Options(epochs=1)),
-                "fine_pruning": FinePruning(FinePruning.Options(epochs=1, batch_size=128)),
-                "mcr": ModeConnectivityRepair(ModeConnectivityRepair.Options(epochs=1, t_selection=TSelection.FIXED,
-                                                                             path_points=2))}
+    defenses = {
+        "finetune": FineTune(FineTune.Options(epochs=1)),
+        "fine_pruning": FinePruning(FinePruning.Options(epochs=1, batch_size=128)),
+        "mcr": ModeConnectivityRepair(
+            ModeConnectivityRepair.Options(epochs=1, t_selection=TSelection.FIXED, path_points=2)
+        ),
+    }
     counted = {}
     for size in (50, 2500):
         generator = torch.Generator().manual_seed(size)
-        bonafide = bench.ImageData(torch.randint(0, 256, (size, 1, 8, 8), dtype=torch.uint8, generator=generator),
-                                   torch.randint(0, 10, (size,), generator=generator))
+        bonafide = bench.ImageData(
+            torch.randint(0, 256, (size, 1, 8, 8), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 10, (size,), generator=generator),
+        )
         for name, defense in defenses.items():
-            ctx = bench.DefenseContext(device=torch.device("cpu"), seed=0, num_classes=10, recipe=SmallCNN.recipe,
-                                       attacked_model_with_seed=lambda seed: model())
+            ctx = bench.DefenseContext(
+                device=torch.device("cpu"),
+                seed=0,
+                num_classes=10,
+                recipe=SmallCNN.recipe,
+                attacked_model_with_seed=lambda seed: model(),
+            )
             steps.clear()
             defense.apply(model(), bonafide, ctx)
             counted[name, size] = len(steps)
@@ -122,6 +139,7 @@ def test_repair_defenses_take_the_same_number_of_steps_whatever_the_bonafide_siz
 
 def test_cosine_schedule_values():
     from bench.training import cosine_lr_factor
+
     assert [cosine_lr_factor(e, 4) for e in range(4)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-6)
 
 
@@ -142,16 +160,25 @@ def test_the_baselines_train_as_their_references_do(monkeypatch, one_cpu_thread)
     monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
     shape = bench.InputShape(1, 8, 8, 10)
     generator = torch.Generator().manual_seed(0)
-    bonafide = bench.ImageData(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=generator),
-                               torch.randint(0, 10, (64,), generator=generator))
-    runs = {"finetune": FineTune(FineTune.Options(epochs=4, samples_per_epoch=0, batch_size=64, lr=0.1)),
-            "fine_pruning": FinePruning(FinePruning.Options(epochs=4, samples_per_epoch=0, batch_size=64, lr=0.1))}
+    bonafide = bench.ImageData(
+        torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 10, (64,), generator=generator),
+    )
+    runs = {
+        "finetune": FineTune(FineTune.Options(epochs=4, samples_per_epoch=0, batch_size=64, lr=0.1)),
+        "fine_pruning": FinePruning(FinePruning.Options(epochs=4, samples_per_epoch=0, batch_size=64, lr=0.1)),
+    }
     lrs = {}
     for name, defense in runs.items():
         torch.manual_seed(0)
         model = Classifier(SmallCNN(SmallCNN.Options(width=2)).build(shape), (0.5,), (0.25,)).eval()
-        ctx = bench.DefenseContext(device=torch.device("cpu"), seed=0, num_classes=10, recipe=SmallCNN.recipe,
-                                   attacked_model_with_seed=lambda seed: model)
+        ctx = bench.DefenseContext(
+            device=torch.device("cpu"),
+            seed=0,
+            num_classes=10,
+            recipe=SmallCNN.recipe,
+            attacked_model_with_seed=lambda seed: model,
+        )
         seen.clear()
         defense.apply(model, bonafide, ctx)
         assert {(nesterov, momentum) for nesterov, momentum, _ in seen} == {(False, 0.9)}

@@ -11,8 +11,9 @@ import bench
 from bench.toolkit import Norm, pgd_attack, to_model_input
 
 
-def clean_and_pgd(model: nn.Module, data: bench.ImageData, ctx: bench.RunContext, *, eps: float, steps: int,
-                  stream: str) -> dict[str, float]:
+def clean_and_pgd(
+    model: nn.Module, data: bench.ImageData, ctx: bench.RunContext, *, eps: float, steps: int, stream: str
+) -> dict[str, float]:
     """Mean cross-entropy and accuracy of `model` on `data`, clean and under L-inf PGD (`steps`
     steps of 2.5 eps / steps, random start; FGSM when steps = 1), in eval mode."""
     model.eval()
@@ -20,10 +21,24 @@ def clean_and_pgd(model: nn.Module, data: bench.ImageData, ctx: bench.RunContext
     sums = torch.zeros(4, device=ctx.device)  # clean loss, clean correct, adversarial loss, adversarial correct
     step = eps if steps == 1 else 2.5 * eps / steps
     for start in range(0, len(data), ctx.eval_batch_size):
-        x = to_model_input(data.x[start:start + ctx.eval_batch_size])
-        y = data.y[start:start + ctx.eval_batch_size]
-        x_adv = x if eps == 0 else pgd_attack(model, x, y, eps=eps, step=step, steps=steps, norm=Norm.LINF,
-                                               random_start=steps > 1, generator=generator, autocast=ctx.autocast)
+        x = to_model_input(data.x[start : start + ctx.eval_batch_size])
+        y = data.y[start : start + ctx.eval_batch_size]
+        x_adv = (
+            x
+            if eps == 0
+            else pgd_attack(
+                model,
+                x,
+                y,
+                eps=eps,
+                step=step,
+                steps=steps,
+                norm=Norm.LINF,
+                random_start=steps > 1,
+                generator=generator,
+                autocast=ctx.autocast,
+            )
+        )
         with torch.no_grad(), ctx.autocast():
             for offset, inputs in ((0, x), (2, x_adv)):
                 logits = model(inputs).float()

@@ -35,10 +35,12 @@ class BudgetCurve(bench.Analysis):
     @dataclass(frozen=True)
     class Options:
         defense: str = bench.option("sap", "the defense to trace (its default options)")
-        bonafide_size: int = bench.option(100, "bonafide images (half of the test set) for a defense that uses "
-                                               "them", min=1)
-        eps: list[float] = bench.option([0.0, 0.008, 0.015, 0.031, 0.063], "L-inf budgets, in [0, 1] pixel units",
-                                        min=0, max=1)
+        bonafide_size: int = bench.option(
+            100, "bonafide images (half of the test set) for a defense that uses them", min=1
+        )
+        eps: list[float] = bench.option(
+            [0.0, 0.008, 0.015, 0.031, 0.063], "L-inf budgets, in [0, 1] pixel units", min=0, max=1
+        )
         steps: int = bench.option(20, "PGD steps per attack (step 2.5 eps / steps)", min=1)
         eot_samples: int = bench.option(10, "stochastic passes averaged per EOT gradient", min=2)
         passes: int = bench.option(10, "forward passes counted per adversarial image of a stochastic model", min=1)
@@ -55,8 +57,10 @@ class BudgetCurve(bench.Analysis):
     )
 
     def models(self):
-        return {"undefended": bench.ModelRecipe(),
-                "defended": bench.ModelRecipe(defense=self.options.defense, bonafide_size=self.options.bonafide_size)}
+        return {
+            "undefended": bench.ModelRecipe(),
+            "defended": bench.ModelRecipe(defense=self.options.defense, bonafide_size=self.options.bonafide_size),
+        }
 
     def run(self, models, data, ctx):
         o = self.options
@@ -66,8 +70,11 @@ class BudgetCurve(bench.Analysis):
         probe = to_model_input(evaluation.x[:8])
         records = []
         for eps in sorted(set(o.eps)):
-            for name, model, eot in (("undefended", models["undefended"], 1), ("defended, plain PGD", models["defended"], 1),
-                                     ("defended, EOT-PGD", models["defended"], o.eot_samples)):
+            for name, model, eot in (
+                ("undefended", models["undefended"], 1),
+                ("defended, plain PGD", models["defended"], 1),
+                ("defended, EOT-PGD", models["defended"], o.eot_samples),
+            ):
                 stochastic = is_stochastic(model, probe)
                 eot = eot if stochastic else 1  # for a deterministic model EOT-PGD is plain PGD
                 generator = ctx.generator(f"budget_{eps}_{name}")
@@ -75,21 +82,49 @@ class BudgetCurve(bench.Analysis):
                 def attack(x, y, model=model, eot=eot, generator=generator, eps=eps):
                     if eps == 0:
                         return x
-                    return pgd_attack(model, x, y, eps=eps, step=2.5 * eps / o.steps, steps=o.steps, norm=Norm.LINF,
-                                      random_start=True, eot_samples=eot, generator=generator, autocast=ctx.autocast)
+                    return pgd_attack(
+                        model,
+                        x,
+                        y,
+                        eps=eps,
+                        step=2.5 * eps / o.steps,
+                        steps=o.steps,
+                        norm=Norm.LINF,
+                        random_start=True,
+                        eot_samples=eot,
+                        generator=generator,
+                        autocast=ctx.autocast,
+                    )
 
-                counts = robust_accuracy(model.eval(), evaluation.x, evaluation.y, attack=attack,
-                                         passes=o.passes if stochastic else 1, batch_size=ctx.eval_batch_size,
-                                         autocast=ctx.autocast)
+                counts = robust_accuracy(
+                    model.eval(),
+                    evaluation.x,
+                    evaluation.y,
+                    attack=attack,
+                    passes=o.passes if stochastic else 1,
+                    batch_size=ctx.eval_batch_size,
+                    autocast=ctx.autocast,
+                )
                 accuracy = float(counts.correct.sum()) / (len(evaluation) * counts.passes)
                 records.append({"eps": eps, "attack": name, "robust_acc": accuracy, "stochastic": int(stochastic)})
         top = max(o.eps)
         at_top = {r["attack"]: r["robust_acc"] for r in records if r["eps"] == top}
-        values = {"undefended_acc_max_eps": at_top["undefended"],
-                  "defended_eot_acc_max_eps": at_top["defended, EOT-PGD"],
-                  "plain_minus_eot_max_eps": at_top["defended, plain PGD"] - at_top["defended, EOT-PGD"]}
-        figures = [bench.Figure("curve", "eps", ("robust_acc",), f"robust accuracy against eps ({o.defense})",
-                                group="attack", xlabel="eps (L-inf, pixel units in [0, 1])", ylabel="accuracy (%)")]
+        values = {
+            "undefended_acc_max_eps": at_top["undefended"],
+            "defended_eot_acc_max_eps": at_top["defended, EOT-PGD"],
+            "plain_minus_eot_max_eps": at_top["defended, plain PGD"] - at_top["defended, EOT-PGD"],
+        }
+        figures = [
+            bench.Figure(
+                "curve",
+                "eps",
+                ("robust_acc",),
+                f"robust accuracy against eps ({o.defense})",
+                group="attack",
+                xlabel="eps (L-inf, pixel units in [0, 1])",
+                ylabel="accuracy (%)",
+            )
+        ]
         return bench.AnalysisResult(values=values, series={"curve": records}, figures=figures)
 
 

@@ -41,8 +41,9 @@ from bench_plugins.analyses._measure import clean_and_pgd
 from bench_plugins.defenses.mcr import Curve, ParameterCurve, curve_point, recompute_batchnorm, train_curve
 
 
-def input_hessian_top_eigenvalues(loss_sum, x: torch.Tensor, iterations: int,
-                                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+def input_hessian_top_eigenvalues(
+    loss_sum, x: torch.Tensor, iterations: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, float]:
     """Per image of x [N, ...], the dominant eigenvalue of the Hessian of its loss with respect
     to its input, by power iteration on Hessian-vector products; `loss_sum(x)` is the sum of the
     per-image losses (each depending on its own image only). Returns (eigenvalues [N], the
@@ -71,7 +72,7 @@ def pearson(a: list[float], b: list[float]) -> float:
     """Pearson's correlation coefficient; NaN when either side is constant."""
     a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     a_, b_ = a_ - a_.mean(), b_ - b_.mean()
-    denominator = np.sqrt((a_ ** 2).sum() * (b_ ** 2).sum())
+    denominator = np.sqrt((a_**2).sum() * (b_**2).sum())
     return float((a_ * b_).sum() / denominator) if denominator > 0 else float("nan")
 
 
@@ -84,22 +85,28 @@ class RobustPath(bench.Analysis):
     @dataclass(frozen=True)
     class Options:
         curve: Curve = bench.option(Curve.BEZIER, "curve shape: 3-bend quadratic Bezier (paper) or polygonal chain")
-        epochs: int = bench.option(100, "epochs of samples_per_epoch samples to train the curve (reference: 100)",
-                                   min=1)
-        samples_per_epoch: int = bench.option(REFERENCE_SAMPLES_PER_EPOCH, "samples per curve epoch; 0: one pass",
-                                              min=0)
+        epochs: int = bench.option(
+            100, "epochs of samples_per_epoch samples to train the curve (reference: 100)", min=1
+        )
+        samples_per_epoch: int = bench.option(
+            REFERENCE_SAMPLES_PER_EPOCH, "samples per curve epoch; 0: one pass", min=0
+        )
         curve_images: int = bench.option(0, "clean training images the curve trains on (0: all)", min=0)
-        lr: float = bench.option(0.01, "curve lr (SGD, momentum 0.9, the reference's schedule)", min=0,
-                                 min_exclusive=True)
+        lr: float = bench.option(
+            0.01, "curve lr (SGD, momentum 0.9, the reference's schedule)", min=0, min_exclusive=True
+        )
         weight_decay: float = bench.option(1e-4, "explicit L2 term on the curve's weights", min=0)
         batch_size: int = bench.option(128, "curve images per step, each step with its own t", min=1)
         path_points: int = bench.option(11, "evenly spaced points t = 0..1 on each path", min=2)
-        robust_eps: float = bench.option(8 / 255, "L-inf budget of the robust model's PGD adversarial training",
-                                         min=0, min_exclusive=True, max=1)
+        robust_eps: float = bench.option(
+            8 / 255, "L-inf budget of the robust model's PGD adversarial training", min=0, min_exclusive=True, max=1
+        )
         robust_epochs: int = bench.option(30, "epochs of adversarial training (of robust_images images)", min=1)
         robust_images: int = bench.option(0, "training images for adversarial training (0: all)", min=0)
-        robust_from_scratch: bool = bench.option(True, "adversarially train from fresh weights (as the paper's "
-                                                       "robust model); false: fine-tune the regular model")
+        robust_from_scratch: bool = bench.option(
+            True,
+            "adversarially train from fresh weights (as the paper's robust model); false: fine-tune the regular model",
+        )
         eps: float = bench.option(8 / 255, "L-inf budget of the PGD evaluation", min=0, min_exclusive=True, max=1)
         pgd_steps: int = bench.option(10, "PGD steps of the evaluation (step 2.5 eps / steps)", min=1)
         images: int = bench.option(1000, "evaluation images (0: all)", min=0)
@@ -110,43 +117,77 @@ class RobustPath(bench.Analysis):
         bench.Metric("pearson_curve", "Pearson r (curve)", None, kind=bench.MetricKind.NUMBER),
         bench.Metric("pearson_line", "Pearson r (line)", None, kind=bench.MetricKind.NUMBER),
         bench.Metric("adv_loss_barrier", "PGD-loss barrier (curve)", None, kind=bench.MetricKind.NUMBER),
-        bench.Metric("hessian_residual", "Power-iteration residual (max)", None, kind=bench.MetricKind.NUMBER,
-                     diagnostic=True),
+        bench.Metric(
+            "hessian_residual", "Power-iteration residual (max)", None, kind=bench.MetricKind.NUMBER, diagnostic=True
+        ),
     )
 
     def models(self):
         o = self.options
-        return {"regular": bench.ModelRecipe(),
-                "robust": bench.ModelRecipe(
-                    defense="adversarial_training", bonafide_source="train", bonafide_size=o.robust_images,
-                    options={"method": "pgd", "eps": o.robust_eps, "step": o.robust_eps / 4, "steps": 10,
-                             "epochs": o.robust_epochs, "from_scratch": o.robust_from_scratch})}
+        return {
+            "regular": bench.ModelRecipe(),
+            "robust": bench.ModelRecipe(
+                defense="adversarial_training",
+                bonafide_source="train",
+                bonafide_size=o.robust_images,
+                options={
+                    "method": "pgd",
+                    "eps": o.robust_eps,
+                    "step": o.robust_eps / 4,
+                    "steps": 10,
+                    "epochs": o.robust_epochs,
+                    "from_scratch": o.robust_from_scratch,
+                },
+            ),
+        }
 
     def run(self, models, data, ctx):
         o = self.options
         regular, robust = models["regular"], models["robust"]
         train = data.splits.train
         if o.curve_images:
-            train = train.subset(torch.randperm(len(train), generator=ctx.generator("curve_images"),
-                                                device=train.y.device)[:o.curve_images])
-        evaluation = data.evaluation if not o.images else data.evaluation.subset(
-            torch.arange(min(o.images, len(data.evaluation)), device=data.evaluation.y.device))
+            train = train.subset(
+                torch.randperm(len(train), generator=ctx.generator("curve_images"), device=train.y.device)[
+                    : o.curve_images
+                ]
+            )
+        evaluation = (
+            data.evaluation
+            if not o.images
+            else data.evaluation.subset(
+                torch.arange(min(o.images, len(data.evaluation)), device=data.evaluation.y.device)
+            )
+        )
         curve = ParameterCurve(regular, robust, o.curve)
         net = copy.deepcopy(regular)
-        losses = train_curve(net, curve, train, ctx, epochs=o.epochs, samples_per_epoch=o.samples_per_epoch, lr=o.lr,
-                             momentum=0.9, weight_decay=o.weight_decay, batch_size=o.batch_size, stream="robust_path",
-                             desc="robust_path: train curve")
+        losses = train_curve(
+            net,
+            curve,
+            train,
+            ctx,
+            epochs=o.epochs,
+            samples_per_epoch=o.samples_per_epoch,
+            lr=o.lr,
+            momentum=0.9,
+            weight_decay=o.weight_decay,
+            batch_size=o.batch_size,
+            stream="robust_path",
+            desc="robust_path: train curve",
+        )
         ts = [round(i / (o.path_points - 1), 6) for i in range(o.path_points)]
-        hessian_x = to_model_input(evaluation.x[:o.hessian_images])
-        hessian_y = evaluation.y[:o.hessian_images]
+        hessian_x = to_model_input(evaluation.x[: o.hessian_images])
+        hessian_y = evaluation.y[: o.hessian_images]
         records, residual = [], 0.0
         for path in ("curve", "line"):
             for t in ctx.progress(ts, desc=f"robust_path: {path}"):
                 point = self._point(net, regular, robust, curve, path, t, train, ctx)
                 measured = clean_and_pgd(point, evaluation, ctx, eps=o.eps, steps=o.pgd_steps, stream=f"pgd_{t}")
                 eigenvalues, change = input_hessian_top_eigenvalues(
-                    lambda x: F.cross_entropy(point(x).float(), hessian_y, reduction="sum"), hessian_x,
-                    o.power_iterations, ctx.generator(f"hessian_{t}"))
+                    lambda x: F.cross_entropy(point(x).float(), hessian_y, reduction="sum"),
+                    hessian_x,
+                    o.power_iterations,
+                    ctx.generator(f"hessian_{t}"),
+                )
                 residual = max(residual, change)
                 records.append({"path": path, "t": t, **measured, "hessian_eig": float(eigenvalues.mean())})
         values = {"hessian_residual": residual}
@@ -154,22 +195,53 @@ class RobustPath(bench.Analysis):
             rows = [r for r in records if r["path"] == path]
             values[f"pearson_{path}"] = pearson([r["hessian_eig"] for r in rows], [r["adv_loss"] for r in rows])
         curve_rows = [r for r in records if r["path"] == "curve"]
-        values["adv_loss_barrier"] = max(r["adv_loss"] for r in curve_rows) - max(curve_rows[0]["adv_loss"],
-                                                                                    curve_rows[-1]["adv_loss"])
+        values["adv_loss_barrier"] = max(r["adv_loss"] for r in curve_rows) - max(
+            curve_rows[0]["adv_loss"], curve_rows[-1]["adv_loss"]
+        )
         figures = [
-            bench.Figure("points", "t", ("clean_acc", "robust_acc"), "accuracy along the paths", group="path",
-                         xlabel="t (0: regular, 1: robust)"),
-            bench.Figure("points", "t", ("clean_loss", "adv_loss"), "loss along the paths", group="path",
-                         percent=False, xlabel="t (0: regular, 1: robust)", ylabel="cross-entropy"),
-            bench.Figure("points", "t", ("hessian_eig",), "top input-Hessian eigenvalue", group="path",
-                         percent=False, xlabel="t (0: regular, 1: robust)", ylabel="eigenvalue"),
+            bench.Figure(
+                "points",
+                "t",
+                ("clean_acc", "robust_acc"),
+                "accuracy along the paths",
+                group="path",
+                xlabel="t (0: regular, 1: robust)",
+            ),
+            bench.Figure(
+                "points",
+                "t",
+                ("clean_loss", "adv_loss"),
+                "loss along the paths",
+                group="path",
+                percent=False,
+                xlabel="t (0: regular, 1: robust)",
+                ylabel="cross-entropy",
+            ),
+            bench.Figure(
+                "points",
+                "t",
+                ("hessian_eig",),
+                "top input-Hessian eigenvalue",
+                group="path",
+                percent=False,
+                xlabel="t (0: regular, 1: robust)",
+                ylabel="eigenvalue",
+            ),
         ]
         series = {"points": records, "curve_training": [{"epoch": i + 1, "loss": v} for i, v in enumerate(losses)]}
         return bench.AnalysisResult(values=values, series=series, figures=figures)
 
     @staticmethod
-    def _point(net: nn.Module, regular: nn.Module, robust: nn.Module, curve: ParameterCurve, path: str, t: float,
-               train: bench.ImageData, ctx: bench.RunContext) -> nn.Module:
+    def _point(
+        net: nn.Module,
+        regular: nn.Module,
+        robust: nn.Module,
+        curve: ParameterCurve,
+        path: str,
+        t: float,
+        train: bench.ImageData,
+        ctx: bench.RunContext,
+    ) -> nn.Module:
         if path == "curve":
             return curve_point(net, curve, t, train, ctx)
         point = copy.deepcopy(regular)

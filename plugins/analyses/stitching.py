@@ -32,8 +32,12 @@ import bench
 from bench.toolkit import to_model_input
 from bench_plugins.analyses._measure import clean_and_pgd
 
-PAIRS = (("robust", "regular", "robust -> regular"), ("regular", "robust", "regular -> robust"),
-         ("robust", "robust_b", "robust -> robust"), ("regular", "regular_b", "regular -> regular"))
+PAIRS = (
+    ("robust", "regular", "robust -> regular"),
+    ("regular", "robust", "regular -> robust"),
+    ("robust", "robust_b", "robust -> robust"),
+    ("regular", "regular_b", "regular -> regular"),
+)
 
 
 def stitch_points(model: nn.Module) -> list[int]:
@@ -41,8 +45,9 @@ def stitch_points(model: nn.Module) -> list[int]:
     may go: every ReLU and every Flatten."""
     net = getattr(model, "net", None)
     if not isinstance(net, nn.Sequential):
-        raise bench.BenchError("stitching needs a model whose network is an nn.Sequential (like small_cnn), "
-                               f"not {type(net).__name__}")
+        raise bench.BenchError(
+            f"stitching needs a model whose network is an nn.Sequential (like small_cnn), not {type(net).__name__}"
+        )
     return [i for i, m in enumerate(net) if isinstance(m, (nn.ReLU, nn.Flatten))]
 
 
@@ -53,7 +58,7 @@ class Front(nn.Module):
         super().__init__()
         self.register_buffer("mean", model.mean.clone())
         self.register_buffer("std", model.std.clone())
-        self.layers = nn.Sequential(*list(model.net)[:layer + 1])
+        self.layers = nn.Sequential(*list(model.net)[: layer + 1])
 
     def forward(self, x):
         return self.layers((x - self.mean) / self.std)
@@ -79,14 +84,27 @@ class Stitched(nn.Module):
         return self.back(self.stitch(self.front(x)))
 
 
-def stitch(a: nn.Module, b: nn.Module, layer: int, train: bench.ImageData, ctx: bench.RunContext, *,
-           epochs: int, lr: float, batch_size: int) -> Stitched:
+def stitch(
+    a: nn.Module,
+    b: nn.Module,
+    layer: int,
+    train: bench.ImageData,
+    ctx: bench.RunContext,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+) -> Stitched:
     """A's front to `layer`, a trained affine stitching layer, B's back; A and B unchanged."""
     front = Front(copy.deepcopy(a), layer).eval().requires_grad_(False)
-    back = nn.Sequential(*list(copy.deepcopy(b).net)[layer + 1:]).eval().requires_grad_(False)
+    back = nn.Sequential(*list(copy.deepcopy(b).net)[layer + 1 :]).eval().requires_grad_(False)
     with torch.no_grad(), ctx.autocast():
-        features = torch.cat([front(to_model_input(train.x[i:i + ctx.eval_batch_size])).float()
-                              for i in range(0, len(train), ctx.eval_batch_size)])
+        features = torch.cat(
+            [
+                front(to_model_input(train.x[i : i + ctx.eval_batch_size])).float()
+                for i in range(0, len(train), ctx.eval_batch_size)
+            ]
+        )
     layer_module = identity_stitch(features)
     optimizer = torch.optim.Adam(layer_module.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [epochs // 3, 2 * epochs // 3], gamma=0.1)
@@ -94,7 +112,7 @@ def stitch(a: nn.Module, b: nn.Module, layer: int, train: bench.ImageData, ctx: 
     for _ in range(epochs):
         order = torch.randperm(len(features), device=features.device, generator=generator)
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             with ctx.autocast():
                 logits = back(layer_module(features[idx]))
             loss = F.cross_entropy(logits.float(), train.y[idx])
@@ -115,10 +133,10 @@ class Stitching(bench.Analysis):
         epochs: int = bench.option(30, "epochs of stitching-layer training (lr / 10 at 1/3 and 2/3)", min=1)
         lr: float = bench.option(1e-3, "Adam learning rate", min=0, min_exclusive=True)
         batch_size: int = bench.option(128, "images per step", min=1)
-        train_images: int = bench.option(5000, "clean training images the stitching layer learns on (0: all)",
-                                         min=0)
-        robust_eps: float = bench.option(8 / 255, "L-inf budget of the robust models' PGD adversarial training",
-                                         min=0, min_exclusive=True, max=1)
+        train_images: int = bench.option(5000, "clean training images the stitching layer learns on (0: all)", min=0)
+        robust_eps: float = bench.option(
+            8 / 255, "L-inf budget of the robust models' PGD adversarial training", min=0, min_exclusive=True, max=1
+        )
         robust_epochs: int = bench.option(30, "epochs of adversarial training", min=1)
         robust_images: int = bench.option(0, "training images for adversarial training (0: all)", min=0)
         eps: float = bench.option(8 / 255, "L-inf budget of the PGD evaluation", min=0, min_exclusive=True, max=1)
@@ -126,10 +144,18 @@ class Stitching(bench.Analysis):
         images: int = bench.option(500, "evaluation images (0: all)", min=0)
 
     metrics = (
-        bench.Metric("robust_to_regular_rel_robust_min", "robust→regular: min rel. robust acc.", None,
-                     kind=bench.MetricKind.NUMBER),
-        bench.Metric("regular_to_robust_rel_robust_min", "regular→robust: min rel. robust acc.", None,
-                     kind=bench.MetricKind.NUMBER),
+        bench.Metric(
+            "robust_to_regular_rel_robust_min",
+            "robust→regular: min rel. robust acc.",
+            None,
+            kind=bench.MetricKind.NUMBER,
+        ),
+        bench.Metric(
+            "regular_to_robust_rel_robust_min",
+            "regular→robust: min rel. robust acc.",
+            None,
+            kind=bench.MetricKind.NUMBER,
+        ),
         bench.Metric("rel_clean_min", "min rel. clean acc. (all pairs)", None, kind=bench.MetricKind.NUMBER),
     )
 
@@ -138,48 +164,95 @@ class Stitching(bench.Analysis):
 
     def models(self):
         o = self.options
-        robust = {"defense": "adversarial_training", "bonafide_source": "train", "bonafide_size": o.robust_images,
-                  "options": {"method": "pgd", "eps": o.robust_eps, "step": o.robust_eps / 4, "steps": 10,
-                              "epochs": o.robust_epochs, "from_scratch": True}}
-        return {"regular": bench.ModelRecipe(), "regular_b": bench.ModelRecipe(seed_offset=1),
-                "robust": bench.ModelRecipe(**robust), "robust_b": bench.ModelRecipe(seed_offset=1, **robust)}
+        robust = {
+            "defense": "adversarial_training",
+            "bonafide_source": "train",
+            "bonafide_size": o.robust_images,
+            "options": {
+                "method": "pgd",
+                "eps": o.robust_eps,
+                "step": o.robust_eps / 4,
+                "steps": 10,
+                "epochs": o.robust_epochs,
+                "from_scratch": True,
+            },
+        }
+        return {
+            "regular": bench.ModelRecipe(),
+            "regular_b": bench.ModelRecipe(seed_offset=1),
+            "robust": bench.ModelRecipe(**robust),
+            "robust_b": bench.ModelRecipe(seed_offset=1, **robust),
+        }
 
     def run(self, models, data, ctx):
         o = self.options
         train = data.splits.train
         if o.train_images:
-            train = train.subset(torch.randperm(len(train), generator=ctx.generator("stitch_images"),
-                                                device=train.y.device)[:o.train_images])
+            train = train.subset(
+                torch.randperm(len(train), generator=ctx.generator("stitch_images"), device=train.y.device)[
+                    : o.train_images
+                ]
+            )
         evaluation = data.evaluation
         if o.images:
             evaluation = evaluation.subset(torch.arange(min(o.images, len(evaluation)), device=evaluation.y.device))
-        own = {name: clean_and_pgd(model, evaluation, ctx, eps=o.eps, steps=o.pgd_steps, stream=f"own_{name}")
-               for name, model in models.items()}
+        own = {
+            name: clean_and_pgd(model, evaluation, ctx, eps=o.eps, steps=o.pgd_steps, stream=f"own_{name}")
+            for name, model in models.items()
+        }
         layers = stitch_points(models["regular"])
         records = []
         for front_name, back_name, pair in PAIRS:
             for position, layer in enumerate(ctx.progress(layers, desc=f"stitching: {pair}")):
-                stitched = stitch(models[front_name], models[back_name], layer, train, ctx, epochs=o.epochs, lr=o.lr,
-                                  batch_size=o.batch_size)
-                measured = clean_and_pgd(stitched, evaluation, ctx, eps=o.eps, steps=o.pgd_steps,
-                                         stream=f"stitched_{pair}_{layer}")
+                stitched = stitch(
+                    models[front_name],
+                    models[back_name],
+                    layer,
+                    train,
+                    ctx,
+                    epochs=o.epochs,
+                    lr=o.lr,
+                    batch_size=o.batch_size,
+                )
+                measured = clean_and_pgd(
+                    stitched, evaluation, ctx, eps=o.eps, steps=o.pgd_steps, stream=f"stitched_{pair}_{layer}"
+                )
                 back = own[back_name]
-                records.append({"pair": pair, "layer": position + 1, "module": layer,
-                                "clean_acc": measured["clean_acc"], "robust_acc": measured["robust_acc"],
-                                "rel_clean": measured["clean_acc"] / max(back["clean_acc"], 1e-12),
-                                "rel_robust": measured["robust_acc"] / max(back["robust_acc"], 1e-12)})
+                records.append(
+                    {
+                        "pair": pair,
+                        "layer": position + 1,
+                        "module": layer,
+                        "clean_acc": measured["clean_acc"],
+                        "robust_acc": measured["robust_acc"],
+                        "rel_clean": measured["clean_acc"] / max(back["clean_acc"], 1e-12),
+                        "rel_robust": measured["robust_acc"] / max(back["robust_acc"], 1e-12),
+                    }
+                )
         values = {
             "robust_to_regular_rel_robust_min": min(r["rel_robust"] for r in records if r["pair"] == PAIRS[0][2]),
             "regular_to_robust_rel_robust_min": min(r["rel_robust"] for r in records if r["pair"] == PAIRS[1][2]),
-            "rel_clean_min": min(r["rel_clean"] for r in records)}
-        series = {"stitched": records,
-                  "own": [{"model": name, **{k: v for k, v in m.items() if k in ("clean_acc", "robust_acc")}}
-                          for name, m in own.items()]}
+            "rel_clean_min": min(r["rel_clean"] for r in records),
+        }
+        series = {
+            "stitched": records,
+            "own": [
+                {"model": name, **{k: v for k, v in m.items() if k in ("clean_acc", "robust_acc")}}
+                for name, m in own.items()
+            ],
+        }
         figures = []
         for _, _, pair in PAIRS:  # one figure per pair type, from its own series
             series[f"stitched {pair}"] = [r for r in records if r["pair"] == pair]
-            figures.append(bench.Figure(f"stitched {pair}", "layer", ("clean_acc", "robust_acc"),
-                                        f"stitched accuracy: {pair}", xlabel="stitching layer L (1: first)"))
+            figures.append(
+                bench.Figure(
+                    f"stitched {pair}",
+                    "layer",
+                    ("clean_acc", "robust_acc"),
+                    f"stitched accuracy: {pair}",
+                    xlabel="stitching layer L (1: first)",
+                )
+            )
         return bench.AnalysisResult(values=values, series=series, figures=figures)
 
 

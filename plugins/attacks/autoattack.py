@@ -46,8 +46,10 @@ from bench.toolkit import STOCHASTIC_PROBE_IMAGES, to_model_input
 STANDARD_ITERATIONS = 100  # APGD, APGD-T and FAB in Croce & Hein's reference code
 STANDARD_SQUARE_QUERIES = 5000
 STANDARD_TARGET_CLASSES = 9  # APGD-T and FAB-T target the 9 most likely other classes
-ATTACKS_RUN = {"standard": "APGD-CE, APGD-T, FAB-T, Square without resc_schedule",
-               "rand": "APGD-CE and APGD-DLR with EOT-20"}
+ATTACKS_RUN = {
+    "standard": "APGD-CE, APGD-T, FAB-T, Square without resc_schedule",
+    "rand": "APGD-CE and APGD-DLR with EOT-20",
+}
 NEEDED_BY = "attack 'autoattack'"
 
 
@@ -63,27 +65,44 @@ class AutoAttack(bench.Attack):
     paper = "https://arxiv.org/abs/2003.01690"
     code = "https://github.com/fra31/auto-attack"
     stage = bench.Stage.TEST_TIME
-    metrics = (bench.Metric("robust_acc", "Robust acc", higher_is_better=True),
-               bench.Metric("asr", "ASR", higher_is_better=False),
-               bench.Metric("rand_version", "Rand version ran", higher_is_better=None, kind=bench.MetricKind.NUMBER,
-                            diagnostic=True))
+    metrics = (
+        bench.Metric("robust_acc", "Robust acc", higher_is_better=True),
+        bench.Metric("asr", "ASR", higher_is_better=False),
+        bench.Metric(
+            "rand_version", "Rand version ran", higher_is_better=None, kind=bench.MetricKind.NUMBER, diagnostic=True
+        ),
+    )
     success_metric = "asr"
 
     @dataclass(frozen=True)
     class Options:
         norm: Norm = bench.option(Norm.LINF, "threat model: 'linf' or 'l2'")
         eps: float = bench.option(8 / 255, "perturbation budget on images in [0, 1]", min=0, max=1)
-        version: Version = bench.option(Version.AUTO, "'standard', 'rand' (stochastic models), or 'auto' to choose "
-                                                      "by testing the model for randomness")
-        subset: int = bench.option(1000, "attack the first N evaluation images; 0: all (RobustBench uses 10,000)",
-                                   min=0)
-        iterations: int = bench.option(STANDARD_ITERATIONS, "iterations of APGD, APGD-T and FAB (100 in the "
-                                       "standard protocol; lower only for smoke tests, the protocol line says so)", min=1)
-        square_queries: int = bench.option(STANDARD_SQUARE_QUERIES, "Square's query budget (5,000 in the standard "
-                                           "protocol; lower only for smoke tests, the protocol line says so)", min=1)
-        passes: int = bench.option(10, "stochastic models: forward passes each adversarial image is predicted in "
-                                       "(accuracy is the mean, as in pgd)", min=1)
-
+        version: Version = bench.option(
+            Version.AUTO,
+            "'standard', 'rand' (stochastic models), or 'auto' to choose by testing the model for randomness",
+        )
+        subset: int = bench.option(
+            1000, "attack the first N evaluation images; 0: all (RobustBench uses 10,000)", min=0
+        )
+        iterations: int = bench.option(
+            STANDARD_ITERATIONS,
+            "iterations of APGD, APGD-T and FAB (100 in the "
+            "standard protocol; lower only for smoke tests, the protocol line says so)",
+            min=1,
+        )
+        square_queries: int = bench.option(
+            STANDARD_SQUARE_QUERIES,
+            "Square's query budget (5,000 in the standard "
+            "protocol; lower only for smoke tests, the protocol line says so)",
+            min=1,
+        )
+        passes: int = bench.option(
+            10,
+            "stochastic models: forward passes each adversarial image is predicted in "
+            "(accuracy is the mean, as in pgd)",
+            min=1,
+        )
 
     def _version(self, model, sample: torch.Tensor | None = None) -> str:
         """The version to run on `model`: the chosen one, or for `auto` `rand` when the model is
@@ -99,9 +118,12 @@ class AutoAttack(bench.Attack):
         torchattacks = import_torchattacks(NEEDED_BY)
         o = self.options
         version = o.version.value  # what `auto` chose for each model is the metric `rand_version`
-        runs = {"auto": f"standard ({ATTACKS_RUN['standard']}) or, for stochastic models (declared or detected), "
-                        f"rand ({ATTACKS_RUN['rand']})",
-                "standard": f"standard ({ATTACKS_RUN['standard']})", "rand": f"rand ({ATTACKS_RUN['rand']})"}[version]
+        runs = {
+            "auto": f"standard ({ATTACKS_RUN['standard']}) or, for stochastic models (declared or detected), "
+            f"rand ({ATTACKS_RUN['rand']})",
+            "standard": f"standard ({ATTACKS_RUN['standard']})",
+            "rand": f"rand ({ATTACKS_RUN['rand']})",
+        }[version]
         images = f"the first {o.subset}" if o.subset else "all"
         changes = []
         if o.iterations != STANDARD_ITERATIONS:
@@ -110,9 +132,11 @@ class AutoAttack(bench.Attack):
             changes.append(f"Square cut to {o.square_queries} queries")
         deviation = f"; NOT the standard budget: {', '.join(changes)}" if changes else ""
         counting = "" if version == "standard" else f"; stochastic models predicted {o.passes} times per image"
-        return (f"AutoAttack {runs}, {o.iterations} iterations, at most {STANDARD_TARGET_CLASSES} target classes, "
-                f"torchattacks {torchattacks.__version__}, {o.norm.value} eps {o.eps:.4g}, on {images} "
-                f"evaluation images{counting}{deviation}")
+        return (
+            f"AutoAttack {runs}, {o.iterations} iterations, at most {STANDARD_TARGET_CLASSES} target classes, "
+            f"torchattacks {torchattacks.__version__}, {o.norm.value} eps {o.eps:.4g}, on {images} "
+            f"evaluation images{counting}{deviation}"
+        )
 
     def build(self, model, num_classes: int, seed: int, sample: torch.Tensor | None = None):
         """torchattacks' AutoAttack with the reference budget: torchattacks defaults APGD, APGD-T
@@ -123,8 +147,14 @@ class AutoAttack(bench.Attack):
         torchattacks = import_torchattacks(NEEDED_BY)
         o = self.options
         version = self._version(model, sample)
-        attack = torchattacks.AutoAttack(model, norm="Linf" if o.norm is Norm.LINF else "L2", eps=o.eps,
-                                         version=version, n_classes=num_classes, seed=seed)
+        attack = torchattacks.AutoAttack(
+            model,
+            norm="Linf" if o.norm is Norm.LINF else "L2",
+            eps=o.eps,
+            version=version,
+            n_classes=num_classes,
+            seed=seed,
+        )
         for member in attack._autoattack.attacks:
             if isinstance(member, torchattacks.Square):
                 member.n_queries = o.square_queries
@@ -141,14 +171,21 @@ class AutoAttack(bench.Attack):
         images, labels = test.x[:count], test.y[:count]
         sample = to_model_input(images[:STOCHASTIC_PROBE_IMAGES])
         passes = o.passes if is_stochastic(model, sample) else 1
-        attack, version = self.build(model, ctx.num_classes, derived_seed(ctx.seed, "autoattack") % 2 ** 31, sample)
+        attack, version = self.build(model, ctx.num_classes, derived_seed(ctx.seed, "autoattack") % 2**31, sample)
         progress = lambda it: ctx.progress(it, desc="autoattack")  # noqa: E731
         # Predictions in float32, as the attacks ran; contiguous inputs, since FAB reshapes with
         # .view(), which channels_last tensors (CUDA) refuse.
         with eval_mode(model):
             clean = robust_accuracy(model, images, labels, attack=None, passes=passes, batch_size=ctx.eval_batch_size)
-            robust = robust_accuracy(model, images, labels, attack=lambda x, y: attack(x.contiguous(), y),
-                                     passes=passes, batch_size=ctx.eval_batch_size, progress=progress)
+            robust = robust_accuracy(
+                model,
+                images,
+                labels,
+                attack=lambda x, y: attack(x.contiguous(), y),
+                passes=passes,
+                batch_size=ctx.eval_batch_size,
+                progress=progress,
+            )
         numbers = torch.stack([robust.accuracy(), attack_success_rate(clean, robust, targeted=False)]).tolist()
         return {"robust_acc": numbers[0], "asr": numbers[1], "rand_version": float(version == "rand")}
 

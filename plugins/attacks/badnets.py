@@ -35,12 +35,14 @@ def stamp_trigger(x: torch.Tensor, size: int, corner: Corner, margin: int, value
     pixels from the given corner."""
     height, width = x.shape[-2:]
     if size + margin > min(height, width):
-        raise BenchError(f"badnets: a {size}-pixel trigger {margin} pixels from the border does not fit in "
-                         f"{height}x{width} images; lower trigger_size or trigger_margin")
+        raise BenchError(
+            f"badnets: a {size}-pixel trigger {margin} pixels from the border does not fit in "
+            f"{height}x{width} images; lower trigger_size or trigger_margin"
+        )
     top = margin if corner in (Corner.TOP_LEFT, Corner.TOP_RIGHT) else height - margin - size
     left = margin if corner in (Corner.TOP_LEFT, Corner.BOTTOM_LEFT) else width - margin - size
     out = x.clone()
-    out[..., top:top + size, left:left + size] = value
+    out[..., top : top + size, left : left + size] = value
     return out
 
 

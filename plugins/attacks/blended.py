@@ -64,8 +64,9 @@ class Blended(AllToOneBackdoor):
     class Options:
         poison_rate: float = bench.option(0.1, "fraction of training images poisoned", min=0, max=1)
         target_class: int = bench.option(0, "class every triggered image is relabelled to", min=0)
-        alpha: float = bench.option(0.2, "blend weight of the trigger, in training and at test time", min=0, max=1,
-                                    min_exclusive=True)
+        alpha: float = bench.option(
+            0.2, "blend weight of the trigger, in training and at test time", min=0, max=1, min_exclusive=True
+        )
         trigger: Trigger = bench.option(Trigger.NOISE, "trigger image: seeded uniform noise, or vertical stripes")
         trigger_seed: int = bench.option(0, "seed of the noise trigger (fixed across job seeds)", min=0)
         stripe_width: int = bench.option(2, "width in pixels of each stripe of the stripes trigger", min=1)

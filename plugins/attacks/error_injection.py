@@ -100,14 +100,18 @@ def chosen_parameter(model: nn.Module, layer: str) -> tuple[str, nn.Parameter]:
     if not layer:
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         if not linears:
-            raise BenchError("error_injection: the model has no nn.Linear layer; set the layer option to one of "
-                             "its parameters: " + ", ".join(params))
+            raise BenchError(
+                "error_injection: the model has no nn.Linear layer; set the layer option to one of "
+                "its parameters: " + ", ".join(params)
+            )
         layer = f"{linears[-1]}.weight" if linears[-1] else "weight"
     for name in (layer, f"net.{layer}"):
         if name in params:
             return name, params[name]
-    raise BenchError(f"error_injection: the model has no parameter '{layer}'{did_you_mean(layer, list(params))}; "
-                     "its parameters: " + ", ".join(params))
+    raise BenchError(
+        f"error_injection: the model has no parameter '{layer}'{did_you_mean(layer, list(params))}; "
+        "its parameters: " + ", ".join(params)
+    )
 
 
 def _logits_from_owner(model: nn.Module, param: nn.Parameter, x: torch.Tensor):
@@ -135,35 +139,49 @@ class ErrorInjection(bench.Attack):
     name = "error_injection"
     description = "Fault sneaking: one weight tensor tuned so chosen images get wrong labels, others unchanged"
     stage = bench.Stage.POST_TRAINING
-    metrics = (bench.Metric("injection_success", "Inj. success", higher_is_better=False),
-               bench.Metric("keep_agreement", "T agreement", higher_is_better=True),
-               # The size of the tampering itself, from the state: the same for every defense.
-               bench.Metric("changed_elements", "Changed weights (L0)", higher_is_better=None,
-                            kind=bench.MetricKind.NUMBER, diagnostic=True),
-               bench.Metric("change_l2", "Change L2", higher_is_better=None, kind=bench.MetricKind.NUMBER,
-                            diagnostic=True))
+    metrics = (
+        bench.Metric("injection_success", "Inj. success", higher_is_better=False),
+        bench.Metric("keep_agreement", "T agreement", higher_is_better=True),
+        # The size of the tampering itself, from the state: the same for every defense.
+        bench.Metric(
+            "changed_elements",
+            "Changed weights (L0)",
+            higher_is_better=None,
+            kind=bench.MetricKind.NUMBER,
+            diagnostic=True,
+        ),
+        bench.Metric("change_l2", "Change L2", higher_is_better=None, kind=bench.MetricKind.NUMBER, diagnostic=True),
+    )
     success_metric = "injection_success"
 
     @dataclass(frozen=True)
     class Options:
         layer: str = bench.option("", "parameter to modify, e.g. 'linear.weight' (''=weight of the last nn.Linear)")
         sneak_images: int = bench.option(4, "images S pushed to chosen wrong labels", min=1)
-        keep_images: int = bench.option(996, "images T that must keep their labels (capped at those available)",
-                                         min=0)
-        sneak_weight: float = bench.option(100.0, "weight of each S image's hinge loss (each T image's is 1)",
-                                           min=0, min_exclusive=True)
+        keep_images: int = bench.option(996, "images T that must keep their labels (capped at those available)", min=0)
+        sneak_weight: float = bench.option(
+            100.0, "weight of each S image's hinge loss (each T image's is 1)", min=0, min_exclusive=True
+        )
         margin: float = bench.option(1.0, "logit margin the hinge losses demand", min=0)
-        steps: int = bench.option(500, "most optimizer steps (without a penalty, stops once every hinge is zero)",
-                                  min=1)
+        steps: int = bench.option(
+            500, "most optimizer steps (without a penalty, stops once every hinge is zero)", min=1
+        )
         optimizer: Optimizer = bench.option(Optimizer.ADAM, "adam, or sgd with momentum 0.9")
         lr: float = bench.option(0.01, "learning rate of the optimizer", min=0, min_exclusive=True)
-        penalty: Penalty = bench.option(Penalty.NONE, "penalty on the change delta = W - W0 added to the loss: none, "
-                                                      "l2 (||delta||_2) or l1 (||delta||_1, by soft thresholding: "
-                                                      "fewer changed elements)")
-        penalty_weight: float = bench.option(0.003, "weight of the penalty against the weighted mean hinge loss "
-                                                    "(ignored when penalty is none)", min=0)
-        prune_below: float = bench.option(0.0, "after optimizing, reset changes with |delta| below this to the "
-                                               "clean values (a hard L0 step; 0 = off)", min=0)
+        penalty: Penalty = bench.option(
+            Penalty.NONE,
+            "penalty on the change delta = W - W0 added to the loss: none, "
+            "l2 (||delta||_2) or l1 (||delta||_1, by soft thresholding: "
+            "fewer changed elements)",
+        )
+        penalty_weight: float = bench.option(
+            0.003, "weight of the penalty against the weighted mean hinge loss (ignored when penalty is none)", min=0
+        )
+        prune_below: float = bench.option(
+            0.0,
+            "after optimizing, reset changes with |delta| below this to the clean values (a hard L0 step; 0 = off)",
+            min=0,
+        )
 
     def withheld_training_images(self, splits):
         return self.options.sneak_images + min(self.options.keep_images, len(splits.train))
@@ -184,8 +202,14 @@ class ErrorInjection(bench.Attack):
 
         before = {key: value.detach().clone() for key, value in model.state_dict().items() if key != name}
         original = param.detach().clone()  # W0: this model's own clean tensor, also for a second model
-        steps_taken = self._optimize(model, param, original, torch.cat([train.x[sneak], train.x[keep]]),
-                                     torch.cat([injected, train.y[keep]]), len(sneak))
+        steps_taken = self._optimize(
+            model,
+            param,
+            original,
+            torch.cat([train.x[sneak], train.x[keep]]),
+            torch.cat([injected, train.y[keep]]),
+            len(sneak),
+        )
         if o.prune_below > 0:
             with torch.no_grad():
                 param.copy_(torch.where((param - original).abs() < o.prune_below, original, param))
@@ -195,12 +219,22 @@ class ErrorInjection(bench.Attack):
             raise RuntimeError(f"error_injection changed tensors other than {name}: {', '.join(changed)}")
         delta = param.detach().double() - original.double()  # exact for float32 (and bf16) weights
         # Written over whatever `state` brought: a second model reports its own change.
-        return {**state, "sneak_images": train.x[sneak], "sneak_labels": train.y[sneak], "injected_labels": injected,
-                "keep_images": train.x[keep], "keep_labels": train.y[keep], "poisoned_indices": sneak.sort().values,
-                "reserved_indices": torch.cat([sneak, keep]).sort().values, "sneak_indices": sneak, "keep_indices": keep,
-                "layer": name, "steps_taken": steps_taken,
-                "changed_elements": int((param.detach() != original).sum()),
-                "change_l2": float(delta.norm())}
+        return {
+            **state,
+            "sneak_images": train.x[sneak],
+            "sneak_labels": train.y[sneak],
+            "injected_labels": injected,
+            "keep_images": train.x[keep],
+            "keep_labels": train.y[keep],
+            "poisoned_indices": sneak.sort().values,
+            "reserved_indices": torch.cat([sneak, keep]).sort().values,
+            "sneak_indices": sneak,
+            "keep_indices": keep,
+            "layer": name,
+            "steps_taken": steps_taken,
+            "changed_elements": int((param.detach() != original).sum()),
+            "change_l2": float(delta.norm()),
+        }
 
     def _choose_images(self, model, train, ctx):
         """S and T among the training images the model classifies correctly, in a seeded order,
@@ -208,18 +242,27 @@ class ErrorInjection(bench.Attack):
         o = self.options
         generator = ctx.generator("error_injection")
         order = torch.randperm(len(train), device=train.x.device, generator=generator)
-        pool = order[:2 * (o.sneak_images + o.keep_images)]
+        pool = order[: 2 * (o.sneak_images + o.keep_images)]
         correct = pool[predict(model, train.x[pool], ctx) == train.y[pool]]
         if len(correct) < o.sneak_images:
-            raise BenchError(f"error_injection: only {len(correct)} of {len(pool)} drawn training images are "
-                             f"classified correctly, fewer than sneak_images = {o.sneak_images}; lower sneak_images "
-                             "or train the model longer")
-        sneak, keep = correct[:o.sneak_images], correct[o.sneak_images:o.sneak_images + o.keep_images]
+            raise BenchError(
+                f"error_injection: only {len(correct)} of {len(pool)} drawn training images are "
+                f"classified correctly, fewer than sneak_images = {o.sneak_images}; lower sneak_images "
+                "or train the model longer"
+            )
+        sneak, keep = correct[: o.sneak_images], correct[o.sneak_images : o.sneak_images + o.keep_images]
         shift = torch.randint(1, ctx.num_classes, (len(sneak),), device=sneak.device, generator=generator)
         return sneak, keep, (train.y[sneak] + shift) % ctx.num_classes
 
-    def _optimize(self, model: nn.Module, param: nn.Parameter, original: torch.Tensor, x_uint8: torch.Tensor,
-                  labels: torch.Tensor, sneak_count: int) -> int:
+    def _optimize(
+        self,
+        model: nn.Module,
+        param: nn.Parameter,
+        original: torch.Tensor,
+        x_uint8: torch.Tensor,
+        labels: torch.Tensor,
+        sneak_count: int,
+    ) -> int:
         """Gradient descent on `param` alone, penalizing its change from `original` as the
         options say; returns the number of steps taken."""
         o = self.options
@@ -285,9 +328,12 @@ class ErrorInjection(bench.Attack):
         change is the one `tamper` made (kept in `state`), whatever `model` is now."""
         sneak = predict(model, state["sneak_images"], ctx)
         keep = predict(model, state["keep_images"], ctx)
-        return {"injection_success": accuracy(sneak, state["injected_labels"]),
-                "keep_agreement": accuracy(keep, state["keep_labels"]),
-                "changed_elements": float(state["changed_elements"]), "change_l2": float(state["change_l2"])}
+        return {
+            "injection_success": accuracy(sneak, state["injected_labels"]),
+            "keep_agreement": accuracy(keep, state["keep_labels"]),
+            "changed_elements": float(state["changed_elements"]),
+            "change_l2": float(state["change_l2"]),
+        }
 
 
 @bench.hookimpl

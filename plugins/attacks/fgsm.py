@@ -35,8 +35,9 @@ class FGSM(EvasionAttack):
         check_steps_factor: int = bench.option(10, "masking check: steps of its CE-PGD and DLR-PGD", min=1)
 
     def settings(self) -> EvasionSettings:
-        return self.protocol_settings(step=self.options.eps, steps=1, restarts=1,
-                                      random_start=self.options.random_start)
+        return self.protocol_settings(
+            step=self.options.eps, steps=1, restarts=1, random_start=self.options.random_start
+        )
 
 
 @bench.hookimpl

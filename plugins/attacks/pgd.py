@@ -75,7 +75,9 @@ from bench.toolkit import EvasionAttack, EvasionSettings, Norm, ProtocolOptions
 
 class PGD(EvasionAttack):
     name = "pgd"
-    description = "PGD evasion (L-inf or L2, EOT for stochastic models); worst case with CE/DLR-PGD and Square masking checks"
+    description = (
+        "PGD evasion (L-inf or L2, EOT for stochastic models); worst case with CE/DLR-PGD and Square masking checks"
+    )
     paper = "https://arxiv.org/abs/1706.06083"
 
     @dataclass(frozen=True)
@@ -86,8 +88,9 @@ class PGD(EvasionAttack):
         steps: int = bench.option(10, "iterations per restart", min=1)
         restarts: int = bench.option(1, "random restarts; an image counts as fooled if any restart fools it", min=1)
         random_start: bool = bench.option(True, "start from a uniform random point in the eps-ball")
-        check_steps_factor: int = bench.option(5, "masking check: steps of its CE-PGD and DLR-PGD, as a multiple of "
-                                                  "steps", min=1)
+        check_steps_factor: int = bench.option(
+            5, "masking check: steps of its CE-PGD and DLR-PGD, as a multiple of steps", min=1
+        )
 
     def settings(self) -> EvasionSettings:
         o = self.options

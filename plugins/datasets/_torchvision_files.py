@@ -50,15 +50,18 @@ def not_found(dataset: str, looked: list[str], how_to_get: str) -> DataNotFoundE
     places = "; ".join(looked)
     return DataNotFoundError(
         f"{dataset}: the official files were not found (looked for: {places}). {how_to_get} Then give the "
-        f"folder as [[datasets]] root = \"...\" in the suite or in $BENCH_{dataset.upper()}_ROOT "
-        "(default ./data). Nothing is downloaded at run time.")
+        f'folder as [[datasets]] root = "..." in the suite or in $BENCH_{dataset.upper()}_ROOT '
+        "(default ./data). Nothing is downloaded at run time."
+    )
 
 
 def require_module(module: str, dataset: str, why: str) -> None:
     """Raise a `BenchError` naming the package to install if a reader dependency is missing."""
     if importlib.util.find_spec(module) is None:
-        raise BenchError(f"{dataset}: reading {why} needs the Python package '{module}', which is not "
-                                f"installed; install it (pip install {module}) and run again")
+        raise BenchError(
+            f"{dataset}: reading {why} needs the Python package '{module}', which is not "
+            f"installed; install it (pip install {module}) and run again"
+        )
 
 
 def cached_arrays(dataset: str, fingerprint: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -84,8 +87,15 @@ def seeded_subset(data: ImageData, count: int, stream: str) -> ImageData:
     return data.subset(order[:count].sort().values)
 
 
-def make_splits(arrays: dict[str, np.ndarray], num_classes: int, source: str, *, dataset: str,
-                train_images: int = 0, test_images: int = 0) -> DatasetSplits:
+def make_splits(
+    arrays: dict[str, np.ndarray],
+    num_classes: int,
+    source: str,
+    *,
+    dataset: str,
+    train_images: int = 0,
+    test_images: int = 0,
+) -> DatasetSplits:
     """`DatasetSplits` from uint8 NCHW image arrays and integer labels; mean and std of the
     (possibly subsetted) training images."""
     x_train, y_train, x_test, y_test = (torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in ARRAY_KEYS)
@@ -93,7 +103,9 @@ def make_splits(arrays: dict[str, np.ndarray], num_classes: int, source: str, *,
     test = seeded_subset(ImageData(x_test, y_test.long()), test_images, f"{dataset}:test")
     for split, data in (("train", train), ("test", test)):
         if len(data) and (data.y.min() < 0 or data.y.max() >= num_classes):
-            raise DataNotFoundError(f"{dataset}: {split} labels span {int(data.y.min())}..{int(data.y.max())}, "
-                                    f"expected 0..{num_classes - 1}; the files are not the official ones")
+            raise DataNotFoundError(
+                f"{dataset}: {split} labels span {int(data.y.min())}..{int(data.y.max())}, "
+                f"expected 0..{num_classes - 1}; the files are not the official ones"
+            )
     mean, std = channel_stats(train.x)
     return DatasetSplits(train, test, num_classes=num_classes, mean=mean, std=std, source=source)

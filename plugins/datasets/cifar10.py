@@ -57,7 +57,8 @@ class Cifar10(bench.Dataset):
                 f"cifar10: no CIFAR-10 data found (looked in: {looked}). Give the folder holding "
                 f"'cifar-10-batches-py/' (torchvision's files), an ImageFolder 'train/' and 'test/', or "
                 f"'{TARBALL}', as [[datasets]] root = \"...\" in the suite or in $BENCH_CIFAR10_ROOT. "
-                "Nothing is downloaded at run time.")
+                "Nothing is downloaded at run time."
+            )
         train = _subset(ImageData(x_train, y_train), self.options.train_images, "train")
         test = _subset(ImageData(x_test, y_test), self.options.test_images, "test")
         mean, std = channel_stats(train.x)
@@ -73,7 +74,9 @@ class Cifar10(bench.Dataset):
 def _subset(data: ImageData, count: int, stream: str) -> ImageData:
     if count == 0 or count >= len(data):
         return data
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(int.from_bytes(stream.encode(), "little")))
+    order = torch.randperm(
+        len(data), generator=torch.Generator().manual_seed(int.from_bytes(stream.encode(), "little"))
+    )
     return data.subset(order[:count].sort().values)
 
 
@@ -130,8 +133,10 @@ def _extract(tarball: Path) -> Path:
 
 def _load_image_folder(folder: Path, source: str):
     """Decode an ImageFolder once; later loads read the cached uint8 arrays."""
-    files = {split: sorted(p for p in (folder / split).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-             for split in ("train", "test")}
+    files = {
+        split: sorted(p for p in (folder / split).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        for split in ("train", "test")
+    }
     fingerprint = f"{folder.resolve()}:{len(files['train'])}:{len(files['test'])}"
     cached = cache_dir() / f"cifar10-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.npz"
     if cached.is_file():

@@ -36,8 +36,9 @@ class Digits(bench.Dataset):
         train = ImageData(x[test_count:].contiguous(), y[test_count:].contiguous())
         test = ImageData(x[:test_count].contiguous(), y[:test_count].contiguous())
         mean, std = channel_stats(train.x)
-        return DatasetSplits(train, test, num_classes=10, mean=mean, std=std,
-                             source="scikit-learn load_digits (8x8, 1,797 images)")
+        return DatasetSplits(
+            train, test, num_classes=10, mean=mean, std=std, source="scikit-learn load_digits (8x8, 1,797 images)"
+        )
 
 
 @bench.hookimpl

@@ -31,12 +31,14 @@ class FashionMnist(Mnist):
         "Get train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
         "t10k-labels-idx1-ubyte.gz from https://github.com/zalandoresearch/fashion-mnist (data/fashion/), "
         "gunzip them into <root>/FashionMNIST/raw/, or run torchvision.datasets.FashionMNIST(root, "
-        "download=True) once on a machine with network access.")
+        "download=True) once on a machine with network access."
+    )
 
     @dataclass(frozen=True)
     class Options:
-        root: str = bench.option("", "folder holding FashionMNIST/raw/ (default: $BENCH_FASHION_MNIST_ROOT, "
-                                     "else ./data)", path=True)
+        root: str = bench.option(
+            "", "folder holding FashionMNIST/raw/ (default: $BENCH_FASHION_MNIST_ROOT, else ./data)", path=True
+        )
         train_images: int = bench.option(0, "use only this many training images (seeded subset; 0: all)", min=0)
         test_images: int = bench.option(0, "use only this many test images (seeded subset; 0: all)", min=0)
 

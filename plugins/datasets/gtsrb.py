@@ -37,10 +37,12 @@ NUM_CLASSES = 43
 TRAIN_FOLDER = Path("gtsrb", "GTSRB", "Training")
 TEST_FOLDER = Path("gtsrb", "GTSRB", "Final_Test", "Images")
 TEST_LABELS = Path("gtsrb", "GT-final_test.csv")
-DOWNLOAD_HINT = ("Get GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip from "
-                 "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/ and unzip all three into "
-                 "<root>/gtsrb/, or run torchvision.datasets.GTSRB(root, split=..., download=True) for both splits "
-                 "once on a machine with network access.")
+DOWNLOAD_HINT = (
+    "Get GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip from "
+    "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/ and unzip all three into "
+    "<root>/gtsrb/, or run torchvision.datasets.GTSRB(root, split=..., download=True) for both splits "
+    "once on a machine with network access."
+)
 
 
 class Gtsrb(bench.Dataset):
@@ -70,10 +72,14 @@ class Gtsrb(bench.Dataset):
         counts = [sum(1 for _ in (root / folder).rglob("*.ppm")) for folder in (TRAIN_FOLDER, TEST_FOLDER)]
         fingerprint = f"{root.resolve()}:{counts[0]}:{counts[1]}:{size}"
         arrays = cached_arrays(self.name, fingerprint, lambda: _decode_splits(root, size))
-        return make_splits(arrays, NUM_CLASSES,
-                           f"GTSRB official files (torchvision reader, {root / 'gtsrb'}), resized to {size}x{size}",
-                           dataset=self.name, train_images=self.options.train_images,
-                           test_images=self.options.test_images)
+        return make_splits(
+            arrays,
+            NUM_CLASSES,
+            f"GTSRB official files (torchvision reader, {root / 'gtsrb'}), resized to {size}x{size}",
+            dataset=self.name,
+            train_images=self.options.train_images,
+            test_images=self.options.test_images,
+        )
 
 
 def _decode_splits(root: Path, size: int) -> dict[str, np.ndarray]:

@@ -39,7 +39,8 @@ class Mnist(bench.Dataset):
     download_hint: ClassVar[str] = (
         "Get the four files from https://yann.lecun.com/exdb/mnist/ (or a mirror such as "
         "https://ossci-datasets.s3.amazonaws.com/mnist/), gunzip them into <root>/MNIST/raw/, or run "
-        "torchvision.datasets.MNIST(root, download=True) once on a machine with network access.")
+        "torchvision.datasets.MNIST(root, download=True) once on a machine with network access."
+    )
 
     @dataclass(frozen=True)
     class Options:
@@ -54,9 +55,14 @@ class Mnist(bench.Dataset):
             missing = [f for f in IDX_FILES if not (raw / f).is_file()]
             if not missing:
                 arrays = self._read(root)
-                return make_splits(arrays, 10, f"{self.title} official files (torchvision reader, {raw})",
-                                   dataset=self.name, train_images=self.options.train_images,
-                                   test_images=self.options.test_images)
+                return make_splits(
+                    arrays,
+                    10,
+                    f"{self.title} official files (torchvision reader, {raw})",
+                    dataset=self.name,
+                    train_images=self.options.train_images,
+                    test_images=self.options.test_images,
+                )
             looked.append(f"{raw}/ from {origin}, missing {', '.join(missing)}{_gzip_hint(raw, missing)}")
         raise not_found(self.name, looked, self.download_hint)
 

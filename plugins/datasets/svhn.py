@@ -25,9 +25,11 @@ from bench import DataNotFoundError
 from bench_plugins.datasets._torchvision_files import make_splits, not_found, require_module, root_candidates
 
 SPLIT_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
-DOWNLOAD_HINT = ("Get train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ (the "
-                 "'Format 2: cropped digits' files) into the root, or run torchvision.datasets.SVHN(root, "
-                 "split=..., download=True) once on a machine with network access.")
+DOWNLOAD_HINT = (
+    "Get train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ (the "
+    "'Format 2: cropped digits' files) into the root, or run torchvision.datasets.SVHN(root, "
+    "split=..., download=True) once on a machine with network access."
+)
 
 
 class Svhn(bench.Dataset):
@@ -37,8 +39,9 @@ class Svhn(bench.Dataset):
 
     @dataclass(frozen=True)
     class Options:
-        root: str = bench.option("", "folder holding train_32x32.mat and test_32x32.mat "
-                                     "(default: $BENCH_SVHN_ROOT, else ./data)", path=True)
+        root: str = bench.option(
+            "", "folder holding train_32x32.mat and test_32x32.mat (default: $BENCH_SVHN_ROOT, else ./data)", path=True
+        )
         train_images: int = bench.option(0, "use only this many training images (seeded subset; 0: all)", min=0)
         test_images: int = bench.option(0, "use only this many test images (seeded subset; 0: all)", min=0)
 
@@ -48,9 +51,14 @@ class Svhn(bench.Dataset):
             for folder in (root, root / "svhn"):
                 if all((folder / f).is_file() for f in SPLIT_FILES.values()):
                     require_module("scipy", self.name, "the SVHN .mat files")
-                    return make_splits(_read(folder), 10, f"SVHN official files (torchvision reader, {folder})",
-                                       dataset=self.name, train_images=self.options.train_images,
-                                       test_images=self.options.test_images)
+                    return make_splits(
+                        _read(folder),
+                        10,
+                        f"SVHN official files (torchvision reader, {folder})",
+                        dataset=self.name,
+                        train_images=self.options.train_images,
+                        test_images=self.options.test_images,
+                    )
             missing = [f for f in SPLIT_FILES.values() if not (root / f).is_file()]
             looked.append(f"{root}/ and {root / 'svhn'}/ from {origin}, missing {', '.join(missing)} in {root}/")
         raise not_found(self.name, looked, DOWNLOAD_HINT)
@@ -66,7 +74,8 @@ def _read(folder: Path) -> dict[str, np.ndarray]:
         except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
             raise DataNotFoundError(
                 f"svhn: {folder / filename} is there but its MD5 checksum is not the official file's "
-                f"(torchvision says: {exc}); the file is truncated or not the original. {DOWNLOAD_HINT}") from exc
+                f"(torchvision says: {exc}); the file is truncated or not the original. {DOWNLOAD_HINT}"
+            ) from exc
         arrays[f"x_{split}"] = np.ascontiguousarray(ds.data)  # already [N, 3, 32, 32] uint8
         arrays[f"y_{split}"] = ds.labels.astype(np.int64)
     return arrays

@@ -51,12 +51,14 @@ class AdversarialTraining(bench.Defense):
     class Options:
         method: Method = bench.option(Method.PGD, "'pgd' (Madry et al.) or 'fgsm_rs' (Wong et al., fast)")
         eps: float = bench.option(8 / 255, "L-inf budget of the training examples", min=0, max=1)
-        step: float = bench.option(2 / 255, "PGD step size ('fgsm_rs' always steps 1.25 x eps)",
-                                   min=0, min_exclusive=True)
+        step: float = bench.option(
+            2 / 255, "PGD step size ('fgsm_rs' always steps 1.25 x eps)", min=0, min_exclusive=True
+        )
         steps: int = bench.option(10, "PGD steps per training example ('pgd' only)", min=1)
         epochs: int = bench.option(10, "passes over the bonafide set", min=1)
-        lr: float = bench.option(0.05, "peak learning rate (warm-up, then linear decay to zero)",
-                                 min=0, min_exclusive=True)
+        lr: float = bench.option(
+            0.05, "peak learning rate (warm-up, then linear decay to zero)", min=0, min_exclusive=True
+        )
         batch_size: int = bench.option(128, "images per step", min=1)
         weight_decay: float = bench.option(5e-4, "L2 weight decay", min=0)
         from_scratch: bool = bench.option(False, "re-initialise the weights first instead of fine-tuning")
@@ -64,20 +66,48 @@ class AdversarialTraining(bench.Defense):
     def adversarial_batch(self, model, x: torch.Tensor, y: torch.Tensor, ctx, generator) -> torch.Tensor:
         o = self.options
         if o.method is Method.PGD:
-            return pgd_attack(model, x, y, eps=o.eps, step=o.step, steps=o.steps, norm=Norm.LINF,
-                              random_start=True, generator=generator, autocast=ctx.autocast)
-        return pgd_attack(model, x, y, eps=o.eps, step=FGSM_RS_STEP_RATIO * o.eps, steps=1, norm=Norm.LINF,
-                          random_start=True, generator=generator, autocast=ctx.autocast)
+            return pgd_attack(
+                model,
+                x,
+                y,
+                eps=o.eps,
+                step=o.step,
+                steps=o.steps,
+                norm=Norm.LINF,
+                random_start=True,
+                generator=generator,
+                autocast=ctx.autocast,
+            )
+        return pgd_attack(
+            model,
+            x,
+            y,
+            eps=o.eps,
+            step=FGSM_RS_STEP_RATIO * o.eps,
+            steps=1,
+            norm=Norm.LINF,
+            random_start=True,
+            generator=generator,
+            autocast=ctx.autocast,
+        )
 
     def apply(self, model, bonafide, ctx):
         o = self.options
         if o.from_scratch:
             reset_parameters(model)
-        recipe = dataclasses.replace(ctx.recipe, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
-                                     weight_decay=o.weight_decay)
-        train_classifier(model, bonafide, recipe, ctx, flip=ctx.horizontal_flip, stream="adversarial_training",
-                         desc=f"adversarial training ({o.method.value})",
-                         perturb=lambda x, y, generator: self.adversarial_batch(model, x, y, ctx, generator))
+        recipe = dataclasses.replace(
+            ctx.recipe, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size, weight_decay=o.weight_decay
+        )
+        train_classifier(
+            model,
+            bonafide,
+            recipe,
+            ctx,
+            flip=ctx.horizontal_flip,
+            stream="adversarial_training",
+            desc=f"adversarial training ({o.method.value})",
+            perturb=lambda x, y, generator: self.adversarial_batch(model, x, y, ctx, generator),
+        )
         return model.eval()
 
 

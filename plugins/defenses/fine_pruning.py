@@ -18,11 +18,11 @@ batch norm), over images and pixels. `layer` names the module instead.
 Pruning masks the prune point's output with a fixed 0/1 buffer, so pruned channels stay zero
 during fine-tuning and afterwards. Stopping rule and defaults follow BackdoorBench's `fp`:
 1% of the channels per step, stop before the relative drop in accuracy exceeds 10%, then fine-
-tune (100 epochs, SGD lr 0.01 with plain momentum 0.9, wd 5e-4, per-epoch cosine annealing). BackdoorBench measured that drop on the test set; here it is
-measured on the bonafide set, the only clean data a defender has. An epoch of fine-tuning is
-10,000 samples (the bonafide images repeated), the budget of the MCR reference's curve and
-fine-tuning baseline, so the three repair defenses compete on equal budgets at every bonafide
-size.
+tune (100 epochs, SGD lr 0.01 with plain momentum 0.9, wd 5e-4, per-epoch cosine annealing).
+BackdoorBench measured that drop on the test set; here it is measured on the bonafide set,
+the only clean data a defender has. An epoch of fine-tuning is 10,000 samples (the bonafide
+images repeated), the budget of the MCR reference's curve and fine-tuning baseline, so the three
+repair defenses compete on equal budgets at every bonafide size.
 
 Returns a `bench.Defended`: the pruned model, the series `prune_steps` (bonafide accuracy after
 each step tried) and `pruned_channels` (in pruning order), and the value `pruned_channels`
@@ -75,6 +75,7 @@ def find_prune_point(net: nn.Module, sample: torch.Tensor, layer: str = "") -> t
         def record(module, inputs, output):
             calls[name] += 1
             finished.append((name, tuple(output.shape) if isinstance(output, torch.Tensor) else ()))
+
         return record
 
     handles = [m.register_forward_hook(recorder(n)) for n, m in modules.items() if n]
@@ -90,15 +91,16 @@ def find_prune_point(net: nn.Module, sample: torch.Tensor, layer: str = "") -> t
     if layer:
         return layer, conv
     channels, point = modules[conv].out_channels, conv
-    for name, shape in finished[convs[-1]:]:
+    for name, shape in finished[convs[-1] :]:
         if len(shape) == 4 and shape[1] == channels and calls[name] == 1:
             point = name
     return point, conv
 
 
 @torch.no_grad()
-def mean_channel_activation(net: nn.Module, point: nn.Module, bonafide: bench.ImageData,
-                            ctx: bench.RunContext) -> torch.Tensor:
+def mean_channel_activation(
+    net: nn.Module, point: nn.Module, bonafide: bench.ImageData, ctx: bench.RunContext
+) -> torch.Tensor:
     """Mean of the positive part of `point`'s output per channel, over all bonafide images and
     pixels (eval mode), on the device."""
     total = []
@@ -112,7 +114,7 @@ def mean_channel_activation(net: nn.Module, point: nn.Module, bonafide: bench.Im
     try:
         with ctx.autocast():
             for start in range(0, len(bonafide), ctx.eval_batch_size):
-                net(to_model_input(bonafide.x[start:start + ctx.eval_batch_size]))
+                net(to_model_input(bonafide.x[start : start + ctx.eval_batch_size]))
     finally:
         hook.remove()
     return torch.stack(total).sum(0) / len(bonafide)
@@ -127,19 +129,36 @@ class FinePruning(bench.Defense):
 
     @dataclass(frozen=True)
     class Options:
-        layer: str = bench.option("", "module whose output channels are pruned, e.g. 'net.bn'; empty: the last "
-                                  "module to run after the last conv whose output has that conv's channels")
-        max_accuracy_drop: float = bench.option(0.1, "stop before bonafide accuracy falls by more than this "
-                                                "fraction of the unpruned model's (BackdoorBench acc_ratio)",
-                                                min=0, max=1)
+        layer: str = bench.option(
+            "",
+            "module whose output channels are pruned, e.g. 'net.bn'; empty: the last "
+            "module to run after the last conv whose output has that conv's channels",
+        )
+        max_accuracy_drop: float = bench.option(
+            0.1,
+            "stop before bonafide accuracy falls by more than this "
+            "fraction of the unpruned model's (BackdoorBench acc_ratio)",
+            min=0,
+            max=1,
+        )
         max_prune_ratio: float = bench.option(1.0, "never prune more than this share of the channels", min=0, max=1)
-        prune_step: float = bench.option(0.01, "share of the channels pruned per step (BackdoorBench "
-                                         "once_prune_ratio); at least one", min=0, max=1, min_exclusive=True)
+        prune_step: float = bench.option(
+            0.01,
+            "share of the channels pruned per step (BackdoorBench once_prune_ratio); at least one",
+            min=0,
+            max=1,
+            min_exclusive=True,
+        )
         epochs: int = bench.option(100, "fine-tuning epochs of samples_per_epoch samples (0: prune only)", min=0)
         samples_per_epoch: int = bench.option(
-            REFERENCE_SAMPLES_PER_EPOCH, "fine-tuning samples per epoch: the bonafide images are repeated to fill "
-            "it, so the budget is the same for every bonafide size; 0: one pass over the bonafide set", min=0)
-        lr: float = bench.option(0.01, "fine-tuning lr, cosine-annealed to zero over the epochs", min=0, min_exclusive=True)
+            REFERENCE_SAMPLES_PER_EPOCH,
+            "fine-tuning samples per epoch: the bonafide images are repeated to fill "
+            "it, so the budget is the same for every bonafide size; 0: one pass over the bonafide set",
+            min=0,
+        )
+        lr: float = bench.option(
+            0.01, "fine-tuning lr, cosine-annealed to zero over the epochs", min=0, min_exclusive=True
+        )
         batch_size: int = bench.option(256, "fine-tuning images per step", min=1)
         weight_decay: float = bench.option(5e-4, "fine-tuning L2 weight decay", min=0)
         augment: bool = bench.option(True, "fine-tune with the model's training augmentation, when its recipe augments")
@@ -163,22 +182,46 @@ class FinePruning(bench.Defense):
         masked.mask[pruned] = 0.0
 
         if o.epochs > 0:
-            recipe = dataclasses.replace(ctx.recipe, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
-                                         weight_decay=o.weight_decay, warmup_fraction=0.0,
-                                         augment=o.augment and ctx.recipe.augment)
-            train_classifier(model, bonafide, recipe, ctx, flip=ctx.horizontal_flip, stream="fine_pruning",
-                             desc="fine_pruning: fine-tune", samples_per_epoch=o.samples_per_epoch,
-                             cosine_schedule=True, nesterov=False)
+            recipe = dataclasses.replace(
+                ctx.recipe,
+                epochs=o.epochs,
+                lr=o.lr,
+                batch_size=o.batch_size,
+                weight_decay=o.weight_decay,
+                warmup_fraction=0.0,
+                augment=o.augment and ctx.recipe.augment,
+            )
+            train_classifier(
+                model,
+                bonafide,
+                recipe,
+                ctx,
+                flip=ctx.horizontal_flip,
+                stream="fine_pruning",
+                desc="fine_pruning: fine-tune",
+                samples_per_epoch=o.samples_per_epoch,
+                cosine_schedule=True,
+                nesterov=False,
+            )
         model.eval()
         accuracy_at = {count: acc for count, acc in steps}
         series = {
-            "pruned_channels": [{"index": index, "bonafide_acc": accuracy_at[self._step_of(i + 1, steps)]}
-                                for i, index in enumerate(pruned)],
-            "prune_steps": [{"pruned": count, "bonafide_acc": acc} for count, acc in steps]}
+            "pruned_channels": [
+                {"index": index, "bonafide_acc": accuracy_at[self._step_of(i + 1, steps)]}
+                for i, index in enumerate(pruned)
+            ],
+            "prune_steps": [{"pruned": count, "bonafide_acc": acc} for count, acc in steps],
+        }
         return bench.Defended(model, series=series, values={"pruned_channels": len(pruned)})
 
-    def _prune(self, model: nn.Module, masked: ChannelMask, order: list[int], bonafide: bench.ImageData,
-               ctx: bench.DefenseContext) -> tuple[list[int], list[tuple[int, float]]]:
+    def _prune(
+        self,
+        model: nn.Module,
+        masked: ChannelMask,
+        order: list[int],
+        bonafide: bench.ImageData,
+        ctx: bench.DefenseContext,
+    ) -> tuple[list[int], list[tuple[int, float]]]:
         """Prune in steps while the relative bonafide accuracy drop stays within bounds. Returns
         the pruned channels (in pruning order) and (channels pruned, bonafide accuracy) per step
         tried, starting from 0; the last step tried is the one that broke the rule, if any did."""

@@ -26,24 +26,45 @@ class FineTune(bench.Defense):
     class Options:
         epochs: int = bench.option(100, "epochs of samples_per_epoch samples each", min=1)
         samples_per_epoch: int = bench.option(
-            REFERENCE_SAMPLES_PER_EPOCH, "samples per epoch: the bonafide images are repeated to fill it, so the "
+            REFERENCE_SAMPLES_PER_EPOCH,
+            "samples per epoch: the bonafide images are repeated to fill it, so the "
             "budget is the same for every bonafide size (reference: 10,000); 0: one pass over the bonafide set",
-            min=0)
-        lr: float = bench.option(0.015, "initial learning rate; constant for half, then down to 1% by 90%",
-                                 min=0, min_exclusive=True)
+            min=0,
+        )
+        lr: float = bench.option(
+            0.015, "initial learning rate; constant for half, then down to 1% by 90%", min=0, min_exclusive=True
+        )
         batch_size: int = bench.option(128, "images per step", min=1)
         weight_decay: float = bench.option(1e-4, "L2 weight decay", min=0)
-        augment: bool = bench.option(False, "use the model's training augmentation (crop, and flip where valid), "
-                                            "when its recipe augments; the reference does not")
+        augment: bool = bench.option(
+            False,
+            "use the model's training augmentation (crop, and flip where valid), "
+            "when its recipe augments; the reference does not",
+        )
 
     def apply(self, model, bonafide, ctx):
         o = self.options
-        recipe = dataclasses.replace(ctx.recipe, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
-                                     weight_decay=o.weight_decay, warmup_fraction=0.0,
-                                     augment=o.augment and ctx.recipe.augment)
-        train_classifier(model, bonafide, recipe, ctx, flip=ctx.horizontal_flip, stream="finetune",
-                         desc="finetune", samples_per_epoch=o.samples_per_epoch, reference_schedule=True,
-                         nesterov=False)
+        recipe = dataclasses.replace(
+            ctx.recipe,
+            epochs=o.epochs,
+            lr=o.lr,
+            batch_size=o.batch_size,
+            weight_decay=o.weight_decay,
+            warmup_fraction=0.0,
+            augment=o.augment and ctx.recipe.augment,
+        )
+        train_classifier(
+            model,
+            bonafide,
+            recipe,
+            ctx,
+            flip=ctx.horizontal_flip,
+            stream="finetune",
+            desc="finetune",
+            samples_per_epoch=o.samples_per_epoch,
+            reference_schedule=True,
+            nesterov=False,
+        )
         return model
 
 

@@ -44,8 +44,14 @@ from torch.func import functional_call
 import bench
 from bench import BenchError
 from bench.toolkit import clean_accuracy, to_model_input
-from bench.toolkit import (REFERENCE_SAMPLES_PER_EPOCH, epoch_order, random_crop_flip, reference_lr_factor,
-                           steps_per_epoch, train_classifier)
+from bench.toolkit import (
+    REFERENCE_SAMPLES_PER_EPOCH,
+    epoch_order,
+    random_crop_flip,
+    reference_lr_factor,
+    steps_per_epoch,
+    train_classifier,
+)
 
 
 class Curve(enum.Enum):
@@ -67,7 +73,7 @@ def curve_coefficients(curve: Curve, t):
     """The weights of (w0, theta, w1) at `t`, a float or a 0-dim tensor on the device (so that
     training draws t without a host sync)."""
     if curve is Curve.BEZIER:
-        return (1 - t) ** 2, 2 * t * (1 - t), t ** 2
+        return (1 - t) ** 2, 2 * t * (1 - t), t**2
     s = 2 * t
     if isinstance(t, torch.Tensor):
         return (1 - s).clamp(min=0), 1 - (1 - s).abs(), (s - 1).clamp(min=0)
@@ -86,8 +92,9 @@ class ParameterCurve:
         for name, p in start.named_parameters():
             other = end_params.get(name)
             if other is None or other.shape != p.shape:
-                raise BenchError(f"mcr: the two endpoint models differ at parameter '{name}'; "
-                                 "both must have the same architecture")
+                raise BenchError(
+                    f"mcr: the two endpoint models differ at parameter '{name}'; both must have the same architecture"
+                )
             # outermost dimension first; among equal strides a size-1 dimension goes inside
             order = sorted(range(p.dim()), key=lambda d: (-p.stride(d), p.shape[d] == 1, d))
             if not p.permute(order).is_contiguous():
@@ -109,8 +116,10 @@ class ParameterCurve:
     def as_parameters(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of a flat vector shaped (and strided) like the network's parameters."""
         chunks = torch.split(flat, self.numels)
-        return {name: chunk.view(stored_shape).permute(inverse)
-                for name, chunk, (stored_shape, inverse) in zip(self.names, chunks, self.layouts)}
+        return {
+            name: chunk.view(stored_shape).permute(inverse)
+            for name, chunk, (stored_shape, inverse) in zip(self.names, chunks, self.layouts)
+        }
 
     @torch.no_grad()
     def load_into(self, net: nn.Module, t: float) -> None:
@@ -134,7 +143,7 @@ def recompute_batchnorm(net: nn.Module, bonafide: bench.ImageData, ctx: bench.Ru
     seen = 0
     with ctx.autocast():
         for start in range(0, len(bonafide), ctx.eval_batch_size):
-            batch = bonafide.x[start:start + ctx.eval_batch_size]
+            batch = bonafide.x[start : start + ctx.eval_batch_size]
             for m in norms:
                 m.momentum = len(batch) / (seen + len(batch))
             net(to_model_input(batch))
@@ -144,8 +153,9 @@ def recompute_batchnorm(net: nn.Module, bonafide: bench.ImageData, ctx: bench.Ru
     net.eval()
 
 
-def curve_point(net: nn.Module, curve: ParameterCurve, t: float, bn_images: bench.ImageData,
-                ctx: bench.RunContext) -> nn.Module:
+def curve_point(
+    net: nn.Module, curve: ParameterCurve, t: float, bn_images: bench.ImageData, ctx: bench.RunContext
+) -> nn.Module:
     """A fresh copy of `net` at `t`, with batch-norm statistics recomputed on `bn_images`."""
     point = copy.deepcopy(net)
     curve.load_into(point, t)
@@ -161,10 +171,23 @@ def farthest_acceptable_t(accuracies: dict[float, float], max_accuracy_drop: flo
     return max(eligible, key=lambda t: (round(min(t, 1 - t), 9), accuracies[t], -t))
 
 
-def train_curve(net: nn.Module, curve: ParameterCurve, data: bench.ImageData, ctx: bench.RunContext, *,
-                epochs: int, samples_per_epoch: int, lr: float, momentum: float, weight_decay: float,
-                batch_size: int, augment: bool = False, crop_padding: int = 0, stream: str = "mcr",
-                desc: str = "train curve") -> list[float]:
+def train_curve(
+    net: nn.Module,
+    curve: ParameterCurve,
+    data: bench.ImageData,
+    ctx: bench.RunContext,
+    *,
+    epochs: int,
+    samples_per_epoch: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
+    augment: bool = False,
+    crop_padding: int = 0,
+    stream: str = "mcr",
+    desc: str = "train curve",
+) -> list[float]:
     """Train the curve's bend on `data` as the reference does: one t ~ U(0, 1) per minibatch,
     cross-entropy plus 0.5 * weight_decay * ||phi(t)||^2, SGD with momentum, the reference's
     per-epoch lr schedule. Returns the mean loss of each epoch, read from the device once at
@@ -180,7 +203,7 @@ def train_curve(net: nn.Module, curve: ParameterCurve, data: bench.ImageData, ct
         optimizer.param_groups[0]["lr"] = lr * reference_lr_factor(epoch, epochs)
         order = epoch_order(len(data), samples_per_epoch, generator, ctx.device)
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             images = data.x[idx]
             if augment:
                 images = random_crop_flip(images, crop_padding, ctx.horizontal_flip, generator)
@@ -208,33 +231,50 @@ class ModeConnectivityRepair(bench.Defense):
     class Options:
         curve: Curve = bench.option(Curve.BEZIER, "curve shape: 3-bend quadratic Bezier (paper) or polygonal chain")
         endpoint: Endpoint = bench.option(
-            Endpoint.SECOND_SEED, "second endpoint: the same attack trained with seed + seed_offset (paper), "
-            "or the attacked model fine-tuned on the bonafide set (BackdoorBench)")
+            Endpoint.SECOND_SEED,
+            "second endpoint: the same attack trained with seed + seed_offset (paper), "
+            "or the attacked model fine-tuned on the bonafide set (BackdoorBench)",
+        )
         seed_offset: int = bench.option(1, "second_seed: the second model's seed is the job seed plus this", min=1)
-        finetune_epochs: int = bench.option(100, "finetuned: epochs of fine-tuning, of samples_per_epoch samples "
-                                            "(BackdoorBench ft_epochs)", min=1)
-        finetune_lr: float = bench.option(0.01, "finetuned: fine-tuning lr (BackdoorBench ft_lr)", min=0,
-                                          min_exclusive=True)
+        finetune_epochs: int = bench.option(
+            100, "finetuned: epochs of fine-tuning, of samples_per_epoch samples (BackdoorBench ft_epochs)", min=1
+        )
+        finetune_lr: float = bench.option(
+            0.01, "finetuned: fine-tuning lr (BackdoorBench ft_lr)", min=0, min_exclusive=True
+        )
         t_selection: TSelection = bench.option(
-            TSelection.CLEAN_RULE, "clean_rule: the path point farthest from both endpoints whose accuracy on "
-            "held-out bonafide images is within max_accuracy_drop of the worse endpoint's; fixed: use t")
+            TSelection.CLEAN_RULE,
+            "clean_rule: the path point farthest from both endpoints whose accuracy on "
+            "held-out bonafide images is within max_accuracy_drop of the worse endpoint's; fixed: use t",
+        )
         t: float = bench.option(0.5, "point of the curve returned with t_selection = 'fixed'", min=0, max=1)
-        holdout_fraction: float = bench.option(0.2, "clean_rule: share of the bonafide images kept out of curve "
-                                               "training to score the path points on", min=0, max=0.9,
-                                               min_exclusive=True)
-        max_accuracy_drop: float = bench.option(0.02, "clean_rule: held-out accuracy a point may lose against the "
-                                                "worse endpoint", min=0, max=1)
+        holdout_fraction: float = bench.option(
+            0.2,
+            "clean_rule: share of the bonafide images kept out of curve training to score the path points on",
+            min=0,
+            max=0.9,
+            min_exclusive=True,
+        )
+        max_accuracy_drop: float = bench.option(
+            0.02, "clean_rule: held-out accuracy a point may lose against the worse endpoint", min=0, max=1
+        )
         epochs: int = bench.option(100, "epochs of samples_per_epoch samples to train the bend", min=1)
         samples_per_epoch: int = bench.option(
-            REFERENCE_SAMPLES_PER_EPOCH, "samples per epoch: the bonafide images are repeated to fill it, so the "
-            "budget is the same for every bonafide size (reference: 10,000); 0: one pass over them", min=0)
+            REFERENCE_SAMPLES_PER_EPOCH,
+            "samples per epoch: the bonafide images are repeated to fill it, so the "
+            "budget is the same for every bonafide size (reference: 10,000); 0: one pass over them",
+            min=0,
+        )
         lr: float = bench.option(0.01, "initial learning rate (SGD)", min=0, min_exclusive=True)
         momentum: float = bench.option(0.9, "SGD momentum", min=0, max=1)
         weight_decay: float = bench.option(1e-4, "explicit L2 term 0.5 * wd * ||phi(t)||^2", min=0)
         batch_size: int = bench.option(128, "images per step, each with its own t", min=1)
         path_points: int = bench.option(11, "evenly spaced points t = 0..1 measured along the path", min=2)
-        augment: bool = bench.option(False, "random crop (and flip where valid) while training the bend, when the "
-                                            "model's recipe augments; the reference trains without augmentation")
+        augment: bool = bench.option(
+            False,
+            "random crop (and flip where valid) while training the bend, when the "
+            "model's recipe augments; the reference trains without augmentation",
+        )
 
     metrics = (bench.Metric("mcr_t", "t", higher_is_better=None, kind=bench.MetricKind.NUMBER),)
 
@@ -250,8 +290,9 @@ class ModeConnectivityRepair(bench.Defense):
         series = {"mcr_training": [{"epoch": i + 1, "loss": loss} for i, loss in enumerate(losses)]}
         t = o.t
         if held_out is not None:
-            accuracies = {s: clean_accuracy(curve_point(model, curve, s, training, ctx), held_out, ctx)
-                          for s in path_ts}
+            accuracies = {
+                s: clean_accuracy(curve_point(model, curve, s, training, ctx), held_out, ctx) for s in path_ts
+            }
             series["mcr_path_held_out"] = [{"t": s, "held_out_acc": a} for s, a in accuracies.items()]
             t = farthest_acceptable_t(accuracies, o.max_accuracy_drop)
         repaired = curve_point(model, curve, t, training, ctx)
@@ -262,16 +303,19 @@ class ModeConnectivityRepair(bench.Defense):
 
         return bench.Defended(repaired, series=series, values={"mcr_t": t}, points=points)
 
-    def _split(self, bonafide: bench.ImageData, ctx: bench.DefenseContext
-               ) -> tuple[bench.ImageData, bench.ImageData | None]:
+    def _split(
+        self, bonafide: bench.ImageData, ctx: bench.DefenseContext
+    ) -> tuple[bench.ImageData, bench.ImageData | None]:
         """(images the curve trains on, held-out images that score the path points, or None for
         a fixed t). At least one image on each side."""
         o = self.options
         if o.t_selection is TSelection.FIXED:
             return bonafide, None
         if len(bonafide) < 2:
-            raise BenchError("mcr: t_selection 'clean_rule' needs at least 2 bonafide images to hold some out; "
-                             "raise bonafide_size or set t_selection = 'fixed'")
+            raise BenchError(
+                "mcr: t_selection 'clean_rule' needs at least 2 bonafide images to hold some out; "
+                "raise bonafide_size or set t_selection = 'fixed'"
+            )
         held = min(len(bonafide) - 1, max(1, round(o.holdout_fraction * len(bonafide))))
         order = torch.randperm(len(bonafide), device=bonafide.y.device, generator=ctx.generator("mcr_holdout"))
         return bonafide.subset(order[held:]), bonafide.subset(order[:held])
@@ -280,23 +324,52 @@ class ModeConnectivityRepair(bench.Defense):
         o = self.options
         if o.endpoint is Endpoint.SECOND_SEED:
             if ctx.attacked_model_with_seed is None:
-                raise BenchError("mcr: endpoint 'second_seed' needs a second attacked model, and this run "
-                                 "provides none; set endpoint = 'finetuned'")
+                raise BenchError(
+                    "mcr: endpoint 'second_seed' needs a second attacked model, and this run "
+                    "provides none; set endpoint = 'finetuned'"
+                )
             return ctx.attacked_model_with_seed(ctx.seed + o.seed_offset)
         tuned = copy.deepcopy(model)
-        recipe = dataclasses.replace(ctx.recipe, epochs=o.finetune_epochs, lr=o.finetune_lr, batch_size=o.batch_size,
-                                     weight_decay=5e-4, warmup_fraction=0.0, augment=o.augment and ctx.recipe.augment)
-        train_classifier(tuned, bonafide, recipe, ctx, flip=ctx.horizontal_flip, stream="mcr_finetune",
-                         desc="mcr: fine-tune endpoint", samples_per_epoch=o.samples_per_epoch)
+        recipe = dataclasses.replace(
+            ctx.recipe,
+            epochs=o.finetune_epochs,
+            lr=o.finetune_lr,
+            batch_size=o.batch_size,
+            weight_decay=5e-4,
+            warmup_fraction=0.0,
+            augment=o.augment and ctx.recipe.augment,
+        )
+        train_classifier(
+            tuned,
+            bonafide,
+            recipe,
+            ctx,
+            flip=ctx.horizontal_flip,
+            stream="mcr_finetune",
+            desc="mcr: fine-tune endpoint",
+            samples_per_epoch=o.samples_per_epoch,
+        )
         return tuned
 
-    def _train(self, net: nn.Module, curve: ParameterCurve, bonafide: bench.ImageData,
-               ctx: bench.DefenseContext) -> list[float]:
+    def _train(
+        self, net: nn.Module, curve: ParameterCurve, bonafide: bench.ImageData, ctx: bench.DefenseContext
+    ) -> list[float]:
         o = self.options
-        return train_curve(net, curve, bonafide, ctx, epochs=o.epochs, samples_per_epoch=o.samples_per_epoch, lr=o.lr,
-                           momentum=o.momentum, weight_decay=o.weight_decay, batch_size=o.batch_size,
-                           augment=o.augment and ctx.recipe.augment, crop_padding=ctx.recipe.crop_padding,
-                           desc="mcr: train curve")
+        return train_curve(
+            net,
+            curve,
+            bonafide,
+            ctx,
+            epochs=o.epochs,
+            samples_per_epoch=o.samples_per_epoch,
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            batch_size=o.batch_size,
+            augment=o.augment and ctx.recipe.augment,
+            crop_padding=ctx.recipe.crop_padding,
+            desc="mcr: train curve",
+        )
 
 
 @bench.hookimpl

@@ -90,7 +90,9 @@ def is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def insert_pruning(model: nn.Module, frac: float, generator: torch.Generator | None) -> tuple[torch.fx.GraphModule, int]:
+def insert_pruning(
+    model: nn.Module, frac: float, generator: torch.Generator | None
+) -> tuple[torch.fx.GraphModule, int]:
     """A traced copy of `model` with an `ActivationPruning` layer after every ReLU; returns it
     and the number of layers inserted (at least one: a model without ReLUs is refused)."""
     try:
@@ -139,10 +141,15 @@ class SAP(bench.Defense):
 
     @dataclass(frozen=True)
     class Options:
-        frac: float = bench.option(1.0, "draws per layer as a fraction of its units (1.0: SAP-100)",
-                                   min=0, max=10, min_exclusive=True)
-        passes: int = bench.option(1, "stochastic passes averaged (softmax) in every forward call; 1: plain SAP "
-                                      "(clean_acc still averages 10 calls)", min=1)
+        frac: float = bench.option(
+            1.0, "draws per layer as a fraction of its units (1.0: SAP-100)", min=0, max=10, min_exclusive=True
+        )
+        passes: int = bench.option(
+            1,
+            "stochastic passes averaged (softmax) in every forward call; 1: plain SAP "
+            "(clean_acc still averages 10 calls)",
+            min=1,
+        )
 
     def check_model(self, model, sample):
         insert_pruning(model, self.options.frac, None)

@@ -36,7 +36,7 @@ class PreActResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         layers, c_in = [], width
         for i, count in enumerate(blocks):
-            c_out = width * 2 ** i
+            c_out = width * 2**i
             for j in range(count):
                 layers.append(PreActBlock(c_in, c_out, stride=2 if (i > 0 and j == 0) else 1))
                 c_in = c_out
@@ -53,8 +53,9 @@ class PreActResNet(nn.Module):
 class PreActResNet18(bench.Model):
     name = "preact_resnet18"
     description = "PreAct-ResNet-18 for 32x32 inputs (the MCR / BackdoorBench CIFAR-10 backbone)"
-    recipe = bench.TrainRecipe(epochs=30, batch_size=512, lr=0.2, weight_decay=5e-4, warmup_fraction=0.15,
-                               augment=True, crop_padding=4)
+    recipe = bench.TrainRecipe(
+        epochs=30, batch_size=512, lr=0.2, weight_decay=5e-4, warmup_fraction=0.15, augment=True, crop_padding=4
+    )
 
     @dataclass(frozen=True)
     class Options:

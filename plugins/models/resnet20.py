@@ -42,7 +42,7 @@ class BasicBlock(nn.Module):
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != 1:
-            x = x[:, :, ::self.stride, ::self.stride]
+            x = x[:, :, :: self.stride, :: self.stride]
         if self.extra_channels:
             half = self.extra_channels // 2
             x = F.pad(x, (0, 0, 0, 0, half, self.extra_channels - half))
@@ -63,7 +63,7 @@ class CifarResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         layers, c_in = [], width
         for stage in range(3):
-            c_out = width * 2 ** stage
+            c_out = width * 2**stage
             for block in range(blocks_per_stage):
                 layers.append(BasicBlock(c_in, c_out, stride=2 if (stage > 0 and block == 0) else 1))
                 c_in = c_out
@@ -81,13 +81,22 @@ class CifarResNet(nn.Module):
 class ResNet20(bench.Model):
     name = "resnet20"
     description = "ResNet-20 for CIFAR (He et al. 2016), 0.27M parameters, parameter-free shortcuts"
-    recipe = bench.TrainRecipe(epochs=40, batch_size=512, lr=0.2, momentum=0.9, weight_decay=5e-4,
-                               warmup_fraction=0.15, augment=True, crop_padding=4)
+    recipe = bench.TrainRecipe(
+        epochs=40,
+        batch_size=512,
+        lr=0.2,
+        momentum=0.9,
+        weight_decay=5e-4,
+        warmup_fraction=0.15,
+        augment=True,
+        crop_padding=4,
+    )
 
     @dataclass(frozen=True)
     class Options:
-        width: int = bench.option(16, "channels of the first stage (16 in the paper; doubled in each later stage)",
-                                  min=2)
+        width: int = bench.option(
+            16, "channels of the first stage (16 in the paper; doubled in each later stage)", min=2
+        )
 
     def build(self, shape: bench.InputShape) -> nn.Module:
         return CifarResNet(shape.channels, shape.num_classes, self.options.width)

@@ -14,8 +14,9 @@ from bench.toolkit import GridAvgPool
 class SmallCNN(bench.Model):
     name = "small_cnn"
     description = "Three conv-BN-ReLU blocks and a linear head; trains on a CPU in seconds"
-    recipe = bench.TrainRecipe(epochs=15, batch_size=64, lr=0.05, weight_decay=5e-4, warmup_fraction=0.1,
-                               augment=False, crop_padding=1)
+    recipe = bench.TrainRecipe(
+        epochs=15, batch_size=64, lr=0.05, weight_decay=5e-4, warmup_fraction=0.1, augment=False, crop_padding=1
+    )
 
     @dataclass(frozen=True)
     class Options:
@@ -28,9 +29,14 @@ class SmallCNN(bench.Model):
             return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
         return nn.Sequential(
-            *block(shape.channels, w), *block(w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), GridAvgPool(2), nn.Flatten(),
-            nn.Linear(4 * w * 4, shape.num_classes))
+            *block(shape.channels, w),
+            *block(w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            GridAvgPool(2),
+            nn.Flatten(),
+            nn.Linear(4 * w * 4, shape.num_classes),
+        )
 
 
 @bench.hookimpl

@@ -38,8 +38,11 @@ class Vgg(nn.Module):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
                 c_out = width * item
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True),
+                ]
                 c_in = c_out
         self.features = nn.Sequential(*layers)
         self.pool = GridAvgPool(1)  # global pooling; deterministic on CUDA
@@ -55,13 +58,22 @@ class Vgg(nn.Module):
 class Vgg16Bn(bench.Model):
     name = "vgg16_bn"
     description = "VGG-16 with batch normalization, CIFAR form (one linear layer head), 14.7M parameters"
-    recipe = bench.TrainRecipe(epochs=30, batch_size=512, lr=0.2, momentum=0.9, weight_decay=5e-4,
-                               warmup_fraction=0.15, augment=True, crop_padding=4)
+    recipe = bench.TrainRecipe(
+        epochs=30,
+        batch_size=512,
+        lr=0.2,
+        momentum=0.9,
+        weight_decay=5e-4,
+        warmup_fraction=0.15,
+        augment=True,
+        crop_padding=4,
+    )
 
     @dataclass(frozen=True)
     class Options:
-        width: int = bench.option(64, "channels of the first convolutions (64 in the published network; "
-                                      "later ones are 2x, 4x and 8x)", min=1)
+        width: int = bench.option(
+            64, "channels of the first convolutions (64 in the published network; later ones are 2x, 4x and 8x)", min=1
+        )
 
     def build(self, shape: bench.InputShape) -> nn.Module:
         return Vgg(shape.channels, shape.num_classes, self.options.width)
