@@ -117,7 +117,7 @@ def test_a_suite_on_ray_stores_what_the_in_process_run_stores_and_survives_a_los
 
 @pytest.mark.slow
 def test_a_killed_driver_resumes_without_redoing_or_corrupting_anything(tmp_path):
-    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1, 2], defenses=["none", *QUICK], bonafide_size=40)
+    suite = write_suite(tmp_path / "s.toml", seeds=[0, 1], defenses=["none", *QUICK], bonafide_size=40)
     env = environment(tmp_path)
     store = tmp_path / "ray.db"
     driver = subprocess.Popen(
@@ -145,7 +145,7 @@ def test_a_killed_driver_resumes_without_redoing_or_corrupting_anything(tmp_path
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     with ResultStore(store) as results:
         rows = results.rows()
-    assert len(rows) == len({r["job_key"] for r in rows}) == 9
+    assert len(rows) == len({r["job_key"] for r in rows}) == 6
     for row in rows:
         if row["job_key"] in finished:
             assert row["finished_at"] == finished[row["job_key"]]  # never redone
