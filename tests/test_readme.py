@@ -76,3 +76,10 @@ def test_python_minus_m_bench_is_the_cli():
 
     result = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "Usage: bench" in result.stdout and "report" in result.stdout
+
+
+def test_the_generated_cli_and_plugin_tables_are_fresh():
+    from bench.docs import updated
+
+    assert "<!-- generated: cli -->" in README and "<!-- generated: plugins -->" in README
+    assert updated(README) == README, "README tables are stale: run python -m bench.docs --write"
