@@ -7,7 +7,9 @@ An analysis declares the models it needs by recipe (`models()`: name -> `ModelRe
 through the same content-hash cache as the jobs (`bench.artifacts`), so a model trained for a
 leaderboard is reused by an analysis and the other way round. `run(models, data, ctx)` returns
 an `AnalysisResult`: scalars (declared in `metrics`, shown in the report's table), series
-(lists of records, stored) and `Figure`s, drawn by `bench report` from the stored series alone.
+(lists of records, stored), `Figure`s, drawn by `bench report` from the stored series alone,
+and `Finding`s: what the analysis's paper found and whether this run shows it, which the report
+prints under the analysis's table.
 """
 
 from __future__ import annotations
@@ -67,14 +69,30 @@ class Figure:
         }
 
 
+@dataclass(frozen=True)
+class Finding:
+    """A published finding checked on this run: `claim` (what the paper found, one sentence,
+    the same for every seed), `shown` (whether this run's numbers show it, by a rule the
+    analysis documents) and `evidence` (the numbers that decided, a short phrase)."""
+
+    claim: str
+    shown: bool
+    evidence: str
+
+    def info(self) -> dict:
+        return {"claim": self.claim, "shown": bool(self.shown), "evidence": self.evidence}
+
+
 @dataclass
 class AnalysisResult:
     """What an analysis returns: `values` (one per key of its `metrics`), `series` (name -> list
-    of dicts of plain numbers and strings) and the `figures` to draw from them."""
+    of dicts of plain numbers and strings), the `figures` to draw from them and the `findings`
+    it checked."""
 
     values: dict[str, float] = field(default_factory=dict)
     series: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     figures: list[Figure] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,7 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
                 "model": model,
                 "seeds": sorted(r["seed"] for r in members),
                 "values": values,
+                "findings": _findings(members),
             }
         )
     failed = [
@@ -276,6 +277,7 @@ def _analysis_sections(rows: list[dict], plot_dir: Path | None, link_base: Path 
                 for key, info in columns
             ]
             lines.append(pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True))
+        lines += _finding_lines(members)
         lines += _method_links(members)
         if plot_dir is not None:
             link_base = link_base or plot_dir
@@ -290,6 +292,39 @@ def _analysis_sections(rows: list[dict], plot_dir: Path | None, link_base: Path 
                 if p is not None
             ]
             lines += ["", *links] if links else []
+    return lines
+
+
+def _findings(members: list[dict]) -> list[dict]:
+    """Per claim an analysis checked: the seeds that show it and each seed's evidence."""
+    claims: dict[str, list[dict]] = {}
+    for r in sorted(members, key=lambda r: r["seed"]):
+        for finding in r["notes"].get("findings", []):
+            claims.setdefault(finding["claim"], []).append(
+                {"seed": r["seed"], "shown": bool(finding["shown"]), "evidence": finding["evidence"]}
+            )
+    return [
+        {"claim": claim, "shown_in": sum(s["shown"] for s in seeds), "seeds": seeds} for claim, seeds in claims.items()
+    ]
+
+
+def _finding_lines(members: list[dict]) -> list[str]:
+    findings = _findings(members)
+    if not findings:
+        return []
+    lines = ["", "The paper's findings, and whether this run shows them:", ""]
+    for finding in findings:
+        seeds = finding["seeds"]
+        verdict = (
+            "shown"
+            if finding["shown_in"] == len(seeds)
+            else "not shown"
+            if finding["shown_in"] == 0
+            else "partly shown"
+        )
+        evidence = "; ".join(f"seed {s['seed']}: {s['evidence']}" for s in seeds)
+        count = f"{finding['shown_in']}/{len(seeds)} seeds"
+        lines.append(f"- {md(finding['claim'])} **This run: {verdict}** ({count}; {md(evidence)}).")
     return lines
 
 

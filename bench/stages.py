@@ -306,6 +306,7 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
     notes.update(
         {
             "figures": [f.info() for f in result.figures],
+            "findings": [f.info() for f in result.findings],
             "data_source": splits.source,
             "evaluation_images": len(evaluation),
         }

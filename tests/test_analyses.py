@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from bench.cli import main
 from bench.registry import ENTRY_POINT_GROUP, build_registry
 from bench.testing import run_suite_file, trained_digits_model, write_suite
-from bench_plugins.analyses.robust_path import input_hessian_top_eigenvalues, pearson
-from bench_plugins.analyses.stitching import stitch, stitch_points
+from bench_plugins.analyses.budget_curve import budget_findings
+from bench_plugins.analyses.robust_path import input_hessian_top_eigenvalues, path_findings, pearson
+from bench_plugins.analyses.stitching import stitch, stitch_points, stitching_findings
 from bench.evaluation import clean_accuracy
 
 TINY = {"name": "small_cnn", "width": 4}
@@ -90,6 +91,46 @@ def test_stitching_a_network_to_itself_recovers_its_accuracy_and_leaves_both_unc
         assert not p.requires_grad
 
 
+def test_findings_follow_their_rules():
+    def path(losses):
+        return [{"path": "curve", "t": i, "adv_loss": v} for i, v in enumerate(losses)]
+
+    records = path([1.0, 1.5, 0.5])
+    barrier, correlation = path_findings(
+        records, {"curve": 0.5, "line": 0.9}, {"pearson_curve": 0.6, "pearson_line": 0.9}
+    )
+    assert (
+        barrier.shown and not correlation.shown and "barrier 0.50 on the curve and 0.90 on the line" in barrier.evidence
+    )
+    assert not path_findings(
+        path([1.0, 1.02, 0.5]), {"curve": 0.02, "line": 0.0}, {"pearson_curve": 0.9, "pearson_line": 0}
+    )[0].shown
+
+    def curve(undefended, plain, eot, eps=0.03):
+        return [
+            {"eps": eps, "attack": "undefended", "robust_acc": undefended},
+            {"eps": eps, "attack": "defended, plain PGD", "robust_acc": plain},
+            {"eps": eps, "attack": "defended, EOT-PGD", "robust_acc": eot},
+        ]
+
+    no_more_robust, overstated = budget_findings(curve(0.10, 0.40, 0.11), "sap", 1000)
+    assert no_more_robust.shown and overstated.shown  # 1 point above is within two standard errors
+    no_more_robust, overstated = budget_findings(curve(0.10, 0.21, 0.20), "sap", 1000)
+    assert not no_more_robust.shown and not overstated.shown
+
+    def stitched(robust_to_regular, regular_to_robust):
+        return [
+            {"pair": pair, "rel_robust": v, "rel_clean": 1.0}
+            for pair, values in (("robust -> regular", robust_to_regular), ("regular -> robust", regular_to_robust))
+            for v in values
+        ]
+
+    clean, dip = stitching_findings(stitched([0.9, 0.2, 0.6], [0.8, 0.1, 0.3]), {"rel_clean_min": 0.95})
+    assert clean.shown and dip.shown and "robust -> regular 0.90, 0.20, 0.60" in dip.evidence
+    clean, dip = stitching_findings(stitched([0.9, 0.2, 0.6], [0.8, 0.4, 0.3]), {"rel_clean_min": 0.8})
+    assert not clean.shown and not dip.shown  # regular -> robust never falls below half
+
+
 def test_an_analysis_suite_runs_stores_reports_and_resumes(tmp_path, one_cpu_thread):
     suite = write_suite(
         tmp_path / "analyses.toml",
@@ -125,6 +166,10 @@ def test_an_analysis_suite_runs_stores_reports_and_resumes(tmp_path, one_cpu_thr
     text = out.read_text()
     for name in ("budget_curve", "robust_path", "stitching"):
         assert f"## Analysis: {name}" in text
+    # Each analysis says what its paper found and whether this run shows it, with the numbers.
+    claims = [line for line in text.splitlines() if "**This run: " in line]
+    assert len(claims) == 6 and all("(1/1 seeds; seed 0: " in c or "(0/1 seeds; seed 0: " in c for c in claims)
+    assert any("adversarial (PGD) loss has a barrier" in c and "on the line; PGD loss at the ends" in c for c in claims)
     figures = list((tmp_path / "board" / "analyses-figures").glob("analysis-*.png"))
     assert len(figures) == 1 + 3 + 4  # budget curve, three along the paths, one per stitching pair
     again = CliRunner().invoke(

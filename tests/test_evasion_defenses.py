@@ -54,6 +54,25 @@ def test_sap_expected_output_equals_the_unpruned_activation(frac):
     assert kept.sum(dim=1).max() <= draws
 
 
+def test_sap_draws_have_the_joint_law_of_draws_with_replacement():
+    """Pairs of units are kept together with probability
+    1 - (1 - p_i)^r - (1 - p_j)^r + (1 - p_i - p_j)^r (independent keeps would give the product
+    of the marginals, 0.09 more for the two largest units here). A row with long zero runs
+    and tiny weights sends draws through the guide table's binary search too."""
+    samples, draws = 40_000, 3
+    weights = torch.cat([ACTIVATION, torch.zeros(40), torch.full((8,), 1e-3), ACTIVATION[:3]])
+    p = weights.double() / weights.double().sum()
+    frac = draws / weights.numel()
+    kept = prune_activations(weights.expand(samples, -1).contiguous(), frac, torch.Generator().manual_seed(2)) != 0
+    for i, j in [(0, 5), (0, 1), (2, 58), (0, 56), (50, 51)]:
+        both = 1 - (1 - p[i]) ** draws - (1 - p[j]) ** draws + (1 - p[i] - p[j]) ** draws
+        observed = (kept[:, i] & kept[:, j]).double().mean()
+        assert abs(observed - both) <= 5 * (both * (1 - both) / samples).sqrt() + 1e-9, (i, j)
+    q = 1 - (1 - p) ** draws
+    assert ((kept.double().mean(dim=0) - q).abs() <= 5 * (q * (1 - q) / samples).sqrt() + 1e-9).all()
+    assert not kept[:, 8:48].any() and kept.sum(dim=1).max() <= draws
+
+
 def test_sap_scales_kept_units_exactly():
     h = torch.stack([ACTIVATION, ACTIVATION.flip(0) * 10])
     out = prune_activations(h, 0.5, torch.Generator().manual_seed(1))

@@ -76,6 +76,34 @@ def pearson(a: list[float], b: list[float]) -> float:
     return float((a_ * b_).sum() / denominator) if denominator > 0 else float("nan")
 
 
+# The rules by which a run "shows" the paper's findings (printed with the evidence in the report).
+BARRIER_SHARE = 0.05  # the path's highest PGD loss exceeds the worse end's by 5% of it
+HIGH_CORRELATION = 0.7  # Pearson r between the eigenvalue and the PGD loss along the curve
+
+
+def loss_barrier(rows: list[dict]) -> float:
+    """The PGD-loss barrier of a path: its highest loss minus the higher of its two ends."""
+    return max(r["adv_loss"] for r in rows) - max(rows[0]["adv_loss"], rows[-1]["adv_loss"])
+
+
+def path_findings(records: list[dict], barriers: dict[str, float], values: dict[str, float]) -> list[bench.Finding]:
+    curve = [r for r in records if r["path"] == "curve"]
+    worse_end = max(curve[0]["adv_loss"], curve[-1]["adv_loss"])
+    return [
+        bench.Finding(
+            "Along the trained path between a regular and a robust model the adversarial (PGD) loss has a barrier.",
+            barriers["curve"] > BARRIER_SHARE * worse_end,
+            f"barrier {barriers['curve']:.2f} on the curve and {barriers['line']:.2f} on the line; PGD loss at the "
+            f"ends {curve[0]['adv_loss']:.2f} (regular) and {curve[-1]['adv_loss']:.2f} (robust)",
+        ),
+        bench.Finding(
+            "The top eigenvalue of the input Hessian correlates highly with the adversarial loss along the path.",
+            values["pearson_curve"] >= HIGH_CORRELATION,
+            f"Pearson r {values['pearson_curve']:.2f} on the curve, {values['pearson_line']:.2f} on the line",
+        ),
+    ]
+
+
 class RobustPath(bench.Analysis):
     name = "robust_path"
     description = "Paths between a regular and an adversarially trained model: accuracy, PGD loss, input-Hessian"
@@ -194,10 +222,9 @@ class RobustPath(bench.Analysis):
         for path in ("curve", "line"):
             rows = [r for r in records if r["path"] == path]
             values[f"pearson_{path}"] = pearson([r["hessian_eig"] for r in rows], [r["adv_loss"] for r in rows])
-        curve_rows = [r for r in records if r["path"] == "curve"]
-        values["adv_loss_barrier"] = max(r["adv_loss"] for r in curve_rows) - max(
-            curve_rows[0]["adv_loss"], curve_rows[-1]["adv_loss"]
-        )
+        barriers = {path: loss_barrier([r for r in records if r["path"] == path]) for path in ("curve", "line")}
+        values["adv_loss_barrier"] = barriers["curve"]
+        findings = path_findings(records, barriers, values)
         figures = [
             bench.Figure(
                 "points",
@@ -229,7 +256,7 @@ class RobustPath(bench.Analysis):
             ),
         ]
         series = {"points": records, "curve_training": [{"epoch": i + 1, "loss": v} for i, v in enumerate(losses)]}
-        return bench.AnalysisResult(values=values, series=series, figures=figures)
+        return bench.AnalysisResult(values=values, series=series, figures=figures, findings=findings)
 
     @staticmethod
     def _point(

@@ -16,7 +16,8 @@ over the outputs of its ReLUs and of its flattening. For each pair and L, on the
 `pgd_steps` steps, through the whole stitched network), each also relative to B's own.
 
 The paper's finding: clean accuracy stitches well at every layer; robust accuracy of the
-stitched network drops soon after the first layers and returns in the last ones.
+stitched network drops soon after the first layers and returns in the last ones. The result
+says whether this run shows both (`stitching_findings`, rules above it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,35 @@ from torch import nn
 import bench
 from bench.toolkit import to_model_input
 from bench_plugins.analyses._measure import clean_and_pgd
+
+# The rules by which a run "shows" the paper's findings (printed with the evidence in the report):
+# clean accuracy stitches well where every stitched network keeps 90% of its back network's;
+# robust accuracy of a robust/regular pair drops where some layer falls below half of the back
+# network's own and returns where the last layer has at least twice that low point.
+CLEAN_KEPT = 0.9
+ROBUST_DROP = 0.5
+ROBUST_RETURN = 2.0
+
+
+def stitching_findings(records: list[dict], values: dict[str, float]) -> list[bench.Finding]:
+    mixed = [pair for _, _, pair in PAIRS[:2]]
+    by_pair = {pair: [r["rel_robust"] for r in records if r["pair"] == pair] for pair in mixed}
+    dips_and_returns = all(min(rel) < ROBUST_DROP and rel[-1] >= ROBUST_RETURN * min(rel) for rel in by_pair.values())
+    return [
+        bench.Finding(
+            "Clean accuracy stitches well at every layer.",
+            values["rel_clean_min"] >= CLEAN_KEPT,
+            f"lowest stitched clean accuracy {values['rel_clean_min']:.2f} of the back network's",
+        ),
+        bench.Finding(
+            "Robust accuracy of a stitched robust/regular pair drops after the first layers and returns in the "
+            "last ones.",
+            dips_and_returns,
+            "robust accuracy relative to the back network's, by layer: "
+            + "; ".join(f"{pair} {', '.join(f'{v:.2f}' for v in rel)}" for pair, rel in by_pair.items()),
+        ),
+    ]
+
 
 PAIRS = (
     ("robust", "regular", "robust -> regular"),
@@ -253,7 +283,9 @@ class Stitching(bench.Analysis):
                     xlabel="stitching layer L (1: first)",
                 )
             )
-        return bench.AnalysisResult(values=values, series=series, figures=figures)
+        return bench.AnalysisResult(
+            values=values, series=series, figures=figures, findings=stitching_findings(records, values)
+        )
 
 
 @bench.hookimpl

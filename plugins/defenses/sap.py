@@ -4,7 +4,8 @@ model without retraining.
 After every ReLU, for each example separately: p_j = |h_j| / sum_k |h_k| over the layer's
 units (channels x height x width), r = round(frac x units) draws with replacement from
 Categorical(p); every unit drawn at least once is kept and scaled by 1 / (1 - (1 - p_j)^r),
-the rest are zeroed. The draws are exact (`torch.multinomial` with replacement), not the
+the rest are zeroed. The draws are exact (batched inverse-CDF sampling with a guide table,
+the law of `torch.multinomial` with replacement, see `draw_units`), not the
 independent-Bernoulli shortcut, which has the same marginals but not the same joint law;
 since a unit is kept with probability exactly 1 - (1 - p_j)^r, the expected output equals
 the unpruned activation.
@@ -46,24 +47,81 @@ import bench
 RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 
 
+# Rows of a layer sampled together on the CPU: a chunk's tables stay in cache (the sampler is
+# memory-bound there); a GPU takes the whole batch at once.
+CPU_CHUNK_ELEMENTS = 1 << 18
+# Guide-table buckets per unit: more buckets leave fewer draws to the binary search.
+BUCKETS_PER_UNIT = 4
+
+
 def prune_activations(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """SAP on a batch of activations h [N, ...]: per example, keep the units drawn in
     round(frac x units) categorical draws with replacement (p proportional to |h|), scaled by
     their inverse keep probability. Computed in float32, returned in h's dtype."""
     flat = h.flatten(1).float()
-    units = flat.shape[1]
+    rows, units = flat.shape
     draws = max(1, round(frac * units))
+    step = rows if flat.device.type != "cpu" else max(1, CPU_CHUNK_ELEMENTS // units)
+    # split/cat, not slice assignment: their backward is one cat / views, not a zero-filled
+    # full-size gradient per chunk.
+    out = torch.cat([prune_rows(part, draws, generator) for part in flat.split(step)])
+    return out.view_as(h).to(h.dtype)
+
+
+def prune_rows(flat: torch.Tensor, draws: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`prune_activations` on a [rows, units] float32 block."""
     magnitude = flat.abs()
-    total = magnitude.sum(dim=1, keepdim=True)
-    # An all-zero example has nothing to keep; any valid distribution gives the same zeros.
-    probabilities = torch.where(total > 0, magnitude / total.clamp_min(1e-30), torch.full_like(flat, 1 / units))
-    drawn = torch.multinomial(probabilities, draws, replacement=True, generator=generator)
-    kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, drawn, True)
-    # 1 - (1 - p)^r, accurate for tiny p.
-    keep_probability = -torch.expm1(draws * torch.log1p(-probabilities.clamp(max=1 - 1e-7)))
-    keep_probability = torch.where(probabilities >= 1 - 1e-7, torch.ones_like(flat), keep_probability)
-    scaled = torch.where(kept, flat / keep_probability.clamp_min(1e-30), torch.zeros_like(flat))
-    return scaled.view_as(h).to(h.dtype)
+    total = magnitude.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    kept = draw_units(magnitude, draws, generator)
+    # 1 - (1 - p)^r, accurate for tiny p; floored so that an all-zero row gives 0 / floor = 0.
+    keep_probability = torch.expm1(torch.log1p(magnitude / -total) * draws).neg().clamp_min(1e-30)
+    return torch.where(kept, flat / keep_probability, 0)
+
+
+def draw_units(weights: torch.Tensor, draws: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Which units `draws` categorical draws with replacement hit, per row: a bool [rows, units]
+    mask. Row i draws unit j with probability weights[i, j] / sum_k weights[i, k] (all-zero
+    rows: any unit; their SAP output is zero either way).
+
+    Exact inverse-CDF sampling, batched, with a guide table (Chen & Asau 1974) so that most draws
+    need no search. Scale the cumulative weights to [0, B] (B buckets): unit j covers
+    [s_(j-1), s_j). A draw is u ~ U[0, B); its unit is the first j with s_j > u. The table gives,
+    for bucket b = floor(u), the first unit with s_j >= b, which is the answer unless s_j <= u
+    (a unit boundary lies between b and u): those few draws are found by a binary search up to
+    the table's entry for b + 1. Same law as
+    `torch.multinomial(p, draws, replacement=True)`, several times faster on the CPU."""
+    rows, units = weights.shape
+    device = weights.device
+    buckets = BUCKETS_PER_UNIT * units
+    scaled = weights.cumsum(dim=1)
+    scaled.mul_(buckets / scaled[:, -1:].clamp_min(1e-30))
+    scaled[:, -1] = buckets  # the last unit ends exactly at B, whatever the rounding
+    # first[b] = #{j : s_j < b} = #{j : floor(s_j) + 1 <= b}
+    first = torch.zeros(rows, buckets + 2, dtype=torch.int32, device=device)
+    first.scatter_add_(1, scaled.long().add_(1), torch.ones((), dtype=torch.int32, device=device).expand(rows, units))
+    first = first.cumsum_(dim=1, dtype=torch.int32)
+    u = torch.rand(rows, draws, generator=generator, device=device).mul_(buckets)
+    candidate = first.gather(1, u.long()).long()
+    unresolved = scaled.gather(1, candidate) <= u
+    # The unresolved draws: binary search between the candidate and the first unit of the next
+    # bucket (whose s_j >= b + 1 > u), all at once, on flat indices (index_select is the fast
+    # gather here).
+    position = unresolved.view(-1).nonzero().squeeze(1)
+    row = position // draws
+    query = u.view(-1).index_select(0, position)
+    low = candidate.view(-1).index_select(0, position) + 1
+    high = first.view(-1).index_select(0, row * (buckets + 2) + query.long() + 1).long()
+    hit = torch.zeros(rows, units + 1, dtype=torch.bool, device=device)  # column `units`: discarded
+    hit.scatter_(1, candidate.masked_fill_(unresolved, units), True)
+    if len(position):
+        flat, base = scaled.view(-1), row * units
+        for _ in range(int((high - low).max()).bit_length()):
+            middle = (low + high) // 2
+            above = flat.index_select(0, base + middle) > query
+            high = torch.where(above, middle, high)
+            low = torch.where(above, low, middle + 1)
+        hit.view(-1).index_fill_(0, row * (units + 1) + low, True)
+    return hit[:, :units]
 
 
 class ActivationPruning(nn.Module):
