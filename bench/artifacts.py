@@ -38,13 +38,9 @@ from bench.data import DatasetSplits, ImageData
 from bench.defenses import Defended
 from bench.errors import BenchError
 from bench.jobs import AnalysisJob, BonafideSource, Job, content_hash
+from bench.locations import cache_root
 from bench.models import Classifier, InputShape
 from bench.training import train_classifier
-
-
-def cache_root() -> Path:
-    """The cache folder, $BENCH_CACHE_DIR, else ~/.cache/robustness-bench (not created)."""
-    return Path(os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "robustness-bench").expanduser()
 
 
 def cache_dir() -> Path:

@@ -32,6 +32,16 @@ def main():
     """robustness-bench: run adversarial-robustness suites and publish leaderboards."""
 
 
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="BENCH_CACHE_DIR",
+    help="The cache folder: decoded datasets in it, trained models and evaluations under "
+    "artifacts/ (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).",
+)
+
+
 @main.command()
 @click.argument("suite_file", type=click.Path(path_type=Path))
 @click.option(
@@ -46,14 +56,7 @@ def main():
     default=None,
     help="Override the suite's device (auto: CUDA when available).",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    envvar="BENCH_CACHE_DIR",
-    help="The cache folder: decoded datasets in it, trained models and evaluations under "
-    "artifacts/ (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).",
-)
+@cache_dir_option
 @click.option("--dry-run", is_flag=True, help="Print the jobs the suite expands to and exit.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @click.option(
@@ -303,47 +306,32 @@ def export(store, suite, output_format, output, analyses, all_runs):
     help="Only plugins of this kind.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of plugins, each with its options).")
-def plugins(show_options, kind, as_json):
-    """List every discovered plugin: kind, name, package, version, description."""
-    from bench.options import describe
+@click.option(
+    "--reload",
+    is_flag=True,
+    help="Load the plugins even if the cached catalog (plugins.json in the cache folder) is current.",
+)
+def plugins(show_options, kind, as_json, reload):
+    """List every discovered plugin: kind, name, package, version, description.
 
-    registry = load_plugins()
-    chosen = [p for p in registry.all() if kind is None or p.kind == kind]
+    Answers from a catalog cached in the cache folder while no plugin package, plugin module or
+    core file has changed since it was written; otherwise loads the plugins and rewrites it."""
+    from bench.catalog import catalog
+
+    found = catalog(reload=reload)
+    chosen = [p for p in found["plugins"] if kind is None or p["kind"] == kind]
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "kind": p.kind,
-                        "name": p.name,
-                        "package": p.package,
-                        "version": p.version,
-                        "description": p.description,
-                        "paper": p.cls.paper,
-                        "code": p.cls.code,
-                        "options": [
-                            {**o, "default": _plain(o["default"]), "choices": [_plain(c) for c in o["choices"] or []]}
-                            for o in describe(p.cls.Options)
-                        ],
-                    }
-                    for p in chosen
-                ],
-                indent=2,
-            )
-        )
-        _report_problems(registry)
-        return
-    rows = [[p.kind, p.name, p.package, p.version, p.description] for p in chosen]
-    click.echo(tabulate(rows, headers=["kind", "name", "package", "version", "description"]))
-    if show_options:
+        click.echo(json.dumps(chosen, indent=2))
+    else:
+        rows = [[p["kind"], p["name"], p["package"], p["version"], p["description"]] for p in chosen]
+        click.echo(tabulate(rows, headers=["kind", "name", "package", "version", "description"]))
+    if show_options and not as_json:
         for p in chosen:
-            opts = describe(p.cls.Options)
-            if not opts:
+            if not p["options"]:
                 continue
-            links = ", ".join(f"{label} {url}" for label, url in (("paper", p.cls.paper), ("code", p.cls.code)) if url)
-            click.echo(f"\n{p.kind} {p.name}:" + (f" ({links})" if links else ""))
-            for o in opts:
-                default = getattr(o["default"], "value", o["default"])
+            links = ", ".join(f"{label} {p[label]}" for label in ("paper", "code") if p[label])
+            click.echo(f"\n{p['kind']} {p['name']}:" + (f" ({links})" if links else ""))
+            for o in p["options"]:
                 lower = "> " if o["min_exclusive"] else ">= "
                 bounds = "".join(
                     [
@@ -352,8 +340,11 @@ def plugins(show_options, kind, as_json):
                         ", one of " + ", ".join(repr(c) for c in o["choices"]) if o["choices"] else "",
                     ]
                 )
-                click.echo(f"  {o['name']} ({o['type']}, default {default!r}{bounds}): {o['doc']}")
-    _report_problems(registry)
+                click.echo(f"  {o['name']} ({o['type']}, default {o['default']!r}{bounds}): {o['doc']}")
+    if found["problems"]:
+        click.echo("\nPlugins that failed to load:", err=True)
+        for problem in found["problems"]:
+            click.echo(f"  {problem['plugin']} ({problem['package']}): {problem['message']}", err=True)
 
 
 @main.group()
@@ -362,7 +353,7 @@ def cache():
 
 
 def _cache_root(cache_dir) -> Path:
-    from bench.artifacts import cache_root
+    from bench.locations import cache_root
 
     return Path(cache_dir).expanduser() if cache_dir else cache_root()
 
@@ -373,13 +364,7 @@ def _folder_size(path: Path) -> tuple[int, int]:
 
 
 @cache.command("info")
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    envvar="BENCH_CACHE_DIR",
-    help="The cache folder (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).",
-)
+@cache_dir_option
 def cache_info(cache_dir):
     """Where the cache is and what it holds, by kind."""
     root = _cache_root(cache_dir)
@@ -388,20 +373,16 @@ def cache_info(cache_dir):
     for kind in ("models", "evaluations", "defended"):
         count, size = _folder_size(root / "artifacts" / kind)
         rows.append([f"artifacts/{kind}", len(list((root / "artifacts" / kind).glob("*.pt"))), f"{size / 1e6:.1f}"])
-    datasets = [p for p in root.iterdir() if p.name != "artifacts"] if root.is_dir() else []
+    from bench.catalog import CATALOG_FILE
+
+    datasets = [p for p in root.iterdir() if p.name not in ("artifacts", CATALOG_FILE)] if root.is_dir() else []
     size = sum(_folder_size(p)[1] for p in datasets)
     rows.append(["datasets (decoded)", len(datasets), f"{size / 1e6:.1f}"])
     click.echo(tabulate(rows, headers=["kind", "entries", "MB"]))
 
 
 @cache.command("clear")
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    envvar="BENCH_CACHE_DIR",
-    help="The cache folder (env: BENCH_CACHE_DIR; default ~/.cache/robustness-bench).",
-)
+@cache_dir_option
 @click.option("--datasets", is_flag=True, help="Also remove decoded datasets (they are decoded again when needed).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def cache_clear(cache_dir, datasets, yes):
@@ -430,17 +411,6 @@ def load_plugins():
     from bench.registry import load_plugins as load
 
     return load()
-
-
-def _plain(value):
-    return getattr(value, "value", value)
-
-
-def _report_problems(registry) -> None:
-    if registry.problems:
-        click.echo("\nPlugins that failed to load:", err=True)
-        for problem in registry.problems:
-            click.echo(f"  {problem.plugin} ({problem.package}): {problem.message}", err=True)
 
 
 if __name__ == "__main__":

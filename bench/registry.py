@@ -31,7 +31,7 @@ from bench.errors import BenchError, PluginLoadError, UnknownPluginError, did_yo
 from bench.models import Model
 from bench.options import check_options_class
 
-ENTRY_POINT_GROUP = "robustness_bench"
+ENTRY_POINT_GROUP = hookspecs.PROJECT  # the entry-point group plugins register in
 KINDS: dict[str, type] = {
     "dataset": Dataset,
     "model": Model,

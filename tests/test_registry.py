@@ -1,5 +1,6 @@
 """Plugin discovery: the built-ins, a third-party package installed with pip, broken plugins."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -119,6 +120,48 @@ def test_bench_plugins_lists_problems_without_failing(broken_site):
     assert result.returncode == 0, result.stderr
     assert "badnets" in result.stdout and "dupe_ok" in result.stdout
     assert "broken_import (broken-import): failed to load" in result.stderr
+
+
+CATALOG_PROBE = (
+    "import sys, json; from bench.catalog import catalog; found = catalog(); "
+    "print(json.dumps({'torch': 'torch' in sys.modules, "
+    "'descriptions': {p['name']: p['description'] for p in found['plugins']}}))"
+)
+
+
+def catalog_in_subprocess(site: Path, cache: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path]), "BENCH_CACHE_DIR": str(cache)}
+    result = subprocess.run([sys.executable, "-c", CATALOG_PROBE], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_bench_plugins_answers_from_its_catalog_until_a_plugin_changes(tmp_path):
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    site.mkdir()
+    source = """
+        import bench
+
+        class Blur(bench.Defense):
+            name = "blur"
+            description = "DESCRIPTION"
+
+            def apply(self, model, bonafide, ctx):
+                return model
+
+        @bench.hookimpl
+        def register_defenses(register):
+            register(Blur)
+        """
+    fake_distribution(
+        site, "bench-blur", {"bench_blur": source.replace("DESCRIPTION", "first")}, {"blur": "bench_blur"}
+    )
+    first = catalog_in_subprocess(site, cache)
+    assert first["torch"] and first["descriptions"]["blur"] == "first"  # loaded: plugin modules import torch
+    again = catalog_in_subprocess(site, cache)
+    assert not again["torch"] and again["descriptions"] == first["descriptions"]  # from the cache, no torch
+    (site / "bench_blur.py").write_text(textwrap.dedent(source.replace("DESCRIPTION", "second, edited")))
+    assert catalog_in_subprocess(site, cache)["descriptions"]["blur"] == "second, edited"
 
 
 def test_third_party_package_installed_with_pip_is_discovered_and_runs(tmp_path):
