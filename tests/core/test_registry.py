@@ -21,7 +21,9 @@ BUILT_INS = {
     "attack": {"badnets"},
     "defense": {"none", "finetune"},
 }
-EXAMPLE = Path(__file__).parent.parent / "examples" / "bench-median-filter"
+# Every test here installs or fakes plugin packages of its own.
+pytestmark = pytest.mark.third_party_plugins
+EXAMPLE = Path(__file__).parent.parent.parent / "examples" / "bench-median-filter"
 
 
 def test_built_ins_load_through_the_entry_point_group(registry):
@@ -366,3 +368,19 @@ def test_the_example_plugin_refuses_an_even_kernel_when_the_suite_is_read(tmp_pa
 
     with pytest.raises(OptionError, match="s.toml: defenses.0.: kernel must be odd, got 4"):
         parse_options(bench_median_filter.MedianFilter.Options, {"kernel": 4}, "s.toml: defenses[0]")
+
+
+@pytest.mark.third_party_plugins  # (the module's mark, restated: this test checks what it switches)
+def test_unmarked_tests_see_only_this_projects_plugins(tmp_path, monkeypatch, request):
+    """What tests/conftest.py does for every test without the mark: an installed third-party
+    package's plugins are not loaded, the built-ins are."""
+    from conftest import BUILTIN_ENTRY_POINTS
+
+    fake_distribution(tmp_path, "stray", {"stray_plugin": "import bench\n"}, {"stray": "stray_plugin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    installed = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    assert "stray" in {ep.name for ep in installed}
+    monkeypatch.setenv("BENCH_LOAD_PLUGINS", BUILTIN_ENTRY_POINTS)
+    registry = build_registry(installed)
+    assert {p.package for p in registry.all()} == {"robustness-bench"} and registry.names("analysis")
+    assert not registry.problems

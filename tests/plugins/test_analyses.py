@@ -301,6 +301,7 @@ def _third_party_registry(tmp_path, monkeypatch):
     return build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
+@pytest.mark.third_party_plugins
 def test_a_third_party_analysis_is_discovered_and_runs_like_a_built_in(tmp_path, monkeypatch, one_cpu_thread):
     registry = _third_party_registry(tmp_path, monkeypatch)
     info = registry.get("analysis", "seed_spread")

@@ -15,6 +15,7 @@ from bench.store import ResultStore
 from bench.testing import write_suite
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.third_party_plugins  # the jobs use a plugin package of the test's own
 
 QUICK = [
     {"name": "finetune", "epochs": 1, "samples_per_epoch": 0},

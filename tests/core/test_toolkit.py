@@ -1,5 +1,6 @@
 """The public plugin API: `bench` and `bench.toolkit`, and the built-ins use nothing else."""
 
+import os
 import ast
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import bench
 import bench.toolkit
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parent.parent.parent
 PUBLIC = {"bench", "bench.toolkit"}
 
 
@@ -57,3 +58,10 @@ def test_the_data_flows_one_way(module, never):
     """suite -> expansion -> jobs -> preflight/stages (with artifacts) -> store -> report: a
     module never imports one downstream of it, so a job runs without the store or the registry."""
     assert not bench_imports(ROOT / "bench" / f"{module}.py") & never
+
+
+def test_a_test_without_the_third_party_mark_loads_only_this_projects_plugins():
+    from conftest import BUILTIN_ENTRY_POINTS
+
+    assert os.environ["BENCH_LOAD_PLUGINS"] == BUILTIN_ENTRY_POINTS
+    assert {"digits", "sap", "robust_path"} <= set(BUILTIN_ENTRY_POINTS.split(","))

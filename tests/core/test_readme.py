@@ -4,7 +4,7 @@ from pathlib import Path
 
 from bench import hookspecs
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parent.parent.parent
 README = (ROOT / "README.md").read_text()
 TEST_COMMAND = "pip install -c constraints.txt -e '.[test]' && pytest"
 
