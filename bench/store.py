@@ -357,16 +357,8 @@ class ResultStore:
             results = [dict(r) for r in self._db.execute(query, (suite,) if suite else ())]
         finally:
             self._db.row_factory = None
-        for r in results:
-            for key in ("config", "metrics", "metric_info", "series", "figures", "timings", "versions", "notes"):
-                try:
-                    r[key] = json.loads(r[key])
-                except (TypeError, ValueError):
-                    raise BenchError(
-                        f"{self.path}: the {key} of analysis {r['job_key']} is not valid JSON; the "
-                        "store was changed outside robustness-bench"
-                    ) from None
-        return results
+        keys = ("config", "metrics", "metric_info", "series", "figures", "timings", "versions", "notes")
+        return [self._decoded(r, keys, "analysis") for r in results]
 
     def rows(self, suite: str | None = None) -> list[dict]:
         """All results (of one suite, if given), each with its metrics under 'metrics'."""
@@ -381,12 +373,20 @@ class ResultStore:
             self._db.row_factory = None
         for r in results:
             r["metrics"] = metrics.get(r["job_key"], {})
-            for key in ("config", "timings", "versions", "metric_info", "series", "notes"):
-                try:
-                    r[key] = json.loads(r[key])
-                except (TypeError, ValueError):
-                    raise BenchError(
-                        f"{self.path}: the {key} of job {r['job_key']} is not valid JSON; the store "
-                        "was changed outside robustness-bench"
-                    ) from None
-        return results
+        return [
+            self._decoded(r, ("config", "timings", "versions", "metric_info", "series", "notes"), "job")
+            for r in results
+        ]
+
+    def _decoded(self, row: dict, keys: tuple[str, ...], what: str) -> dict:
+        """`row` with its JSON columns `keys` decoded; a column that is not JSON is an error
+        naming the store, the column and the row."""
+        for key in keys:
+            try:
+                row[key] = json.loads(row[key])
+            except (TypeError, ValueError):
+                raise BenchError(
+                    f"{self.path}: the {key} of {what} {row['job_key']} is not valid JSON; the store "
+                    "was changed outside robustness-bench"
+                ) from None
+        return row

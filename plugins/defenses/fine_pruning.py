@@ -31,7 +31,6 @@ each step tried) and `pruned_channels` (in pruning order), and the value `pruned
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ from torch import nn
 import bench
 from bench import BenchError
 from bench.toolkit import clean_accuracy, to_model_input
-from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH, train_classifier
+from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH
+from bench_plugins.defenses.finetune import fine_tune
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU)
 
@@ -182,26 +182,8 @@ class FinePruning(bench.Defense):
         masked.mask[pruned] = 0.0
 
         if o.epochs > 0:
-            recipe = dataclasses.replace(
-                ctx.recipe,
-                epochs=o.epochs,
-                lr=o.lr,
-                batch_size=o.batch_size,
-                weight_decay=o.weight_decay,
-                warmup_fraction=0.0,
-                augment=o.augment and ctx.recipe.augment,
-            )
-            train_classifier(
-                model,
-                bonafide,
-                recipe,
-                ctx,
-                flip=ctx.horizontal_flip,
-                stream="fine_pruning",
-                desc="fine_pruning: fine-tune",
-                samples_per_epoch=o.samples_per_epoch,
-                cosine_schedule=True,
-                nesterov=False,
+            fine_tune(
+                model, bonafide, ctx, o, stream="fine_pruning", desc="fine_pruning: fine-tune", cosine_schedule=True
             )
         model.eval()
         accuracy_at = {count: acc for count, acc in steps}

@@ -43,31 +43,34 @@ class FineTune(bench.Defense):
         )
 
     def apply(self, model, bonafide, ctx):
-        o = self.options
-        recipe = dataclasses.replace(
-            ctx.recipe,
-            epochs=o.epochs,
-            lr=o.lr,
-            batch_size=o.batch_size,
-            weight_decay=o.weight_decay,
-            warmup_fraction=0.0,
-            augment=o.augment and ctx.recipe.augment,
-        )
-        train_classifier(
-            model,
-            bonafide,
-            recipe,
-            ctx,
-            flip=ctx.horizontal_flip,
-            stream="finetune",
-            desc="finetune",
-            samples_per_epoch=o.samples_per_epoch,
-            reference_schedule=True,
-            nesterov=False,
-        )
+        fine_tune(model, bonafide, ctx, self.options, stream="finetune", desc="finetune", reference_schedule=True)
         return model
 
 
-@bench.hookimpl
-def register_defenses(register):
-    register(FineTune)
+def fine_tune(model, bonafide, ctx, options, *, stream: str, desc: str, **schedule) -> None:
+    """Train `model` on the bonafide images with plain momentum (the references' SGD), the
+    options' `epochs` of `samples_per_epoch`, `lr`, `batch_size`, `weight_decay` and `augment`
+    (only where the model's recipe augments), no warm-up; `schedule` picks the learning-rate
+    schedule (`reference_schedule=True` or `cosine_schedule=True`). Shared with
+    `fine_pruning`'s fine-tuning."""
+    recipe = dataclasses.replace(
+        ctx.recipe,
+        epochs=options.epochs,
+        lr=options.lr,
+        batch_size=options.batch_size,
+        weight_decay=options.weight_decay,
+        warmup_fraction=0.0,
+        augment=options.augment and ctx.recipe.augment,
+    )
+    train_classifier(
+        model,
+        bonafide,
+        recipe,
+        ctx,
+        flip=ctx.horizontal_flip,
+        stream=stream,
+        desc=desc,
+        samples_per_epoch=options.samples_per_epoch,
+        nesterov=False,
+        **schedule,
+    )
