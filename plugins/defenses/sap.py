@@ -72,7 +72,7 @@ def prune_rows(flat: torch.Tensor, draws: int, generator: torch.Generator | None
     """`prune_activations` on a [rows, units] float32 block."""
     magnitude = flat.abs()
     total = magnitude.sum(dim=1, keepdim=True).clamp_min(1e-30)
-    kept = draw_units(magnitude, draws, generator)
+    kept = draw_units(magnitude.detach(), draws, generator)  # the draws carry no gradient
     # 1 - (1 - p)^r, accurate for tiny p; floored so that an all-zero row gives 0 / floor = 0.
     keep_probability = torch.expm1(torch.log1p(magnitude / -total) * draws).neg().clamp_min(1e-30)
     return torch.where(kept, flat / keep_probability, 0)

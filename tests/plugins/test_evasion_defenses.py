@@ -12,6 +12,7 @@ from bench.training import train_classifier
 from bench_plugins.attacks.pgd import PGD
 from bench_plugins.datasets.digits import Digits
 from bench_plugins.defenses.adversarial_training import AdversarialTraining, Method
+import bench_plugins.defenses.sap
 from bench_plugins.defenses.sap import SAP, StochasticallyPruned, prune_activations
 from bench_plugins.models.preact_resnet18 import PreActResNet18
 from bench_plugins.models.small_cnn import SmallCNN
@@ -71,6 +72,19 @@ def test_sap_draws_have_the_joint_law_of_draws_with_replacement():
     q = 1 - (1 - p) ** draws
     assert ((kept.double().mean(dim=0) - q).abs() <= 5 * (q * (1 - q) / samples).sqrt() + 1e-9).all()
     assert not kept[:, 8:48].any() and kept.sum(dim=1).max() <= draws
+
+
+def test_sap_draws_from_detached_activations(monkeypatch):
+    """The draws carry no gradient: built on activations that require one, their graph was
+    never freed (memory grew by the batch's size at every attack step)."""
+    seen = []
+    draw = bench_plugins.defenses.sap.draw_units
+    monkeypatch.setattr(
+        bench_plugins.defenses.sap, "draw_units", lambda w, r, g: seen.append(w.requires_grad) or draw(w, r, g)
+    )
+    h = ACTIVATION.expand(4, -1).clone().requires_grad_()
+    prune_activations(h, 1.0, torch.Generator().manual_seed(0)).sum().backward()
+    assert seen == [False] and h.grad is not None and h.grad.abs().sum() > 0
 
 
 def test_sap_scales_kept_units_exactly():
