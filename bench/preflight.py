@@ -38,25 +38,32 @@ def preflight(suite: Suite, jobs: list[Job | AnalysisJob], env: JobEnvironment) 
             except BenchError as exc:
                 raise SuiteError(f"{where}: {exc}") from None
             checked.add((job.dataset.label, job.attack.label))
-        model_id = (job.dataset.label, job.model.label)
-        if model_id not in models:
-            with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the RNG as it was
-                models[model_id] = (build_model(job, splits).eval(), torch.zeros(2, *splits.train.x.shape[1:]))
-        for spec in (job.attack, job.defense):
-            if (*model_id, spec.kind, spec.label) in checked:
-                continue
-            try:
-                spec.instantiate().check_model(*models[model_id])
-            except BenchError as exc:
-                raise SuiteError(
-                    f"{suite.path}: model '{job.model.label}', {spec.kind} '{spec.label}': {exc}"
-                ) from None
-            checked.add((*model_id, spec.kind, spec.label))
+        _check_specs(suite, job, splits, (job.attack, job.defense), models, checked, "")
         pool = bonafide_pool_size(splits, job.bonafide_source, attack.withheld_training_images(splits))
         try:
             check_bonafide_size(job.bonafide_size, pool, job.bonafide_source)
         except BenchError as exc:
             raise SuiteError(f"{where}: [suite].{exc}") from None
+
+
+def _check_specs(suite: Suite, job, splits, specs, models: dict, checked: set, context: str) -> None:
+    """Each plugin's `check_model` on the job's untrained model (built once per dataset x model)
+    and two blank images, once per model and plugin spec; a refusal names the suite, the model,
+    `context` and the plugin."""
+    model_id = (job.dataset.label, job.model.label)
+    if model_id not in models:
+        with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the RNG as it was
+            models[model_id] = (build_model(job, splits).eval(), torch.zeros(2, *splits.train.x.shape[1:]))
+    for spec in specs:
+        if (*model_id, spec.kind, spec.label) in checked:
+            continue
+        try:
+            spec.instantiate().check_model(*models[model_id])
+        except BenchError as exc:
+            raise SuiteError(
+                f"{suite.path}: model '{job.model.label}', {context}{spec.kind} '{spec.label}': {exc}"
+            ) from None
+        checked.add((*model_id, spec.kind, spec.label))
 
 
 def _check_analysis(suite: Suite, job: AnalysisJob, env: JobEnvironment, checked: set, models: dict) -> None:
@@ -67,22 +74,8 @@ def _check_analysis(suite: Suite, job: AnalysisJob, env: JobEnvironment, checked
         raise SuiteError(f"{where}: {exc}") from None
     except Exception as exc:
         raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
-    model_id = (job.dataset.label, job.model.label)
-    if model_id not in models:
-        with torch.random.fork_rng(devices=[]):
-            models[model_id] = (build_model(job, splits).eval(), torch.zeros(2, *splits.train.x.shape[1:]))
     specs = [job.analysis] + [need.defense for _, need in job.needs]
-    for spec in specs:
-        if (*model_id, spec.kind, spec.label) in checked:
-            continue
-        try:
-            spec.instantiate().check_model(*models[model_id])
-        except BenchError as exc:
-            raise SuiteError(
-                f"{suite.path}: model '{job.model.label}', analysis '{job.analysis.label}', "
-                f"{spec.kind} '{spec.label}': {exc}"
-            ) from None
-        checked.add((*model_id, spec.kind, spec.label))
+    _check_specs(suite, job, splits, specs, models, checked, f"analysis '{job.analysis.label}', ")
     for name, need in job.needs:
         if not need.defense.cls.uses_bonafide or need.bonafide_size == 0:
             continue

@@ -4,6 +4,7 @@ only whole results behind and resumes from them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -294,21 +295,12 @@ class ResultStore:
             "started_at": outcome.started_at,
             "finished_at": outcome.finished_at,
         }
-        columns = ", ".join(row)
-        placeholders = ", ".join(f":{k}" for k in row)
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute("DELETE FROM claims WHERE job_key = ?", (job.key,))
+        with self._recording(job.key, "results", row):
             self._db.execute("DELETE FROM metrics WHERE job_key = ?", (job.key,))
-            self._db.execute(f"INSERT OR REPLACE INTO results ({columns}) VALUES ({placeholders})", row)
             self._db.executemany(
                 "INSERT INTO metrics (job_key, name, value) VALUES (?, ?, ?)",
                 [(job.key, k, float(v)) for k, v in outcome.metrics.items()],
             )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def _record_analysis(self, job, outcome: Outcome) -> None:
         row = {
@@ -336,12 +328,20 @@ class ResultStore:
             "started_at": outcome.started_at,
             "finished_at": outcome.finished_at,
         }
+        with self._recording(job.key, "analyses", row):
+            pass  # nothing besides the row
+
+    @contextlib.contextmanager
+    def _recording(self, job_key: str, table: str, row: dict):
+        """One transaction: the job's claim released, `row` written to `table`, and whatever the
+        body adds; all of it or, on any error, none."""
         columns = ", ".join(row)
         placeholders = ", ".join(f":{k}" for k in row)
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("DELETE FROM claims WHERE job_key = ?", (job.key,))
-            self._db.execute(f"INSERT OR REPLACE INTO analyses ({columns}) VALUES ({placeholders})", row)
+            self._db.execute("DELETE FROM claims WHERE job_key = ?", (job_key,))
+            self._db.execute(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({placeholders})", row)
+            yield
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")

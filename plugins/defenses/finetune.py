@@ -74,3 +74,8 @@ def fine_tune(model, bonafide, ctx, options, *, stream: str, desc: str, **schedu
         nesterov=False,
         **schedule,
     )
+
+
+@bench.hookimpl
+def register_defenses(register):
+    register(FineTune)

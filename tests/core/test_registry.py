@@ -384,3 +384,11 @@ def test_unmarked_tests_see_only_this_projects_plugins(tmp_path, monkeypatch, re
     registry = build_registry(installed)
     assert {p.package for p in registry.all()} == {"robustness-bench"} and registry.names("analysis")
     assert not registry.problems
+
+
+def test_a_plugin_module_without_hooks_is_reported(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "hookless", {"hookless_plugin": "import bench\n"}, {"hookless": "hookless_plugin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    problems = {p.plugin: p for p in build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)).problems}
+    assert "implements none of the hooks (register_analyses, register_attacks" in problems["hookless"].message
+    assert "it registers nothing" in problems["hookless"].message
