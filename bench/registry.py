@@ -207,9 +207,9 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
             registry.problems.append(LoadProblem(ep.name, package, f"invalid hook: {exc}{hints}"))
             continue
         if not pm.get_hookcallers(module):
-            hook_names = ", ".join(name for name in dir(hookspecs) if name.startswith("register_"))
+            hooks = ", ".join(name for name in dir(hookspecs) if name.startswith("register_"))
             registry.problems.append(
-                LoadProblem(ep.name, package, f"implements none of the hooks ({hook_names}): it registers nothing")
+                LoadProblem(ep.name, package, f"implements none of the hooks ({hooks}): it registers nothing")
             )
         origin[ep.name] = (package, version)
         if trace:

@@ -28,40 +28,42 @@ import bench
 from bench.toolkit import Norm, is_stochastic, pgd_attack, robust_accuracy, to_model_input
 
 
-def margin(a: float, b: float, images: int) -> float:
-    """Two standard errors of the difference of two accuracies a and b measured on `images`
-    images: differences within it are sampling noise."""
-    return 2 * ((a * (1 - a) + b * (1 - b)) / max(images, 1)) ** 0.5
+def paired_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of a - b over images, for per-image accuracies (correct passes /
+    passes) of two attacks on the same images: a paired comparison, so the images' own
+    difficulty cancels."""
+    difference = (a - b).double()
+    return float(difference.mean()), float(difference.std() / len(difference) ** 0.5) if len(difference) > 1 else 0.0
 
 
-def budget_findings(records: list[dict], defense: str, images: int) -> list[bench.Finding]:
-    """Athalye et al.'s findings on this run: under EOT the defense is no more robust than the
-    undefended model (at the largest eps, within two standard errors), and a plain one-sample
-    attack overstates it (plain above EOT by more than two standard errors at some eps)."""
-    at = {(r["eps"], r["attack"]): r["robust_acc"] for r in records}
-    top = max(r["eps"] for r in records)
-    eot, undefended = at[(top, "defended, EOT-PGD")], at[(top, "undefended")]
+def budget_findings(per_image: dict[tuple[float, str], torch.Tensor], defense: str) -> list[bench.Finding]:
+    """Athalye et al.'s findings on this run, from per-image accuracies by (eps, attack): under
+    EOT the defense is no more robust than the undefended model (at the largest eps, its EOT
+    accuracy above the undefended one by at most two standard errors of the paired difference),
+    and a plain one-sample attack overstates it (plain above EOT by more than two standard
+    errors at some eps)."""
+    budgets = sorted({eps for eps, _ in per_image})
+    top = budgets[-1]
+    above, above_error = paired_gap(per_image[(top, "defended, EOT-PGD")], per_image[(top, "undefended")])
     gaps = {
-        eps: at[(eps, "defended, plain PGD")] - at[(eps, "defended, EOT-PGD")]
-        for eps in sorted({r["eps"] for r in records})
+        eps: paired_gap(per_image[(eps, "defended, plain PGD")], per_image[(eps, "defended, EOT-PGD")])
+        for eps in budgets
     }
-    overstated = [
-        eps
-        for eps, gap in gaps.items()
-        if gap > margin(at[(eps, "defended, plain PGD")], at[(eps, "defended, EOT-PGD")], images)
-    ]
+    images = len(per_image[(top, "undefended")])
     return [
         bench.Finding(
             f"Under EOT-PGD, {defense} is no more robust than the undefended model (Athalye et al. measured SAP at "
             "about 9% at eps 0.015 and 0% at 0.031 on CIFAR-10).",
-            eot <= undefended + margin(eot, undefended, images),
-            f"at eps {top:g}: {100 * eot:.1f}% under EOT against {100 * undefended:.1f}% undefended, {images} images",
+            above <= 2 * above_error,
+            f"at eps {top:g}, {images} images: {100 * float(per_image[(top, 'defended, EOT-PGD')].mean()):.1f}% under "
+            f"EOT against {100 * float(per_image[(top, 'undefended')].mean()):.1f}% undefended "
+            f"({100 * above:+.1f} ± {100 * above_error:.1f} points)",
         ),
         bench.Finding(
             f"A plain one-sample attack overstates {defense}.",
-            bool(overstated),
+            any(gap > 2 * error for gap, error in gaps.values()),
             "plain minus EOT accuracy by eps: "
-            + ", ".join(f"{eps:g}: {100 * gap:+.1f} points" for eps, gap in gaps.items()),
+            + ", ".join(f"{eps:g}: {100 * gap:+.1f} ± {100 * error:.1f} points" for eps, (gap, error) in gaps.items()),
         ),
     ]
 
@@ -108,6 +110,7 @@ class BudgetCurve(bench.Analysis):
             evaluation = evaluation.subset(torch.arange(min(o.images, len(evaluation)), device=evaluation.y.device))
         probe = to_model_input(evaluation.x[:8])
         records = []
+        per_image: dict[tuple[float, str], torch.Tensor] = {}  # accuracy over passes, by (eps, attack)
         for eps in sorted(set(o.eps)):
             for name, model, eot in (
                 ("undefended", models["undefended"], 1),
@@ -145,6 +148,7 @@ class BudgetCurve(bench.Analysis):
                     autocast=ctx.autocast,
                 )
                 accuracy = float(counts.correct.sum()) / (len(evaluation) * counts.passes)
+                per_image[(eps, name)] = counts.correct.float().cpu() / counts.passes
                 records.append({"eps": eps, "attack": name, "robust_acc": accuracy, "stochastic": int(stochastic)})
         top = max(o.eps)
         at_top = {r["attack"]: r["robust_acc"] for r in records if r["eps"] == top}
@@ -164,7 +168,7 @@ class BudgetCurve(bench.Analysis):
                 ylabel="accuracy (%)",
             )
         ]
-        findings = budget_findings(records, o.defense, len(evaluation))
+        findings = budget_findings(per_image, o.defense)
         return bench.AnalysisResult(values=values, series={"curve": records}, figures=figures, findings=findings)
 
 

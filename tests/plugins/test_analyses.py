@@ -106,16 +106,20 @@ def test_findings_follow_their_rules():
         path([1.0, 1.02, 0.5]), {"curve": 0.02, "line": 0.0}, {"pearson_curve": 0.9, "pearson_line": 0}
     )[0].shown
 
-    def curve(undefended, plain, eot, eps=0.03):
-        return [
-            {"eps": eps, "attack": "undefended", "robust_acc": undefended},
-            {"eps": eps, "attack": "defended, plain PGD", "robust_acc": plain},
-            {"eps": eps, "attack": "defended, EOT-PGD", "robust_acc": eot},
-        ]
+    def per_image(undefended, plain, eot, eps=0.03):  # correct images among 100, by index range
+        return {
+            (eps, attack): (torch.arange(100) < correct).float()
+            for attack, correct in (
+                ("undefended", undefended),
+                ("defended, plain PGD", plain),
+                ("defended, EOT-PGD", eot),
+            )
+        }
 
-    no_more_robust, overstated = budget_findings(curve(0.10, 0.40, 0.11), "sap", 1000)
-    assert no_more_robust.shown and overstated.shown  # 1 point above is within two standard errors
-    no_more_robust, overstated = budget_findings(curve(0.10, 0.21, 0.20), "sap", 1000)
+    no_more_robust, overstated = budget_findings(per_image(10, 40, 11), "sap")
+    assert no_more_robust.shown and overstated.shown  # one image more is within two paired standard errors
+    assert "11.0% under EOT against 10.0% undefended (+1.0 ± 1.0 points)" in no_more_robust.evidence
+    no_more_robust, overstated = budget_findings(per_image(10, 21, 20), "sap")
     assert not no_more_robust.shown and not overstated.shown
 
     def stitched(robust_to_regular, regular_to_robust):
