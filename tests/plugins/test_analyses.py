@@ -3,6 +3,7 @@ the kind run end to end through suites, the store, the report and the model cach
 
 import copy
 import importlib.metadata
+import json
 
 import numpy as np
 import pytest
@@ -174,6 +175,10 @@ def test_an_analysis_suite_runs_stores_reports_and_resumes(tmp_path, one_cpu_thr
     claims = [line for line in text.splitlines() if "**This run: " in line]
     assert len(claims) == 6 and all("(1/1 seeds; seed 0: " in c or "(0/1 seeds; seed 0: " in c for c in claims)
     assert any("adversarial (PGD) loss has a barrier" in c and "on the line; PGD loss at the ends" in c for c in claims)
+    as_json = CliRunner().invoke(main, ["report", str(tmp_path / "results.db"), "--format", "json"])
+    findings = {a["analysis"].split("(")[0]: a["findings"] for a in json.loads(as_json.output)["analyses"]}
+    assert sorted(findings) == ["budget_curve", "robust_path", "stitching"]
+    assert all(len(f) == 2 and f[0]["seeds"][0]["seed"] == 0 for f in findings.values())
     figures = list((tmp_path / "board" / "analyses-figures").glob("analysis-*.png"))
     assert len(figures) == 1 + 3 + 4  # budget curve, three along the paths, one per stitching pair
     again = CliRunner().invoke(
