@@ -3,7 +3,8 @@ Ramamurthy & Lin, ICLR 2020, the evasion part of the MCR paper).
 
 Two models of the same architecture and seed: `regular` (trained on clean data) and `robust`
 (the regular model's architecture trained by the `adversarial_training` defense with PGD on
-`robust_images` training images; from scratch by default). A curve between them is trained on
+`robust_images` training images; from scratch by default, on that defense's SGD schedule, not
+the paper's). A curve between them is trained on
 clean training images with MCR's curve code (`curve`: Bezier or polygonal chain; the reference's
 budget is `epochs` of `samples_per_epoch` samples); the straight line between them is the
 baseline path. At each of `path_points` points t of both paths, on the evaluation images:
