@@ -166,8 +166,9 @@ class ResultStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._check_version()
-        self._db.executescript(SCHEMA)  # creates what an older store lacks; changes nothing else
-        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        # Creates what an older store lacks and changes nothing else, in one transaction: a second
+        # process opening the same new store sees no tables or all of them, never some.
+        self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
     def close(self) -> None:
         self._db.close()
