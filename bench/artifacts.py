@@ -21,11 +21,10 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 import filelock
 import torch
@@ -38,7 +37,7 @@ from bench.data import DatasetSplits, ImageData
 from bench.defenses import Defended
 from bench.errors import BenchError
 from bench.jobs import AnalysisJob, BonafideSource, Job, content_hash
-from bench.locations import cache_root
+from bench.locations import cache_root, write_atomically
 from bench.models import Classifier, InputShape
 from bench.training import train_classifier
 
@@ -48,23 +47,6 @@ def cache_dir() -> Path:
     path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None], *, fsync: bool = False) -> None:
-    """Call `write(handle)` on a unique temporary file beside `path`, then rename it into place:
-    a reader never sees half a file, two writers never share a temporary file, and a killed
-    writer leaves only a `*.tmp` file (removed by `remove_stale_temporaries`)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_arrays_atomically(path: Path, arrays: dict) -> None:

@@ -24,12 +24,11 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.hookspecs import PROJECT as ENTRY_POINT_GROUP  # bench.registry.ENTRY_POINT_GROUP
-from bench.locations import cache_root
+from bench.locations import cache_root, write_atomically
 
 CATALOG_FILE = "plugins.json"
 
@@ -51,9 +50,7 @@ def catalog(root: Path | None = None, reload: bool = False) -> dict[str, Any]:
     fresh = describe_registry(load_plugins())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-            json.dump({"fingerprint": stamp, **fresh}, handle)
-        os.replace(handle.name, path)
+        write_atomically(path, lambda handle: handle.write(json.dumps({"fingerprint": stamp, **fresh}).encode()))
     except OSError:
         pass  # a read-only cache folder costs speed, not correctness
     return fresh
@@ -73,6 +70,7 @@ def describe_registry(registry) -> dict[str, Any]:
                 "description": p.description,
                 "paper": p.cls.paper,
                 "code": p.cls.code,
+                # through JSON and back, so that a fresh catalog prints exactly as a cached one
                 "options": [
                     json.loads(json.dumps({**o, "default": _plain(o["default"]), "choices": _choices(o["choices"])}))
                     for o in describe(p.cls.Options)

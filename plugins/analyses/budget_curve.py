@@ -147,8 +147,8 @@ class BudgetCurve(bench.Analysis):
                     batch_size=ctx.eval_batch_size,
                     autocast=ctx.autocast,
                 )
-                accuracy = float(counts.correct.sum()) / (len(evaluation) * counts.passes)
                 per_image[(eps, name)] = counts.correct.float().cpu() / counts.passes
+                accuracy = float(per_image[(eps, name)].mean())
                 records.append({"eps": eps, "attack": name, "robust_acc": accuracy, "stochastic": int(stochastic)})
         top = max(o.eps)
         at_top = {r["attack"]: r["robust_acc"] for r in records if r["eps"] == top}
