@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import filelock
 import torch
@@ -252,7 +252,14 @@ def model_key(job: Job, seed: int, splits: DatasetSplits, device: torch.device) 
     )
 
 
-def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironment) -> tuple[nn.Module, dict, bool]:
+class AttackedModel(NamedTuple):
+    model: nn.Module
+    attack_state: dict
+    cache_hit: bool
+    train_seconds: float  # what building it took when it was built (stored with the cache entry)
+
+
+def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironment) -> AttackedModel:
     """The model trained (on poisoned data) and tampered with as the job's attack says, for
     `seed`: built once and then read from the cache, by this and every later job."""
     attack: Attack | None = job.attack.instantiate() if job.attack is not None and job.changes_model else None
@@ -260,6 +267,7 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
     attack_ctx = make_context(job, env, splits)  # the attack draws with the job's seed
 
     def create() -> dict[str, Any]:
+        start = time.perf_counter()
         # Whether this runs (cache miss) or not (hit) must not change what the caller draws next.
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
             ctx.seed_global_rng("model")
@@ -272,19 +280,20 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
             )
             if attack is not None and attack.stage is Stage.POST_TRAINING:
                 if seed != job.seed:  # a second model of this job carries the job's own tampering
-                    state = {**attacked_model(job, job.seed, splits, env)[1], **state}
+                    state = {**attacked_model(job, job.seed, splits, env).attack_state, **state}
                 state = attack.tamper(model, splits, attack_ctx, state)
         return {
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "attack_state": to_device(state, "cpu"),
             "train_losses": losses,
+            "train_seconds": round(time.perf_counter() - start, 4),
         }
 
     value, hit = env.cache.get_or_create("models", model_key(job, seed, splits, env.device), create)
     model = build_model(job, splits)
     model.load_state_dict(value["state_dict"])
     model = ctx.prepare(model).eval()
-    return model, to_device(value["attack_state"], env.device), hit
+    return AttackedModel(model, to_device(value["attack_state"], env.device), hit, value.get("train_seconds", 0.0))
 
 
 def defended_key(job: Job, splits: DatasetSplits, device: torch.device) -> str:
@@ -337,13 +346,15 @@ def defended_model(
     splits: DatasetSplits,
     env: JobEnvironment,
     defense_ctx: DefenseContext,
+    extra_seconds: Callable[[], float] = lambda: 0.0,
 ) -> tuple[Defended, float | None]:
     """The job's defense applied to (a copy of) `model`, or read from the cache: a defended model
     with the attacked model's structure (fine-tuning, adversarial training) is stored under
     `defended_key` with its series, values and defense seconds, so a leaderboard job and an
     analysis that need the same defended model build it once. Returns (the result, the stored
     defense seconds on a cache hit, else None). Wrappers (stochastic defenses, masks) and
-    defenses that yield points are not cached."""
+    defenses that yield points are not cached. `extra_seconds` says what to add to the time
+    `apply` took for the cost it does not show (further attacked models read from the cache)."""
     defense = job.defense.instantiate()
     if defense.returns_model_unchanged:
         return as_defended(defense.apply(copy.deepcopy(model), bonafide, defense_ctx), defense), None
@@ -368,7 +379,7 @@ def defended_model(
             return hit
         start = time.perf_counter()
         result = as_defended(defense.apply(copy.deepcopy(model), bonafide, defense_ctx), defense)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + extra_seconds()
         if result.points is None and _same_structure(result.model, model):
             env.cache.put(
                 "defended",

@@ -161,7 +161,11 @@ class FinePruning(bench.Defense):
         )
         batch_size: int = bench.option(256, "fine-tuning images per step", min=1)
         weight_decay: float = bench.option(5e-4, "fine-tuning L2 weight decay", min=0)
-        augment: bool = bench.option(True, "fine-tune with the model's training augmentation, when its recipe augments")
+        augment: bool = bench.option(
+            False,
+            "fine-tune with the model's training augmentation, when its recipe augments; off by default, "
+            "as for finetune and mcr (the MCR reference's), so the three repair defenses train alike",
+        )
 
     def check_model(self, model, sample):
         find_prune_point(model, sample, self.options.layer)

@@ -19,8 +19,12 @@ defender does not have). The returned model is the point at `t`; the pipeline al
 Choosing t: the paper reads it off the path plot, and BackdoorBench evaluates t = 0.1..0.9
 without fixing one; a defender who does not know the trigger can only use clean data. The
 default `clean_rule` holds out `holdout_fraction` of the bonafide images from curve training,
-measures every path point's accuracy on them, and returns the point farthest from both
-endpoints whose held-out accuracy is within `max_accuracy_drop` of the worse endpoint's. Scored
+measures every path point on them, and returns the point farthest from both endpoints whose
+held-out accuracy is not significantly below the better endpoint's: a one-sided exact McNemar
+test on the same held-out images at `significance` (0.05). A fixed tolerance cannot work here:
+with 100 bonafide images 20 are held out, so a 2-point tolerance is 0.4 of an image; the test
+says what the held-out set can resolve (with 20 images, little). Every point's held-out
+accuracy and p-value are stored (series `mcr_path_held_out`) beside the test-set path. Scored
 on the images the bend was trained on, every mid-path point fits them and the rule would always
 return t = 0.5, where clean accuracy on unseen images dips most. `fixed` returns `t` (studies).
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +48,7 @@ from torch.func import functional_call
 
 import bench
 from bench import BenchError
-from bench.toolkit import clean_accuracy, to_model_input
+from bench.toolkit import predict, to_model_input
 from bench.toolkit import (
     REFERENCE_SAMPLES_PER_EPOCH,
     epoch_order,
@@ -163,12 +168,26 @@ def curve_point(
     return point
 
 
-def farthest_acceptable_t(accuracies: dict[float, float], max_accuracy_drop: float) -> float:
-    """The t farthest from both endpoints (0 and 1) whose accuracy is at least the worse
-    endpoint's minus `max_accuracy_drop`; among equally far points, the more accurate one."""
-    floor = min(accuracies[0.0], accuracies[1.0]) - max_accuracy_drop
-    eligible = [t for t, accuracy in accuracies.items() if accuracy >= floor - 1e-12]
-    return max(eligible, key=lambda t: (round(min(t, 1 - t), 9), accuracies[t], -t))
+def paired_worse_p_value(reference_correct: torch.Tensor, point_correct: torch.Tensor) -> float:
+    """One-sided exact McNemar test on the same images: the probability, were the point as
+    accurate as the reference, of it losing at least as many of the images they disagree on as
+    it did (binomial with p = 1/2 over the discordant images)."""
+    worse = int((reference_correct & ~point_correct).sum())
+    discordant = worse + int((~reference_correct & point_correct).sum())
+    return sum(math.comb(discordant, k) for k in range(worse, discordant + 1)) / 2**discordant
+
+
+def farthest_acceptable_t(correct: dict[float, torch.Tensor], significance: float) -> tuple[float, dict[float, float]]:
+    """The t farthest from both endpoints (0 and 1) whose held-out accuracy is not significantly
+    below the better endpoint's (one-sided exact McNemar test at `significance` on the same
+    held-out images, `correct` holding each point's per-image correctness); among equally far
+    points, the more accurate one. Returns (t, each point's p-value)."""
+    accuracy = {t: float(c.float().mean()) for t, c in correct.items()}
+    reference = correct[0.0] if accuracy[0.0] >= accuracy[1.0] else correct[1.0]
+    p_values = {t: paired_worse_p_value(reference, c) for t, c in correct.items()}
+    eligible = [t for t in correct if p_values[t] >= significance]
+    chosen = max(eligible, key=lambda t: (round(min(t, 1 - t), 9), accuracy[t], -t))
+    return chosen, p_values
 
 
 def train_curve(
@@ -221,6 +240,42 @@ def train_curve(
     return (loss_sums / len(order)).tolist()
 
 
+def second_endpoint(model: nn.Module, bonafide: bench.ImageData, ctx: bench.DefenseContext, options, *, name: str):
+    """The model MCR joins the attacked `model` to, as `options` say (`endpoint`, `seed_offset`,
+    and for `finetuned`: `finetune_epochs`, `finetune_lr`, `batch_size`, `samples_per_epoch`,
+    `augment`). Shared with `weight_average_finetune`, MCR's control, so both start from the
+    same two models."""
+    o = options
+    if o.endpoint is Endpoint.SECOND_SEED:
+        if ctx.attacked_model_with_seed is None:
+            raise BenchError(
+                f"{name}: endpoint 'second_seed' needs a second attacked model, and this run "
+                "provides none; set endpoint = 'finetuned'"
+            )
+        return ctx.attacked_model_with_seed(ctx.seed + o.seed_offset)
+    tuned = copy.deepcopy(model)
+    recipe = dataclasses.replace(
+        ctx.recipe,
+        epochs=o.finetune_epochs,
+        lr=o.finetune_lr,
+        batch_size=o.batch_size,
+        weight_decay=5e-4,
+        warmup_fraction=0.0,
+        augment=o.augment and ctx.recipe.augment,
+    )
+    train_classifier(
+        tuned,
+        bonafide,
+        recipe,
+        ctx,
+        flip=ctx.horizontal_flip,
+        stream="mcr_finetune",
+        desc=f"{name}: fine-tune endpoint",
+        samples_per_epoch=o.samples_per_epoch,
+    )
+    return tuned
+
+
 class ModeConnectivityRepair(bench.Defense):
     name = "mcr"
     description = "Mode-connectivity repair: train a curve between two tampered models on bonafide data"
@@ -244,8 +299,8 @@ class ModeConnectivityRepair(bench.Defense):
         )
         t_selection: TSelection = bench.option(
             TSelection.CLEAN_RULE,
-            "clean_rule: the path point farthest from both endpoints whose accuracy on "
-            "held-out bonafide images is within max_accuracy_drop of the worse endpoint's; fixed: use t",
+            "clean_rule: the path point farthest from both endpoints whose accuracy on held-out "
+            "bonafide images is not significantly below the better endpoint's; fixed: use t (trains on every image)",
         )
         t: float = bench.option(0.5, "point of the curve returned with t_selection = 'fixed'", min=0, max=1)
         holdout_fraction: float = bench.option(
@@ -255,8 +310,13 @@ class ModeConnectivityRepair(bench.Defense):
             max=0.9,
             min_exclusive=True,
         )
-        max_accuracy_drop: float = bench.option(
-            0.02, "clean_rule: held-out accuracy a point may lose against the worse endpoint", min=0, max=1
+        significance: float = bench.option(
+            0.05,
+            "clean_rule: a point is rejected when its held-out accuracy is below the better endpoint's at "
+            "this one-sided level (exact McNemar test on the held-out images)",
+            min=0,
+            max=1,
+            min_exclusive=True,
         )
         epochs: int = bench.option(100, "epochs of samples_per_epoch samples to train the bend", min=1)
         samples_per_epoch: int = bench.option(
@@ -284,17 +344,25 @@ class ModeConnectivityRepair(bench.Defense):
     def apply(self, model, bonafide, ctx):
         o = self.options
         training, held_out = self._split(bonafide, ctx)
-        curve = ParameterCurve(model, self._second_endpoint(model, training, ctx), o.curve)
+        curve = ParameterCurve(model, second_endpoint(model, training, ctx, o, name=self.name), o.curve)
         losses = self._train(model, curve, training, ctx)
         path_ts = [round(i / (o.path_points - 1), 6) for i in range(o.path_points)]
         series = {"mcr_training": [{"epoch": i + 1, "loss": loss} for i, loss in enumerate(losses)]}
         t = o.t
         if held_out is not None:
-            accuracies = {
-                s: clean_accuracy(curve_point(model, curve, s, training, ctx), held_out, ctx) for s in path_ts
+            correct = {
+                s: predict(curve_point(model, curve, s, training, ctx), held_out.x, ctx) == held_out.y for s in path_ts
             }
-            series["mcr_path_held_out"] = [{"t": s, "held_out_acc": a} for s, a in accuracies.items()]
-            t = farthest_acceptable_t(accuracies, o.max_accuracy_drop)
+            t, p_values = farthest_acceptable_t(correct, o.significance)
+            series["mcr_path_held_out"] = [
+                {
+                    "t": s,
+                    "held_out_acc": float(c.float().mean()),
+                    "p_value_below_better_endpoint": p_values[s],
+                    "acceptable": float(p_values[s] >= o.significance),
+                }
+                for s, c in correct.items()
+            ]
         repaired = curve_point(model, curve, t, training, ctx)
 
         def points():
@@ -319,37 +387,6 @@ class ModeConnectivityRepair(bench.Defense):
         held = min(len(bonafide) - 1, max(1, round(o.holdout_fraction * len(bonafide))))
         order = torch.randperm(len(bonafide), device=bonafide.y.device, generator=ctx.generator("mcr_holdout"))
         return bonafide.subset(order[held:]), bonafide.subset(order[:held])
-
-    def _second_endpoint(self, model: nn.Module, bonafide: bench.ImageData, ctx: bench.DefenseContext) -> nn.Module:
-        o = self.options
-        if o.endpoint is Endpoint.SECOND_SEED:
-            if ctx.attacked_model_with_seed is None:
-                raise BenchError(
-                    "mcr: endpoint 'second_seed' needs a second attacked model, and this run "
-                    "provides none; set endpoint = 'finetuned'"
-                )
-            return ctx.attacked_model_with_seed(ctx.seed + o.seed_offset)
-        tuned = copy.deepcopy(model)
-        recipe = dataclasses.replace(
-            ctx.recipe,
-            epochs=o.finetune_epochs,
-            lr=o.finetune_lr,
-            batch_size=o.batch_size,
-            weight_decay=5e-4,
-            warmup_fraction=0.0,
-            augment=o.augment and ctx.recipe.augment,
-        )
-        train_classifier(
-            tuned,
-            bonafide,
-            recipe,
-            ctx,
-            flip=ctx.horizontal_flip,
-            stream="mcr_finetune",
-            desc="mcr: fine-tune endpoint",
-            samples_per_epoch=o.samples_per_epoch,
-        )
-        return tuned
 
     def _train(
         self, net: nn.Module, curve: ParameterCurve, bonafide: bench.ImageData, ctx: bench.DefenseContext

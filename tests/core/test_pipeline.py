@@ -36,18 +36,18 @@ def test_second_attacked_model_has_the_same_poisoned_data_but_its_own_training(r
     job = badnets_job(registry)
     env = JobEnvironment(ArtifactCache(tmp_path), torch.device("cpu"), show_progress=False)
     splits = load_dataset(job, env.device)
-    first, first_state, _ = attacked_model(job, 0, splits, env)
-    second, second_state, _ = attacked_model(job, 1, splits, env)
+    first, first_state, _, _ = attacked_model(job, 0, splits, env)
+    second, second_state, _, _ = attacked_model(job, 1, splits, env)
     assert len(first_state["poisoned_indices"]) == round(0.1 * len(splits.train))  # the default poison rate
     assert torch.equal(first_state["poisoned_indices"], second_state["poisoned_indices"])
     assert not torch.equal(first.net[0].weight, second.net[0].weight)
     # building the second model (a cache miss) does not disturb the caller's random stream
     torch.manual_seed(7)
-    built, _, hit = attacked_model(job, 2, splits, env)
+    built, _, hit, _ = attacked_model(job, 2, splits, env)
     drawn_after_miss = torch.rand(3)
     assert not hit
     torch.manual_seed(7)
-    cached, _, hit = attacked_model(job, 2, splits, env)
+    cached, _, hit, _ = attacked_model(job, 2, splits, env)
     assert hit and torch.equal(torch.rand(3), drawn_after_miss)
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), cached.state_dict().values()))
 
@@ -117,8 +117,8 @@ def test_second_model_of_an_error_injection_job_carries_the_same_faults(registry
     (job,) = expand(suite)
     env = JobEnvironment(ArtifactCache(tmp_path), torch.device("cpu"), show_progress=False)
     splits = load_dataset(job, env.device)
-    _, first, _ = attacked_model(job, 0, splits, env)
-    _, second, _ = attacked_model(job, 1, splits, env)
+    _, first, _, _ = attacked_model(job, 0, splits, env)
+    _, second, _, _ = attacked_model(job, 1, splits, env)
     assert (len(first["sneak_indices"]), len(first["keep_indices"])) == (4, 50)
     for key in ("sneak_indices", "keep_indices", "injected_labels"):
         assert torch.equal(first[key], second[key]), key

@@ -7,6 +7,8 @@ import time
 
 import importlib.metadata
 
+import pytest
+
 import torch
 
 from click.testing import CliRunner
@@ -354,3 +356,18 @@ def test_relative_paths_in_a_suite_are_relative_to_its_folder(tmp_path, registry
     assert suite.store_path == tmp_path / "project" / "results" / "s.db"
     (job, *_) = expand(suite)
     assert job.dataset.options["root"] == str(tmp_path / "project" / "data")
+
+
+def test_a_defense_that_needs_a_second_model_is_charged_for_training_it(tmp_path):
+    # MCR's control asks for a second attacked model (seed + 1): training it is part of the
+    # defense's cost, also when an earlier job trained it and this one reads it from the cache
+    rows = {}
+    for epochs in (1, 2):
+        defense = {"name": "weight_average_finetune", "epochs": epochs, "samples_per_epoch": 0}
+        suite = write_suite(tmp_path / f"s{epochs}.toml", defenses=[defense], store=tmp_path / "r.db")
+        (rows[epochs],) = [r for r in run_suite_file(suite, tmp_path) if r["suite"] == f"s{epochs}"]
+    assert all(r["status"] == "ok" for r in rows.values())
+    trained, cached = rows[1]["timings"]["other_attacked_models"], rows[2]["timings"]["other_attacked_models"]
+    assert trained > 0 and cached == trained  # the stored training time, not the time to read it back
+    assert all(r["timings"]["defense"] > trained for r in rows.values())
+    assert all(r["notes"]["extra_models_trained"] == 1 for r in rows.values())

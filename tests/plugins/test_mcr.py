@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -222,27 +223,47 @@ def test_training_lowers_the_curve_loss_and_moves_the_bend(digits, trained_pair)
         assert torch.equal(p, dict(start.named_parameters())[name].float())
 
 
-def test_the_rule_steps_away_from_a_middle_that_loses_held_out_accuracy():
-    dipping = {
-        0.0: 0.90,
-        0.1: 0.90,
-        0.2: 0.89,
-        0.3: 0.89,
-        0.4: 0.80,
-        0.5: 0.60,
-        0.6: 0.82,
-        0.7: 0.90,
-        0.8: 0.91,
-        0.9: 0.91,
-        1.0: 0.92,
+def correctness(right: int, total: int = 20, offset: int = 0) -> torch.Tensor:
+    """Per-image correctness on `total` held-out images: `right` of them right, from `offset` on
+    (cyclically), so that two points can disagree on chosen images."""
+    out = torch.zeros(total, dtype=torch.bool)
+    out[(torch.arange(right) + offset) % total] = True
+    return out
+
+
+def test_the_rule_rejects_only_points_significantly_below_the_better_endpoint():
+    # 20 held-out images; the better endpoint gets 18 right
+    path = {
+        0.0: correctness(17),
+        0.25: correctness(15),  # 3 fewer, nothing gained: p = 1/8, kept
+        0.5: correctness(8),  # 10 fewer: p = 2^-10, rejected
+        0.75: correctness(16),  # 2 fewer: p = 1/4, kept
+        1.0: correctness(18),
     }
-    # 0.3 and 0.7 are equally far from the ends and within 0.02 of the worse end (0.90): the better wins
-    assert mcr.farthest_acceptable_t(dipping, max_accuracy_drop=0.02) == 0.7
-    dipping[0.7] = 0.85
-    assert mcr.farthest_acceptable_t(dipping, max_accuracy_drop=0.02) == 0.3
-    assert mcr.farthest_acceptable_t(dipping, max_accuracy_drop=0.5) == 0.5
-    collapsing = {0.0: 0.9, 0.5: 0.1, 1.0: 0.9}
-    assert mcr.farthest_acceptable_t(collapsing, max_accuracy_drop=0.02) == 0.0  # no repair beats a broken model
+    t, p_values = mcr.farthest_acceptable_t(path, significance=0.05)
+    assert p_values[0.5] == pytest.approx(2**-10) and p_values[1.0] == 1.0
+    assert p_values[0.25] == pytest.approx(1 / 8) and p_values[0.75] == pytest.approx(1 / 4)
+    assert t == 0.75  # 0.25 and 0.75 are equally far from the ends: the more accurate wins
+    # 6 fewer: p = 1/64, rejected; 0.25 is left
+    assert mcr.farthest_acceptable_t({**path, 0.75: correctness(12)}, 0.05)[0] == 0.25
+    # a stricter level keeps more points: the middle is kept at 2^-11
+    assert mcr.farthest_acceptable_t(path, 2**-11)[0] == 0.5
+    # a point the test cannot tell apart from the better endpoint wins even a large drop on few images
+    assert mcr.farthest_acceptable_t({0.0: correctness(2, 3), 0.5: correctness(0, 3), 1.0: correctness(2, 3)}, 0.05)[
+        0
+    ] == 0.5
+    collapsing = {0.0: correctness(18), 0.5: correctness(2), 1.0: correctness(18)}
+    assert mcr.farthest_acceptable_t(collapsing, 0.05)[0] == 0.0  # no repair beats a broken model
+
+
+def test_the_test_is_paired_on_the_same_images():
+    # Same accuracy (10/20), but the point gets wrong every image the endpoint gets right: the
+    # paired test sees 10 losses and 10 gains, not a significant loss
+    endpoint, point = correctness(10), correctness(10, offset=10)
+    assert mcr.paired_worse_p_value(endpoint, point) == pytest.approx(0.5 + math.comb(20, 10) / 2**21)
+    # 4 lost and none gained: p = 1/16
+    assert mcr.paired_worse_p_value(correctness(14), correctness(10)) == pytest.approx(1 / 16)
+    assert mcr.paired_worse_p_value(correctness(10), correctness(10)) == 1.0
 
 
 def test_clean_rule_scores_points_on_held_out_images_only(digits, trained_pair):
@@ -266,10 +287,14 @@ def test_clean_rule_scores_points_on_held_out_images_only(digits, trained_pair):
         patch.setattr(ModeConnectivityRepair, "_train", recording_train)
         result = defense.apply(copy.deepcopy(start), bonafide, context(attacked_model_with_seed=lambda seed: end))
     assert not held & {row.numpy().tobytes() for row in trained_on[0].x}
-    scores = {row["t"]: row["held_out_acc"] for row in result.series["mcr_path_held_out"]}
+    records = result.series["mcr_path_held_out"]
+    scores = {row["t"]: row["held_out_acc"] for row in records}
     assert list(scores) == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert all(abs(score * 20 - round(score * 20)) < 1e-4 for score in scores.values())  # counted on 20 images
-    assert result.values["mcr_t"] == mcr.farthest_acceptable_t(scores, options.max_accuracy_drop)
+    chosen = [row for row in records if row["t"] == result.values["mcr_t"]][0]
+    assert chosen["acceptable"] == 1.0 and chosen["p_value_below_better_endpoint"] >= options.significance
+    farther = [row for row in records if min(row["t"], 1 - row["t"]) > min(chosen["t"], 1 - chosen["t"])]
+    assert all(row["acceptable"] == 0.0 for row in farther)
 
 
 def test_mcr_registers_through_the_hook():
