@@ -187,6 +187,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
 
     defense_ctx = DefenseContext(**vars(ctx), recipe=job.recipe, attacked_model_with_seed=attacked_model_with_seed)
     defense_ctx.seed_global_rng("defense")
+
     def extra_seconds() -> float:
         return sum(train_seconds) - sum(fetch_seconds)
 

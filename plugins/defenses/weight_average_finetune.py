@@ -64,7 +64,10 @@ class WeightAverageFineTune(bench.Defense):
             min=0,
         )
         lr: float = bench.option(
-            0.015, "initial learning rate (finetune's); constant for half, then down to 1% by 90%", min=0, min_exclusive=True
+            0.015,
+            "initial learning rate (finetune's); constant for half, then down to 1% by 90%",
+            min=0,
+            min_exclusive=True,
         )
         batch_size: int = bench.option(128, "images per step", min=1)
         weight_decay: float = bench.option(1e-4, "L2 weight decay", min=0)

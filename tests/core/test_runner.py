@@ -7,7 +7,6 @@ import time
 
 import importlib.metadata
 
-import pytest
 
 import torch
 

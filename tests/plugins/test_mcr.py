@@ -249,9 +249,10 @@ def test_the_rule_rejects_only_points_significantly_below_the_better_endpoint():
     # a stricter level keeps more points: the middle is kept at 2^-11
     assert mcr.farthest_acceptable_t(path, 2**-11)[0] == 0.5
     # a point the test cannot tell apart from the better endpoint wins even a large drop on few images
-    assert mcr.farthest_acceptable_t({0.0: correctness(2, 3), 0.5: correctness(0, 3), 1.0: correctness(2, 3)}, 0.05)[
-        0
-    ] == 0.5
+    assert (
+        mcr.farthest_acceptable_t({0.0: correctness(2, 3), 0.5: correctness(0, 3), 1.0: correctness(2, 3)}, 0.05)[0]
+        == 0.5
+    )
     collapsing = {0.0: correctness(18), 0.5: correctness(2), 1.0: correctness(18)}
     assert mcr.farthest_acceptable_t(collapsing, 0.05)[0] == 0.0  # no repair beats a broken model
 
