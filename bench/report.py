@@ -421,6 +421,8 @@ GLOSSARY = {
     "der": "defense effectiveness rating (BackdoorBench: (max(0, ASR drop) − max(0, C-Acc drop) + 1) / 2)",
     "robust_acc": "robust accuracy, the per-image worst case over every attack run (as AutoAttack counts)",
     "injection_success": "share of sneaked faults still active",
+    "faults_active": "sneaked faults still active, counted (of the attack's sneak_images; 4 by default, so "
+    "Inj. success moves in steps of 25 points)",
     "t_agreement": "kept images still agreeing",
     "unreliable": "a gradient-masking check beat the attack",
     "mcr_t": "the point of the path MCR returned",

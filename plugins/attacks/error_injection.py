@@ -142,6 +142,8 @@ class ErrorInjection(bench.Attack):
     metrics = (
         bench.Metric("injection_success", "Inj. success", higher_is_better=False),
         bench.Metric("keep_agreement", "T agreement", higher_is_better=True),
+        # With 4 faults injection success moves in steps of 25 points: the count says so.
+        bench.Metric("faults_active", "Faults active", higher_is_better=False, kind=bench.MetricKind.NUMBER),
         # The size of the tampering itself, from the state: the same for every defense.
         bench.Metric(
             "changed_elements",
@@ -330,6 +332,7 @@ class ErrorInjection(bench.Attack):
         keep = predict(model, state["keep_images"], ctx)
         return {
             "injection_success": accuracy(sneak, state["injected_labels"]),
+            "faults_active": float((sneak == state["injected_labels"]).sum()),
             "keep_agreement": accuracy(keep, state["keep_labels"]),
             "changed_elements": float(state["changed_elements"]),
             "change_l2": float(state["change_l2"]),

@@ -71,7 +71,7 @@ def test_injection_changes_only_the_last_linear_weight_and_hits_its_targets(trai
     assert (state["injected_labels"] != state["sneak_labels"]).all()
     assert torch.equal(predict(model, state["sneak_images"], CPU), state["injected_labels"])
     metrics = attack.evaluate(model, splits.test, CPU, state)
-    assert metrics["injection_success"] == 1.0
+    assert metrics["injection_success"] == 1.0 and metrics["faults_active"] == 4
     assert metrics["keep_agreement"] > 0.95
     assert clean_accuracy(model, splits.test, CPU) > 0.85
 
@@ -81,7 +81,7 @@ def test_injection_changes_only_the_last_linear_weight_and_hits_its_targets(trai
     assert metrics["change_l2"] == pytest.approx(l2, rel=1e-9)
     # The change describes the tampering, not the model evaluated: the clean model reports it too.
     clean = attack.evaluate(trained[1], splits.test, CPU, state)
-    assert clean["injection_success"] == 0.0  # S was drawn among correctly classified images
+    assert clean["injection_success"] == clean["faults_active"] == 0.0  # S: correctly classified images
     assert (clean["changed_elements"], clean["change_l2"]) == (metrics["changed_elements"], metrics["change_l2"])
 
 
