@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BenchError
+from bench.statistics import Interval, clearly_best, paired_difference, t_interval, tied_ranks
 from bench.store import ResultStore
 
 TIME = "defense_time"
@@ -119,32 +120,45 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
     for r in ok:
         groups.setdefault((r["dataset_label"], r["model_label"], r["attack_label"]), []).append(r)
     for (dataset, model, attack), members in sorted(groups.items()):
-        columns = _metric_columns(members)
-        by_row: dict[tuple, list[dict]] = {}
-        for r in members:
-            by_row.setdefault((r["defense_label"], r["bonafide_size"]), []).append(r)
+        board = leaderboard_rows(members)
         table_rows = []
-        for (defense, bonafide), runs in sorted(by_row.items(), key=lambda i: (i[0][0] != "none", i[0][0], -i[0][1])):
+        for row in board["order"]:
+            runs = board["runs"][row]
             metrics = {
-                key: {**info, **_stats([r["metrics"][key] for r in runs if key in r["metrics"]])}
-                for key, info in columns
+                key: {**info, **_stats(_row_values(runs, key)), "clearly_best": board["best"].get(key) == row}
+                for key, info in board["columns"]
             }
-            metrics[TIME] = {
-                "label": "Defense time (s)",
-                "kind": "seconds",
-                "higher_is_better": None,
-                "diagnostic": False,
-                **_stats([r["timings"].get("defense", 0.0) for r in runs]),
-            }
+            metrics[TIME] = {**TIME_INFO, **_stats(_row_values(runs, TIME))}
             table_rows.append(
                 {
-                    "defense": defense,
-                    "bonafide_size": bonafide,
+                    "defense": row[0],
+                    "bonafide_size": row[1],
+                    "rank": board["ranks"][row],
+                    "flagged_unreliable": board["flagged"][row],
+                    "extra_models_trained": max(int(r["notes"].get(EXTRA_MODELS, 0)) for r in runs),
                     "seeds": sorted(r["seed"] for r in runs),
                     "metrics": metrics,
                 }
             )
-        tables.append({"dataset": dataset, "model": model, "attack": attack, "rows": table_rows})
+        paired = [
+            {
+                "first": {"defense": c["first"][0], "bonafide_size": c["first"][1]},
+                "second": {"defense": c["second"][0], "bonafide_size": c["second"][1]},
+                "metric": board["headline"],
+                **_interval_data(c["difference"]),
+            }
+            for c in paired_comparisons(board)
+        ]
+        tables.append(
+            {
+                "dataset": dataset,
+                "model": model,
+                "attack": attack,
+                "ranked_by": board["headline"],
+                "rows": table_rows,
+                "paired_comparisons": paired,
+            }
+        )
     analyses = []
     agroups: dict[tuple, list[dict]] = {}
     for r in (r for r in analysis_rows if r["status"] == "ok"):
@@ -190,12 +204,22 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
 
 
 def _stats(values: list[float]) -> dict:
-    series = pd.Series(values, dtype=float)
-    std = series.std()
+    """Mean, sample std, count and the 95% t-interval of `values` (None where undefined)."""
+    interval = t_interval(values)
+    std = None
+    if interval.n >= 2:
+        std = math.sqrt(math.fsum((v - interval.mean) ** 2 for v in values) / (interval.n - 1))
+    return {"mean": None if interval.n == 0 else interval.mean, "std": std, **_interval_data(interval)}
+
+
+def _interval_data(interval: Interval) -> dict:
     return {
-        "mean": None if series.empty else float(series.mean()),
-        "std": None if len(series) < 2 or math.isnan(std) else float(std),
-        "n": int(len(series)),
+        "n": interval.n,
+        "mean": None if interval.n == 0 else interval.mean,
+        "ci_low": interval.low,
+        "ci_high": interval.high,
+        "ci_level": interval.level,
+        "ci_method": "student_t_over_seeds",
     }
 
 
@@ -272,7 +296,7 @@ def _analysis_sections(rows: list[dict], plot_dir: Path | None, link_base: Path 
             cells = [
                 {
                     "Value": md(info["label"]),
-                    "Mean ± std": _cell([r["metrics"][key] for r in members if key in r["metrics"]], info["kind"]),
+                    "Mean ± 95% CI": _cell([r["metrics"][key] for r in members if key in r["metrics"]], info["kind"]),
                 }
                 for key, info in columns
             ]
@@ -358,14 +382,16 @@ def _header(rows, ok, failed, store_path, jobs: bool = True) -> list[str]:
         lines.append(f"- Plugins: {md(', '.join(plugins))}")
     if jobs:
         lines.append(
-            "- Cells: mean ± std over seeds, percentages in percent; defense time in seconds (training the "
-            "attacked model is shared by all defenses and not counted); the best ranked value in bold; "
-            "each table's columns are explained under it."
+            "- Cells: mean ± half-width of the 95% confidence interval over seeds (Student's t, n − 1 degrees "
+            "of freedom; the mean alone for one seed), percentages in percent; defense time in seconds, the "
+            "defense's whole cost (training the attacked model is shared by all defenses and not counted, "
+            "further models a defense needs are); a value in bold only where its interval excludes the next "
+            "best row's; each table's columns are explained under it."
         )
     else:
         lines.append(
-            "- Analyses: values are mean ± std over seeds (percentages in percent); figures show the "
-            "mean over seeds with ± std shaded."
+            "- Analyses: values are mean ± half-width of the 95% t-interval over seeds (the mean alone for "
+            "one seed; percentages in percent); figures show the mean over seeds with ± std shaded."
         )
     return lines
 
@@ -471,106 +497,194 @@ def headline_metric(columns: list[tuple[str, dict]]) -> str:
     return next((k for k in ("robust_acc", "der", "clean_acc") if k in keys), keys[0] if keys else "clean_acc")
 
 
+TIME_INFO = {"label": "Defense time (s)", "higher_is_better": None, "kind": "seconds", "diagnostic": False}
+EXTRA_MODELS = "extra_models_trained"
+
+
+def _row_values(runs: list[dict], key: str) -> list[float]:
+    if key == TIME:
+        return [r["timings"].get("defense", 0.0) for r in runs]
+    return [r["metrics"][key] for r in runs if r["metrics"].get(key) is not None]
+
+
+def leaderboard_rows(members: list[dict]) -> dict:
+    """One table's rows, ranked: per (defense, bonafide size) its runs, per metric the mean and
+    95% t-interval over seeds, whether a gradient-masking check flagged it, and its rank. `none`
+    is the reference and unranked; rows whose intervals overlap share a rank; a flagged row is
+    ranked below every unflagged one. Also the headline metric and, per column, the one row
+    whose value is clearly best (its interval excludes the runner-up's), if any."""
+    columns = _metric_columns(members)
+    runs_by_row: dict[tuple, list[dict]] = {}
+    for r in members:
+        runs_by_row.setdefault((r["defense_label"], r["bonafide_size"]), []).append(r)
+    keys = [k for k, _ in columns] + [TIME]
+    intervals = {row: {k: t_interval(_row_values(runs, k)) for k in keys} for row, runs in runs_by_row.items()}
+    flags = [k for k, info in columns if info["kind"] == "flag"]
+    flagged = {row: any(r["metrics"].get(k, 0) > 0 for r in runs for k in flags) for row, runs in runs_by_row.items()}
+    headline = headline_metric(columns)
+    higher = dict(columns).get(headline, {}).get("higher_is_better", True) is not False
+    ranks: dict[tuple, int | None] = {row: None for row in runs_by_row if row[0] == "none"}
+    ranked = [row for row in runs_by_row if row[0] != "none"]
+    clean_rows = [row for row in ranked if not flagged[row]]
+    for group, offset in ((clean_rows, 0), ([row for row in ranked if flagged[row]], len(clean_rows))):
+        for row, rank in tied_ranks({row: intervals[row][headline] for row in group}, higher).items():
+            ranks[row] = rank + offset
+    sign = -1 if higher else 1
+
+    def order(row):
+        mean = intervals[row][headline].mean
+        return (row[0] != "none", ranks[row] or 0, 0 if math.isnan(mean) else sign * mean, row[0], -row[1])
+
+    best = {}
+    for key, info in columns:
+        if info["higher_is_better"] is None or info["diagnostic"] or info["kind"] not in ("percent", "number"):
+            continue
+        winner = clearly_best(
+            {row: intervals[row][key] for row in runs_by_row if not flagged[row] and intervals[row][key].n},
+            info["higher_is_better"],
+        )
+        if winner is not None:
+            best[key] = winner
+    return {
+        "columns": columns,
+        "headline": headline,
+        "higher_is_better": higher,
+        "order": sorted(runs_by_row, key=order),
+        "runs": runs_by_row,
+        "intervals": intervals,
+        "flagged": flagged,
+        "ranks": ranks,
+        "best": best,
+    }
+
+
+def paired_comparisons(board: dict) -> list[dict]:
+    """Per bonafide size, every pair of ranked, unflagged rows compared on the headline metric,
+    paired by seed (one seed's rows share the attacked model and the evaluation images): the
+    mean difference (first - second, in rank order) and its 95% t-interval."""
+    headline = board["headline"]
+    out = []
+    sizes = sorted({row[1] for row in board["order"]}, reverse=True)
+    for size in sizes:
+        rows = [row for row in board["order"] if row[1] == size and board["ranks"][row] and not board["flagged"][row]]
+        for i, first in enumerate(rows):
+            for second in rows[i + 1 :]:
+                a = {r["seed"]: r["metrics"][headline] for r in board["runs"][first] if headline in r["metrics"]}
+                b = {r["seed"]: r["metrics"][headline] for r in board["runs"][second] if headline in r["metrics"]}
+                difference = paired_difference(a, b)
+                if difference.n:
+                    out.append({"first": first, "second": second, "difference": difference})
+    return out
+
+
 def _table(members: list[dict]) -> str:
     """The headline table (one row per defense and bonafide size, `none` first as the reference,
-    the rest ranked by the headline metric) and, when the attack reports diagnostics, a second
-    table of them under it; then a glossary of the columns it has."""
-    columns = _metric_columns(members)
-    time_info = {"label": "Defense time (s)", "higher_is_better": None, "kind": "seconds", "diagnostic": False}
-    frame = pd.DataFrame(
-        [
-            {
-                "defense": r["defense_label"],
-                "bonafide": r["bonafide_size"],
-                "seed": r["seed"],
-                **{k: r["metrics"].get(k) for k, _ in columns},
-                TIME: r["timings"].get("defense", 0.0),
-            }
-            for r in members
-        ]
-    )
-    stats = frame.groupby(["defense", "bonafide"], sort=False).agg(["mean", "std", "count"])
-    headline = headline_metric(columns)
-    info = dict(columns).get(headline, {"higher_is_better": True})
-    sign = -1 if info.get("higher_is_better", True) else 1
-
-    def rank_key(index):
-        mean = stats.loc[index][(headline, "mean")] if (headline, "mean") in stats.columns else float("nan")
-        return (index[0] != "none", 0 if math.isnan(mean) else sign * mean, index[0], -index[1])
-
-    order = sorted(stats.index, key=rank_key)
-    stats = stats.loc[order]
-    ranks: dict[tuple, str] = {}
-    position, previous, shown = 0, None, 0
-    for index in order:
-        if index[0] == "none":
-            ranks[index] = "ref"
-            continue
-        value = round(float(stats.loc[index][(headline, "mean")]), 9) if (headline, "mean") in stats.columns else None
-        position += 1
-        if value != previous:
-            shown = position
-        ranks[index], previous = str(shown), value
-    shown_columns = [(k, i) for k, i in columns if not i["diagnostic"]] + [(TIME, time_info)]
+    the rest ranked by the headline metric with ties where intervals overlap) and, when the
+    attack reports diagnostics, a second table of them under it; then a glossary of the columns
+    it has and the paired comparisons."""
+    board = leaderboard_rows(members)
+    columns = board["columns"]
+    shown_columns = [(k, i) for k, i in columns if not i["diagnostic"]] + [(TIME, TIME_INFO)]
     diagnostics = [(k, i) for k, i in columns if i["diagnostic"]]
-    text = _render(frame, stats, shown_columns, ranks)
+    text = _render(board, shown_columns, ranks=True)
     if diagnostics:
-        text += "\n\nDiagnostics (per attack; not ranked):\n\n" + _render(frame, stats, diagnostics)
+        text += "\n\nDiagnostics (per attack; not ranked):\n\n" + _render(board, diagnostics)
     labels = [(i["label"], GLOSSARY.get(k)) for k, i in columns if GLOSSARY.get(k)]
+    headline = board["headline"]
     text += (
-        f"\n\nRanked by {md(dict(columns).get(headline, {}).get('label', headline))} (`none` is the reference). "
+        f"\n\nRanked by {md(dict(columns).get(headline, {}).get('label', headline))} (`none` is the reference); "
+        "rows whose 95% intervals overlap share a rank"
+        + (
+            "; a row a gradient-masking check flagged is ranked below every unflagged one"
+            if any(board["flagged"].values())
+            else ""
+        )
+        + ". "
         + "; ".join(f"{md(label)}: {meaning}" for label, meaning in labels)
         + "."
     )
+    if any(r["notes"].get(EXTRA_MODELS) for r in members):
+        text += (
+            " Extra models: further attacked models a defense needs (MCR's second endpoint); "
+            "training them is included in its defense time."
+        )
+    text += _paired_lines(board)
     return text
 
 
-def _render(frame: pd.DataFrame, stats: pd.DataFrame, specs: list[tuple[str, dict]], ranks: dict | None = None) -> str:
-    best = {}
-    for key, info in specs:
-        means = stats[(key, "mean")].dropna()
-        # Bold marks a best value only where "best" means something: ranked, headline numbers.
-        if (
-            len(means) > 1
-            and info["higher_is_better"] is not None
-            and not info["diagnostic"]
-            and info["kind"] in ("percent", "number")
-        ):
-            best[key] = means.max() if info["higher_is_better"] else means.min()
-    table = []
-    for (defense, bonafide), row in stats.iterrows():
-        cells: dict[str, Any] = {"Rank": str(ranks[(defense, bonafide)])} if ranks is not None else {}
-        cells.update(
-            {"Defense": md(defense), "Bonafide": bonafide if bonafide else "-", "Seeds": int(row[(TIME, "count")])}
+def _paired_lines(board: dict) -> str:
+    comparisons = paired_comparisons(board)
+    if not comparisons:
+        return ""
+    info = dict(board["columns"]).get(board["headline"], {"kind": "percent", "label": board["headline"]})
+    scale, unit = (100, " points") if info.get("kind") == "percent" else (1, "")
+    lines = [
+        "",
+        "",
+        f"Paired comparisons of {md(info['label'])} (same seed, same attacked model and evaluation images; "
+        "difference first − second, 95% t-interval over the paired seeds):",
+        "",
+    ]
+    for c in comparisons:
+        d: Interval = c["difference"]
+        (first, size), (second, _) = c["first"], c["second"]
+        if d.low is None or d.high is None:
+            verdict, interval = "one seed: no interval", ""
+        else:
+            interval = f" [{d.low * scale:+.1f}, {d.high * scale:+.1f}]"
+            verdict = (
+                "no difference shown" if not d.excludes(0.0) else f"{md(first)} {'higher' if d.mean > 0 else 'lower'}"
+            )
+        where = f" (bonafide {size})" if size else ""
+        lines.append(
+            f"- {md(first)} − {md(second)}{where}: {d.mean * scale:+.1f}{unit}{interval}, "
+            f"{d.n} seed{'s' if d.n != 1 else ''}: {verdict}"
         )
+    return "\n".join(lines)
+
+
+def _render(board: dict, specs: list[tuple[str, dict]], ranks: bool = False) -> str:
+    extra = any(r["notes"].get(EXTRA_MODELS) for runs in board["runs"].values() for r in runs)
+    table = []
+    for row in board["order"]:
+        defense, bonafide = row
+        runs = board["runs"][row]
+        cells: dict[str, Any] = {}
+        if ranks:
+            rank = board["ranks"][row]
+            cells["Rank"] = "ref" if rank is None else str(rank)
+        cells.update({"Defense": md(defense), "Bonafide": bonafide if bonafide else "-", "Seeds": len(runs)})
         for key, info in specs:
-            mean, std, count = row[(key, "mean")], row[(key, "std")], int(row[(key, "count")])
+            interval: Interval = board["intervals"][row][key]
             if info["kind"] == "flag":
-                flagged = int((frame[(frame.defense == defense) & (frame.bonafide == bonafide)][key] > 0).sum())
+                flagged = sum(r["metrics"].get(key, 0) > 0 for r in runs)
+                count = interval.n
                 cells[md(info["label"])] = f"⚠ {md(info['label'].lower())} ({flagged}/{count} seeds)" if flagged else ""
                 continue
-            if count == 0:
+            if interval.n == 0:
                 cells[md(info["label"])] = ""  # e.g. a value only another defense reports
                 continue
-            text = _format(mean, std, info["kind"])
-            if key in best and not math.isnan(mean) and math.isclose(mean, best[key], rel_tol=0, abs_tol=1e-12):
+            text = _format_interval(interval, info["kind"])
+            if board["best"].get(key) == row:
                 text = f"**{text}**"
             cells[md(info["label"])] = text
+        if ranks and extra:
+            cells["Extra models"] = str(max(int(r["notes"].get(EXTRA_MODELS, 0)) for r in runs))
         table.append(cells)
     return pd.DataFrame(table).to_markdown(index=False, disable_numparse=True)
 
 
 def _cell(values: list[float], kind: str) -> str:
-    series = pd.Series(values, dtype=float)
-    return _format(series.mean(), series.std(), kind)
+    return _format_interval(t_interval(values), kind)
 
 
-def _format(mean: float, std: float, kind: str) -> str:
-    """mean ± std: in percent with one decimal for `percent`, with two decimals otherwise."""
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+def _format_interval(interval: Interval, kind: str) -> str:
+    """mean ± half-width of the 95% t-interval: in percent with one decimal for `percent`, with
+    two decimals otherwise; the mean alone for one seed."""
+    if interval.n == 0 or math.isnan(interval.mean):
         return "n/a"
     scale, digits = (100, 1) if kind == "percent" else (1, 2)
-    text = f"{mean * scale:.{digits}f}"
-    if std is not None and not math.isnan(std):
-        text += f" ± {std * scale:.{digits}f}"
+    text = f"{interval.mean * scale:.{digits}f}"
+    if interval.half_width is not None and not math.isnan(interval.half_width):
+        text += f" ± {interval.half_width * scale:.{digits}f}"
     return text

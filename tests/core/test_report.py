@@ -1,3 +1,4 @@
+import itertools
 from types import SimpleNamespace
 import pytest
 
@@ -73,19 +74,96 @@ def fill(store_path):
         )
 
 
-def test_report_shows_mean_and_std_over_seeds_and_marks_the_best(tmp_path):
+def test_report_shows_mean_and_95_percent_interval_and_bolds_nothing_the_intervals_cannot_separate(tmp_path):
     fill(tmp_path / "r.db")
     text = render_report(tmp_path / "r.db")
     assert "## digits / small_cnn / badnets" in text
     none_row = next(line for line in text.splitlines() if "| none " in line)
     ft_row = next(line for line in text.splitlines() if "| finetune " in line)
-    assert "**91.0 ± 1.4**" in none_row  # best clean accuracy, mean and sample std over 2 seeds
-    assert "99.0 ± 1.4" in none_row and "**" not in none_row.split("|")[6]  # Rank, Defense, Bonafide, Seeds, C-Acc, ASR
-    assert "**25.0 ± 7.1**" in ft_row  # lowest ASR is best
+    # 2 seeds, sample std 1.41 points: half-width t(0.975, 1) * 1.41 / sqrt(2) = 12.7
+    assert "91.0 ± 12.7" in none_row and "99.0 ± 12.7" in none_row
+    assert "25.0 ± 63.5" in ft_row  # ASR 20 and 30
+    assert "**" not in none_row + ft_row  # 91 vs 87 and 25 vs 99 are not separated by two seeds
     assert "| 100 " in ft_row and "| -" in none_row
     assert "4 jobs" not in text and "5 jobs, 4 succeeded, 1 failed" in text
     assert "finetune bonafide=100 seed=2: RuntimeError: boom" in text
-    assert "Attacked model, before any defense (2 seeds): C-Acc 91.0 ± 1.4, ASR 99.0 ± 1.4" in text
+    assert "Attacked model, before any defense (2 seeds): C-Acc 91.0 ± 12.7, ASR 99.0 ± 12.7" in text
+    assert "95% confidence interval over seeds" in text
+
+
+def record_rows(store_path, values: dict, metric: str = "asr", info=None, notes=None):
+    """Store one result per (defense, seed) with `metric` set to the given value."""
+    with ResultStore(store_path) as store:
+        for (defense, seed), value in values.items():
+            store.record(
+                fake_job(defense, seed, 0 if defense == "none" else 100),
+                Outcome(
+                    status="ok",
+                    metrics={"clean_acc": 0.9, metric: value, **(notes or {}).get(("metrics", defense), {})},
+                    metric_info=info or INFO,
+                    timings={"defense": 1.0},
+                    device="cpu",
+                    notes=(notes or {}).get(defense, {}),
+                    started_at="2026-11-23T10:00:00",
+                    finished_at="2026-11-23T10:01:00",
+                ),
+            )
+
+
+def test_rows_whose_intervals_overlap_share_a_rank_and_only_a_separated_best_is_bold(tmp_path):
+    der = {"a": (0.10, 0.11, 0.12), "b": (0.11, 0.12, 0.13), "c": (0.50, 0.52, 0.54), "d": (0.51, 0.90, 0.20)}
+
+    def ranks_and_rows(name, defenses):
+        values = {(d, seed): v for d in defenses for seed, v in enumerate(der[d])}
+        record_rows(tmp_path / name, values, metric="der")
+        text = render_report(tmp_path / name)
+        rows = {line.split("|")[2].strip(): line for line in text.splitlines() if "| 100 " in line}
+        return {d: line.split("|")[1].strip() for d, line in rows.items()}, rows, text
+
+    # d's interval is wide enough to overlap every other row's: one group, one rank
+    ranks, _, _ = ranks_and_rows("r.db", "abcd")
+    assert ranks == {"a": "1", "b": "1", "c": "1", "d": "1"}
+    # without d: c is apart from a and b, which overlap each other
+    ranks, rows, _ = ranks_and_rows("s.db", "abc")
+    assert ranks == {"c": "1", "a": "2", "b": "2"}
+    assert "**52.0 ± 5.0**" in rows["c"]  # 50, 52, 54: half-width t(0.975, 2) * 2 / sqrt(3) = 5.0 points
+    ranks, rows, text = ranks_and_rows("t.db", "ab")
+    assert ranks == {"a": "1", "b": "1"} and "**" not in rows["a"] + rows["b"]  # 12.0 vs 11.0 overlap
+    assert "- b − a (bonafide 100): +1.0 points [+1.0, +1.0], 3 seeds: b higher" in text
+
+
+def test_paired_comparisons_pair_by_seed(tmp_path):
+    # b is always 2 points above a on the same seed, though seeds differ by 20 points
+    a = {0: 0.50, 1: 0.70, 2: 0.90}
+    values = {("a", s): v for s, v in a.items()} | {("b", s): v + 0.02 for s, v in a.items()}
+    record_rows(tmp_path / "r.db", values, metric="der")
+    text = render_report(tmp_path / "r.db")
+    ranks = {line.split("|")[2].strip(): line.split("|")[1].strip() for line in text.splitlines() if "| 100 " in line}
+    assert ranks == {"a": "1", "b": "1"}  # unpaired, their intervals overlap
+    assert "- b − a (bonafide 100): +2.0 points [+2.0, +2.0], 3 seeds: b higher" in text
+    values[("b", 1)] = 0.60  # now b is lower on one seed: the paired interval holds 0
+    record_rows(tmp_path / "s.db", values, metric="der")
+    assert "3 seeds: no difference shown" in render_report(tmp_path / "s.db")
+
+
+def test_a_row_flagged_unreliable_is_never_ranked_above_an_unflagged_one_nor_bold(tmp_path):
+    info = {
+        "clean_acc": INFO["clean_acc"],
+        "robust_acc": {"label": "Robust acc", "higher_is_better": True, "kind": "percent", "diagnostic": False},
+        "unreliable": {"label": "Unreliable", "higher_is_better": False, "kind": "flag", "diagnostic": False},
+    }
+    values = {("masking", s): v for s, v in enumerate((0.82, 0.83, 0.81))}
+    values |= {("honest", s): v for s, v in enumerate((0.40, 0.41, 0.42))}
+    values |= {("weak", s): v for s, v in enumerate((0.10, 0.11, 0.12))}
+    flags = {("metrics", "masking"): {"unreliable": 1.0}, ("metrics", "honest"): {"unreliable": 0.0}}
+    record_rows(tmp_path / "r.db", values, metric="robust_acc", info=info, notes=flags)
+    text = render_report(tmp_path / "r.db")
+    masking = next(line for line in text.splitlines() if "| masking " in line)
+    honest = next(line for line in text.splitlines() if "| honest " in line)
+    ranks = {line.split("|")[2].strip(): line.split("|")[1].strip() for line in text.splitlines() if "| 100 " in line}
+    assert ranks == {"honest": "1", "weak": "2", "masking": "3"}
+    assert "**" not in masking and "**41.0 ± 2.5**" in honest  # the best unflagged row, apart from weak
+    assert text.index("| honest ") < text.index("| masking ")
 
 
 def test_report_is_deterministic_and_cli_writes_the_file(tmp_path):
@@ -190,12 +268,15 @@ def test_cells_render_by_kind_diagnostics_go_below_and_only_ranked_headline_colu
         "mcr_t": {"label": "t", "higher_is_better": None, "kind": "number", "diagnostic": False},
     }
     with ResultStore(tmp_path / "r.db") as store:
-        for defense, acc, t, seconds in (("mcr", 0.8, 0.3, 5.0), ("finetune", 0.7, None, 1.0)):
+        for (defense, acc, t, seconds), seed in itertools.product(
+            (("mcr", 0.8, 0.3, 5.0), ("finetune", 0.7, None, 1.0)), (0, 1, 2)
+        ):
+            acc += (seed - 1) * 0.001  # 3 seeds, 0.1 points apart
             metrics = {"clean_acc": acc, "asr": 0.1, "robust_acc_attack": acc - 0.1}
             if t is not None:
                 metrics["mcr_t"] = t
             store.record(
-                fake_job(defense, 0, 100),
+                fake_job(defense, seed, 100),
                 Outcome(
                     status="ok",
                     metrics=metrics,
@@ -211,7 +292,7 @@ def test_cells_render_by_kind_diagnostics_go_below_and_only_ranked_headline_colu
     mcr_row = next(line for line in main.splitlines() if "| mcr " in line)
     ft_row = next(line for line in main.splitlines() if "| finetune " in line)
     assert "| 0.30 " in mcr_row and "**0.30" not in mcr_row  # a chosen value, not a percentage, never ranked
-    assert "**80.0**" in mcr_row  # ranked headline percentage
+    assert "**80.0 ± 0.2**" in mcr_row  # ranked headline percentage, apart from the next row
     assert "5.00" in mcr_row and "1.00" in ft_row and "**1.00" not in ft_row  # times are not ranked
     assert "PGD acc" not in main.splitlines()[-3] and "PGD acc" in diagnostics
     diag_mcr = next(line for line in diagnostics.splitlines() if "| mcr " in line)
@@ -293,9 +374,12 @@ def test_a_store_from_a_newer_version_is_refused_and_an_older_one_migrated(tmp_p
 def test_rows_are_ranked_by_the_headline_metric_with_none_as_the_reference(tmp_path):
     info = {**INFO, "ra": {"label": "RA", "higher_is_better": True, "kind": "percent", "diagnostic": False}}
     with ResultStore(tmp_path / "r.db") as store:
-        for defense, der in (("none", 0.5), ("weak", 0.6), ("strong", 0.9), ("middling", 0.7)):
+        for (defense, der), seed in itertools.product(
+            (("none", 0.5), ("weak", 0.6), ("strong", 0.9), ("middling", 0.7)), (0, 1, 2)
+        ):
+            der += (seed - 1) * 0.001
             store.record(
-                fake_job(defense, 0, 0 if defense == "none" else 100),
+                fake_job(defense, seed, 0 if defense == "none" else 100),
                 Outcome(
                     status="ok",
                     metrics={"clean_acc": 0.9, "asr": 1 - der, "der": der},
