@@ -57,6 +57,17 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
     return Interval(mean, mean - half, mean + half, n, level)
 
 
+def wilson_interval(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
+    """Wilson's score interval of a binomial proportion (sound near 0 and 1, unlike mean ± 2 SE)."""
+    if trials == 0:
+        return 0.0, 1.0
+    z = float(_scipy_stats.norm.ppf(0.5 + level / 2))
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def paired_difference(a: dict[Hashable, float], b: dict[Hashable, float], level: float = LEVEL) -> Interval:
     """The t-interval of a - b over the keys (seeds) both have: a paired comparison, since one
     seed's two results share the attacked model and the evaluation images."""

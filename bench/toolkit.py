@@ -18,7 +18,9 @@ What is here:
   `EvasionSettings`, `Norm` (evasion attacks with the shared protocol), and `pgd_attack`,
   `robust_accuracy`, `attack_success_rate`, `import_torchattacks`;
 - models: `GridAvgPool` (deterministic global pooling);
-- errors and seeds: `did_you_mean`, `derived_seed`.
+- errors and seeds: `did_you_mean`, `derived_seed`;
+- statistics: `t_interval`, `equivalence_test` (TOST), `detrended_correlation`,
+  `permutation_p_value`, `wilson_interval` (the rules the built-in analyses' findings use).
 """
 
 from bench.adversarial import (
@@ -39,6 +41,13 @@ from bench.errors import BenchError, did_you_mean
 from bench.evaluation import STOCHASTIC_PROBE_IMAGES, clean_accuracy, eval_mode, is_stochastic, predict, to_model_input
 from bench.metrics import accuracy
 from bench.models import GridAvgPool
+from bench.statistics import (
+    detrended_correlation,
+    equivalence_test,
+    permutation_p_value,
+    t_interval,
+    wilson_interval,
+)
 from bench.training import (
     REFERENCE_SAMPLES_PER_EPOCH,
     cosine_lr_factor,
@@ -78,6 +87,11 @@ __all__ = [
     "clean_accuracy",
     "cosine_lr_factor",
     "derived_seed",
+    "detrended_correlation",
+    "equivalence_test",
+    "permutation_p_value",
+    "t_interval",
+    "wilson_interval",
     "did_you_mean",
     "epoch_order",
     "eval_mode",

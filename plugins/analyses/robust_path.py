@@ -22,8 +22,11 @@ baseline path. At each of `path_points` points t of both paths, on the evaluatio
 
 Batch-norm statistics at each point are recomputed on the curve's training images, as MCR does.
 Values: the Pearson correlation between the eigenvalue and the PGD loss along each path
-(`pearson_curve`, `pearson_line`), and the barrier in PGD loss along the curve (its largest
-value minus the larger endpoint's; the paper finds one).
+(`pearson_curve`, `pearson_line`), the correlation of their step-to-step changes along the curve
+and its permutation p-value (`pearson_steps_curve`, `correlation_p_curve`), and the barrier in
+PGD loss along the curve (its largest value minus the larger endpoint's; the paper finds one)
+with its 95% bootstrap interval over the evaluation images. The findings' rules are the module
+constants below.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bench
-from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH, to_model_input
-from bench_plugins.analyses._measure import clean_and_pgd
+from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH, detrended_correlation, permutation_p_value, to_model_input
+from bench_plugins.analyses._measure import clean_and_pgd_per_image
 from bench_plugins.defenses.mcr import Curve, ParameterCurve, curve_point, recompute_batchnorm, train_curve
 
 
@@ -78,8 +81,14 @@ def pearson(a: list[float], b: list[float]) -> float:
 
 
 # The rules by which a run "shows" the paper's findings (printed with the evidence in the report).
-BARRIER_SHARE = 0.05  # the path's highest PGD loss exceeds the worse end's by 5% of it
-HIGH_CORRELATION = 0.7  # Pearson r between the eigenvalue and the PGD loss along the curve
+# Barrier (Zhao et al., ICLR 2020, Figure 5): the curve's highest PGD loss exceeds the worse end's
+# by 5% of it, and the barrier's 95% bootstrap interval over the evaluation images excludes 0.
+# Correlation (ibid., Figure 6): the eigenvalue's and the PGD loss's step-to-step changes along
+# the curve correlate (a one-sided permutation test at 0.05): any two monotone curves have a
+# high Pearson r of their levels, so the levels alone show nothing.
+BARRIER_SHARE = 0.05
+CORRELATION_LEVEL = 0.05
+BOOTSTRAP_RESAMPLES = 1000
 
 
 def loss_barrier(rows: list[dict]) -> float:
@@ -87,20 +96,45 @@ def loss_barrier(rows: list[dict]) -> float:
     return max(r["adv_loss"] for r in rows) - max(rows[0]["adv_loss"], rows[-1]["adv_loss"])
 
 
-def path_findings(records: list[dict], barriers: dict[str, float], values: dict[str, float]) -> list[bench.Finding]:
+def barrier_interval(per_image: torch.Tensor, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES):
+    """The 95% percentile-bootstrap interval of a path's loss barrier, from per-image losses
+    [points, images] on the same images at every point: images are resampled with replacement,
+    the same draw for every point."""
+    generator = torch.Generator().manual_seed(seed)
+    images = per_image.shape[1]
+    draws = torch.randint(0, images, (resamples, images), generator=generator)
+    means = per_image.double()[:, draws].mean(dim=2)  # [points, resamples]
+    barriers = means.max(dim=0).values - torch.maximum(means[0], means[-1])
+    low, high = torch.quantile(barriers, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def correlation_test(eigenvalues: list[float], losses: list[float]) -> tuple[float, float]:
+    """(Pearson r of the two sequences' steps along the path, its one-sided permutation p-value)."""
+    return detrended_correlation(eigenvalues, losses), permutation_p_value(eigenvalues, losses)
+
+
+def path_findings(records: list[dict], values: dict[str, float]) -> list[bench.Finding]:
     curve = [r for r in records if r["path"] == "curve"]
+    line = [r for r in records if r["path"] == "line"]
     worse_end = max(curve[0]["adv_loss"], curve[-1]["adv_loss"])
+    barrier, low, high = values["adv_loss_barrier"], values["adv_loss_barrier_low"], values["adv_loss_barrier_high"]
     return [
         bench.Finding(
-            "Along the trained path between a regular and a robust model the adversarial (PGD) loss has a barrier.",
-            barriers["curve"] > BARRIER_SHARE * worse_end,
-            f"barrier {barriers['curve']:.2f} on the curve and {barriers['line']:.2f} on the line; PGD loss at the "
-            f"ends {curve[0]['adv_loss']:.2f} (regular) and {curve[-1]['adv_loss']:.2f} (robust)",
+            "Along the trained path between a regular and a robust model the adversarial (PGD) loss has a barrier "
+            "(Zhao et al., ICLR 2020, Figure 5).",
+            barrier > BARRIER_SHARE * worse_end and low > 0,
+            f"barrier {barrier:.2f} on the curve (95% bootstrap interval over images {low:.2f} to {high:.2f}) and "
+            f"{loss_barrier(line):.2f} on the line; PGD loss at the ends {curve[0]['adv_loss']:.2f} (regular) and "
+            f"{curve[-1]['adv_loss']:.2f} (robust)",
         ),
         bench.Finding(
-            "The top eigenvalue of the input Hessian correlates highly with the adversarial loss along the path.",
-            values["pearson_curve"] >= HIGH_CORRELATION,
-            f"Pearson r {values['pearson_curve']:.2f} on the curve, {values['pearson_line']:.2f} on the line",
+            "The top eigenvalue of the input Hessian correlates with the adversarial loss along the path "
+            "(ibid., Figure 6).",
+            values["correlation_p_curve"] < CORRELATION_LEVEL,
+            f"step-to-step r {values['pearson_steps_curve']:.2f} on the curve, permutation p = "
+            f"{values['correlation_p_curve']:.3f} (level {CORRELATION_LEVEL:g}); Pearson r of the levels "
+            f"{values['pearson_curve']:.2f} on the curve, {values['pearson_line']:.2f} on the line",
         ),
     ]
 
@@ -146,6 +180,10 @@ class RobustPath(bench.Analysis):
         bench.Metric("pearson_curve", "Pearson r (curve)", None, kind=bench.MetricKind.NUMBER),
         bench.Metric("pearson_line", "Pearson r (line)", None, kind=bench.MetricKind.NUMBER),
         bench.Metric("adv_loss_barrier", "PGD-loss barrier (curve)", None, kind=bench.MetricKind.NUMBER),
+        bench.Metric("adv_loss_barrier_low", "Barrier, 95% bootstrap low", None, kind=bench.MetricKind.NUMBER),
+        bench.Metric("adv_loss_barrier_high", "Barrier, 95% bootstrap high", None, kind=bench.MetricKind.NUMBER),
+        bench.Metric("pearson_steps_curve", "Step-to-step r (curve)", None, kind=bench.MetricKind.NUMBER),
+        bench.Metric("correlation_p_curve", "Permutation p of step r (curve)", None, kind=bench.MetricKind.NUMBER),
         bench.Metric(
             "hessian_residual", "Power-iteration residual (max)", None, kind=bench.MetricKind.NUMBER, diagnostic=True
         ),
@@ -207,10 +245,14 @@ class RobustPath(bench.Analysis):
         hessian_x = to_model_input(evaluation.x[: o.hessian_images])
         hessian_y = evaluation.y[: o.hessian_images]
         records, residual = [], 0.0
+        adversarial_losses: dict[str, list[torch.Tensor]] = {"curve": [], "line": []}
         for path in ("curve", "line"):
             for t in ctx.progress(ts, desc=f"robust_path: {path}"):
                 point = self._point(net, regular, robust, curve, path, t, train, ctx)
-                measured = clean_and_pgd(point, evaluation, ctx, eps=o.eps, steps=o.pgd_steps, stream=f"pgd_{t}")
+                measured, per_image = clean_and_pgd_per_image(
+                    point, evaluation, ctx, eps=o.eps, steps=o.pgd_steps, stream=f"pgd_{t}"
+                )
+                adversarial_losses[path].append(per_image)
                 eigenvalues, change = input_hessian_top_eigenvalues(
                     lambda x: F.cross_entropy(point(x).float(), hessian_y, reduction="sum"),
                     hessian_x,
@@ -223,9 +265,15 @@ class RobustPath(bench.Analysis):
         for path in ("curve", "line"):
             rows = [r for r in records if r["path"] == path]
             values[f"pearson_{path}"] = pearson([r["hessian_eig"] for r in rows], [r["adv_loss"] for r in rows])
-        barriers = {path: loss_barrier([r for r in records if r["path"] == path]) for path in ("curve", "line")}
-        values["adv_loss_barrier"] = barriers["curve"]
-        findings = path_findings(records, barriers, values)
+        curve_rows = [r for r in records if r["path"] == "curve"]
+        values["pearson_steps_curve"], values["correlation_p_curve"] = correlation_test(
+            [r["hessian_eig"] for r in curve_rows], [r["adv_loss"] for r in curve_rows]
+        )
+        values["adv_loss_barrier"] = loss_barrier(curve_rows)
+        values["adv_loss_barrier_low"], values["adv_loss_barrier_high"] = barrier_interval(
+            torch.stack(adversarial_losses["curve"]), seed=ctx.seed
+        )
+        findings = path_findings(records, values)
         figures = [
             bench.Figure(
                 "points",

@@ -14,8 +14,15 @@ from bench.cli import main
 from bench.registry import ENTRY_POINT_GROUP, build_registry
 from bench.testing import run_suite_file, trained_digits_model, write_suite
 from bench_plugins.analyses.budget_curve import budget_findings
-from bench_plugins.analyses.robust_path import input_hessian_top_eigenvalues, path_findings, pearson
-from bench_plugins.analyses.stitching import stitch, stitch_points, stitching_findings
+from bench_plugins.analyses.robust_path import (
+    CORRELATION_LEVEL,
+    barrier_interval,
+    correlation_test,
+    input_hessian_top_eigenvalues,
+    path_findings,
+    pearson,
+)
+from bench_plugins.analyses.stitching import DonorBatchNorm, Init, stitch, stitch_points, stitching_findings
 from bench.evaluation import clean_accuracy
 
 TINY = {"name": "small_cnn", "width": 4}
@@ -84,7 +91,16 @@ def test_stitching_a_network_to_itself_recovers_its_accuracy_and_leaves_both_unc
     assert len(layers) == 4  # three ReLUs and the flattening
     for layer in layers:
         stitched = stitch(
-            model, model, layer, splits.train.subset(torch.arange(300)), ctx, epochs=1, lr=1e-3, batch_size=64
+            model,
+            model,
+            layer,
+            splits.train.subset(torch.arange(300)),
+            ctx,
+            epochs=1,
+            lr=1e-3,
+            batch_size=64,
+            init=Init.IDENTITY,
+            donor_batch_norm=DonorBatchNorm.FROZEN,
         )
         assert abs(clean_accuracy(stitched, splits.test, ctx) - own) <= 0.02, layer
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -93,23 +109,35 @@ def test_stitching_a_network_to_itself_recovers_its_accuracy_and_leaves_both_unc
 
 
 def test_findings_follow_their_rules():
-    def path(losses):
-        return [{"path": "curve", "t": i, "adv_loss": v} for i, v in enumerate(losses)]
+    def path(losses, eigenvalues=None):
+        eigenvalues = eigenvalues or [0.0] * len(losses)
+        return [
+            {"path": "curve", "t": i, "adv_loss": v, "hessian_eig": e}
+            for i, (v, e) in enumerate(zip(losses, eigenvalues))
+        ] + [{"path": "line", "t": i, "adv_loss": 0.9, "hessian_eig": 0.0} for i in range(len(losses))]
 
-    records = path([1.0, 1.5, 0.5])
-    barrier, correlation = path_findings(
-        records, {"curve": 0.5, "line": 0.9}, {"pearson_curve": 0.6, "pearson_line": 0.9}
+    values = {
+        "adv_loss_barrier": 0.5,
+        "adv_loss_barrier_low": 0.2,
+        "adv_loss_barrier_high": 0.8,
+        "pearson_curve": 0.99,
+        "pearson_line": 0.9,
+        "pearson_steps_curve": 0.1,
+        "correlation_p_curve": 0.4,
+    }
+    barrier, correlation = path_findings(path([1.0, 1.5, 0.5]), values)
+    assert barrier.shown and "barrier 0.50 on the curve (95% bootstrap interval over images 0.20 to 0.80)" in (
+        barrier.evidence
     )
-    assert (
-        barrier.shown and not correlation.shown and "barrier 0.50 on the curve and 0.90 on the line" in barrier.evidence
-    )
-    assert not path_findings(
-        path([1.0, 1.02, 0.5]), {"curve": 0.02, "line": 0.0}, {"pearson_curve": 0.9, "pearson_line": 0}
-    )[0].shown
+    assert not correlation.shown  # a high r of the levels alone shows nothing
+    assert path_findings(path([1.0, 1.5, 0.5]), {**values, "correlation_p_curve": 0.01})[1].shown
+    # a barrier within its noise is not shown, however large
+    assert not path_findings(path([1.0, 1.5, 0.5]), {**values, "adv_loss_barrier_low": -0.1})[0].shown
+    assert not path_findings(path([1.0, 1.02, 0.5]), {**values, "adv_loss_barrier": 0.02})[0].shown
 
-    def per_image(undefended, plain, eot, eps=0.03):  # correct images among 100, by index range
+    def per_image(undefended, plain, eot, images=100, eps=0.03):  # correct images, by index range
         return {
-            (eps, attack): (torch.arange(100) < correct).float()
+            (eps, attack): (torch.arange(images) < correct).float()
             for attack, correct in (
                 ("undefended", undefended),
                 ("defended, plain PGD", plain),
@@ -118,22 +146,110 @@ def test_findings_follow_their_rules():
         }
 
     no_more_robust, overstated = budget_findings(per_image(10, 40, 11), "sap")
-    assert no_more_robust.shown and overstated.shown  # one image more is within two paired standard errors
-    assert "11.0% under EOT against 10.0% undefended (+1.0 ± 1.0 points)" in no_more_robust.evidence
+    assert no_more_robust.shown and overstated.shown  # one image more: below the 3-point margin, p = 0.024
+    assert "100 images" in no_more_robust.evidence and "0.03: +1.0 ± 1.0 points, p = 0.024" in no_more_robust.evidence
     no_more_robust, overstated = budget_findings(per_image(10, 21, 20), "sap")
     assert not no_more_robust.shown and not overstated.shown
 
-    def stitched(robust_to_regular, regular_to_robust):
+
+def test_a_fixed_effect_cannot_be_shown_absent_by_cutting_the_images():
+    # EOT accuracy 3 points above the undefended model's: that is the margin, never "no more robust".
+    # Under the old rule (within two standard errors) cutting 400 images to 100 made it shown.
+    for images in (400, 100, 40):
+        correct = {"undefended": images // 10, "defended, EOT-PGD": images // 10 + 3 * images // 100}
+        per_image = {
+            (0.03, attack): (torch.arange(images) < correct.get(attack, images // 2)).float()
+            for attack in ("undefended", "defended, plain PGD", "defended, EOT-PGD")
+        }
+        assert not budget_findings(per_image, "sap")[0].shown, images
+    # several eps: each is tested at 0.05 / their number (here p = 0.046 at each)
+    one_eps = {
+        (0.03, a): (torch.arange(90) < c).float()
+        for a, c in (("undefended", 10), ("defended, plain PGD", 40), ("defended, EOT-PGD", 11))
+    }
+    two_eps = one_eps | {(0.06, a): v for (_, a), v in one_eps.items()}
+    assert budget_findings(one_eps, "sap")[0].shown and not budget_findings(two_eps, "sap")[0].shown
+
+
+def test_random_monotone_curves_fail_the_correlation_rule_and_a_shared_bump_passes():
+    generator = np.random.default_rng(0)
+    passed = old_rule_passed = 0
+    for _ in range(200):
+        a, b = np.sort(generator.random(11)), np.sort(generator.random(11))
+        old_rule_passed += pearson(list(a), list(b)) >= 0.7  # their levels correlate by construction
+        passed += correlation_test(list(a), list(b))[1] < CORRELATION_LEVEL
+    assert old_rule_passed / 200 > 0.9 and passed / 200 < 0.12  # about the test's level
+    t = np.linspace(0, 1, 11)
+    bump = np.exp(-(((t - 0.4) / 0.12) ** 2))
+    eigen, loss = bump + 0.05 * generator.standard_normal(11), 2 * bump + 0.1 * generator.standard_normal(11)
+    r, p = correlation_test(list(eigen), list(loss))
+    assert r > 0.8 and p < CORRELATION_LEVEL
+
+
+def test_the_barrier_interval_covers_the_barrier_and_shrinks_with_images():
+    generator = torch.Generator().manual_seed(0)
+    losses = torch.tensor([1.0, 1.3, 1.6, 1.3, 1.0]).unsqueeze(1) + torch.randn(5, 400, generator=generator)
+    low, high = barrier_interval(losses)
+    barrier = float(losses.mean(dim=1).max() - losses.mean(dim=1)[[0, -1]].max())
+    assert low < barrier < high and low > 0
+    few_low, few_high = barrier_interval(losses[:, :25])
+    assert few_high - few_low > high - low
+
+
+def test_stitching_findings_need_intervals_and_a_resolvable_denominator():
+    def stitched(robust_to_regular, regular_to_robust, back=0.5):
         return [
-            {"pair": pair, "rel_robust": v, "rel_clean": 1.0}
+            {"pair": pair, "rel_robust": v, "robust_acc": v * back, "rel_clean": 1.0}
             for pair, values in (("robust -> regular", robust_to_regular), ("regular -> robust", regular_to_robust))
             for v in values
         ]
 
-    clean, dip = stitching_findings(stitched([0.9, 0.2, 0.6], [0.8, 0.1, 0.3]), {"rel_clean_min": 0.95})
-    assert clean.shown and dip.shown and "robust -> regular 0.90, 0.20, 0.60" in dip.evidence
-    clean, dip = stitching_findings(stitched([0.9, 0.2, 0.6], [0.8, 0.4, 0.3]), {"rel_clean_min": 0.8})
+    def own(back=0.5):
+        return {"regular": {"robust_acc": back}, "robust": {"robust_acc": back}}
+
+    dipping = stitched([0.9, 0.2, 0.6], [0.8, 0.1, 0.5])
+    clean, dip = stitching_findings(dipping, {"rel_clean_min": 0.95}, own(), images=1000)
+    assert clean.shown and dip.shown and "robust -> regular: relative robust accuracy by layer 0.90 [" in dip.evidence
+    clean, dip = stitching_findings(
+        stitched([0.9, 0.2, 0.6], [0.8, 0.4, 0.3]), {"rel_clean_min": 0.8}, own(), images=1000
+    )
     assert not clean.shown and not dip.shown  # regular -> robust never falls below half
+    # the same shape on 20 images: the intervals cannot tell the dip from the return
+    assert not stitching_findings(dipping, {"rel_clean_min": 0.95}, own(), images=20)[1].shown
+    # a back network at 3% robust accuracy is no denominator
+    low_back = stitched([0.9, 0.2, 0.6], [0.8, 0.1, 0.5], back=0.03)
+    dip = stitching_findings(low_back, {"rel_clean_min": 0.95}, own(0.03), images=1000)[1]
+    assert not dip.shown and "too low to divide by" in dip.evidence
+
+
+def test_stitching_trains_as_the_reference_does_donor_batch_norm_in_train_mode(tmp_path):
+    model, splits, ctx = trained_digits_model(epochs=1, width=4)
+    train = splits.train.subset(torch.arange(300))
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bn]
+    layer = stitch_points(model)[0]
+    moving = stitch(model, copy.deepcopy(model), layer, train, ctx, epochs=1, lr=1e-3, batch_size=64)
+    frozen = stitch(
+        model,
+        copy.deepcopy(model),
+        layer,
+        train,
+        ctx,
+        epochs=1,
+        lr=1e-3,
+        batch_size=64,
+        donor_batch_norm=DonorBatchNorm.FROZEN,
+        init=Init.IDENTITY,
+    )
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(bn, before))  # the donors are copies
+    stitched_bn = [m for m in moving.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    frozen_bn = [m for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(not torch.equal(m.running_mean, b) for m, b in zip(stitched_bn, before))
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(frozen_bn, before))
+    # random initialisation is not the identity; the identity stays near it after a short training
+    weight = moving.stitch.weight.flatten(1)
+    assert not torch.allclose(weight, torch.eye(weight.shape[0]), atol=0.1)
+    assert torch.allclose(frozen.stitch.weight.flatten(1), torch.eye(weight.shape[0]), atol=0.2)
 
 
 def test_an_analysis_suite_runs_stores_reports_and_resumes(tmp_path, one_cpu_thread):
