@@ -445,7 +445,8 @@ GLOSSARY = {
     "asr": "attack success rate",
     "ra": "robust accuracy on triggered inputs",
     "der": "defense effectiveness rating (BackdoorBench: (max(0, ASR drop) − max(0, C-Acc drop) + 1) / 2)",
-    "robust_acc": "robust accuracy, the per-image worst case over every attack run (as AutoAttack counts)",
+    "robust_acc": "robust accuracy, the per-image worst case over every attack (as AutoAttack counts), on the "
+    "images every attack ran on (the check subset; see the protocol line)",
     "injection_success": "share of sneaked faults still active",
     "faults_active": "sneaked faults still active, counted (of the attack's sneak_images; 4 by default, so "
     "Inj. success moves in steps of 25 points)",

@@ -28,9 +28,9 @@ attack with a fixed `target_class` leaves out the images of that class):
     than 3 classes (4 targeted) DLR falls back to the CW margin. The check accuracies are on
     the check images only.
 - Headline, as AutoAttack counts: `robust_acc` is, per image, the worst case over every attack
-  that ran on that image (the fewest correct passes), averaged over images: over all of the
-  above for the first `check_subset` images, over the configured attack and its EOT variant
-  for the rest. So `robust_acc` <= `robust_acc_attack` and <= `robust_acc_eot`. For a
+  (the fewest correct passes), averaged over the first `check_subset` images, the ones every
+  attack ran on (`headline_images`): one protocol per number. The configured attack's own
+  accuracy on the whole subset is `robust_acc_attack`. For a
   stochastic model the counts are noisy, so the per-image minimum over several attacks is also
   lowered by chance (less so with more `passes`): the conservative direction, as in
   AutoAttack's `rand` version, which counts one pass per attack.

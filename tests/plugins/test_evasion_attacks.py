@@ -453,3 +453,16 @@ def test_a_target_class_the_dataset_lacks_fails_before_the_run():
     PGD(PGD.Options(targeted=True, target_class=9)).check_dataset(splits)
     with pytest.raises(bench.BenchError, match="target_class 10"):
         FGSM(FGSM.Options(targeted=True, target_class=10)).check_dataset(splits)
+
+
+def test_the_headline_is_measured_on_the_images_every_attack_saw(digits_mlp):
+    # A masking defense fools the configured attack on every image; only the checked images see
+    # the checks. Mixing the unchecked images into the headline would rank it as robust.
+    model, data = digits_mlp
+    options = PGD.Options(**{**CHECKED, "subset": 100, "check_subset": 25})
+    masked = PGD(options).evaluate(ScaledLogits(model, 1e4), data, context(), {})
+    honest = PGD(options).evaluate(model, data, context(), {})
+    assert masked["headline_images"] == 25 and masked["unreliable"] == 1.0
+    assert masked["robust_acc"] <= masked["robust_acc_check_dlr"] + 1e-9  # DLR ran on the same 25 images
+    assert masked["robust_acc_attack"] > masked["robust_acc"] + 0.2
+    assert masked["robust_acc"] <= honest["robust_acc"] + 0.08
