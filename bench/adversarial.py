@@ -496,7 +496,8 @@ def describe_evasion_protocol(name: str, settings: EvasionSettings) -> str:
         f"differ) are also attacked with EOT-{s.eot_samples} and predicted {s.passes} times per image. "
         f"Robust acc and ASR: per image, the worst case over every attack, on the first {s.check_subset} images "
         f"(every attack ran on them; the configured attack alone on the rest, in its diagnostic column). "
-        f"Masking check on the first {s.check_subset} images: CE-PGD and DLR-PGD with {s.check_steps} steps x {s.check_restarts} restarts "
+        f"Masking check on the first {s.check_subset} images: CE-PGD and DLR-PGD with {s.check_steps} steps x "
+        f"{s.check_restarts} restarts "
         f"(EOT for stochastic models), {square_text}; 'unreliable' when a check beats the attack by more than "
         f"{s.masking_threshold:.0%}"
     )
@@ -519,8 +520,8 @@ def evaluate_evasion(
     `robust_acc` and `asr` are per image the worst case over every attack, on the images every
     attack ran on: the first `check_subset` (`headline_images` says how many). Mixing in the rest,
     seen by the configured attack alone, would put two protocols into one number (a defense that
-    fools only the configured attack would gain on the unchecked images). Every adversarial image is predicted `passes` times for a stochastic model, once
-    otherwise. `masking_gap` is the largest amount by which a check's success rate exceeds that
+    fools only the configured attack would gain on the unchecked images). Every adversarial image
+    is predicted `passes` times for a stochastic model, once otherwise. `masking_gap` is the largest amount by which a check's success rate exceeds that
     of the configured attack (per image, the worse of its variants) on the check images, 0 when
     none does; `unreliable` is 1 when it exceeds `masking_threshold`."""
     s = settings
