@@ -521,8 +521,9 @@ def evaluate_evasion(
     attack ran on: the first `check_subset` (`headline_images` says how many). Mixing in the rest,
     seen by the configured attack alone, would put two protocols into one number (a defense that
     fools only the configured attack would gain on the unchecked images). Every adversarial image
-    is predicted `passes` times for a stochastic model, once otherwise. `masking_gap` is the largest amount by which a check's success rate exceeds that
-    of the configured attack (per image, the worse of its variants) on the check images, 0 when
+    is predicted `passes` times for a stochastic model, once otherwise. `masking_gap` is the
+    largest amount by which a check's success rate exceeds that of the configured attack (per
+    image, the worse of its variants) on the check images, 0 when
     none does; `unreliable` is 1 when it exceeds `masking_threshold`."""
     s = settings
     data = test if s.subset == 0 else ImageData(test.x[: s.subset], test.y[: s.subset])
