@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import numbers
 import platform
 import signal
@@ -128,6 +129,43 @@ def check_finite_outputs(model: nn.Module, images: ImageData, ctx: RunContext, w
         )
 
 
+@contextmanager
+def finite_outputs_checked(model: nn.Module, what: str):
+    """Check every output `model` gives inside the block (clean, triggered, adversarial, any
+    forward call an attack makes): a forward hook counts non-finite rows on the device, read
+    once at the end, so no batch waits for the host. Raises `BenchError` when any is NaN or
+    infinite: argmax would turn them into class 0 and rank a broken model."""
+    counts = {"bad": None, "rows": 0}
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.dim() >= 1:
+            bad = (~torch.isfinite(output.detach())).reshape(len(output), -1).any(dim=1).sum()
+            counts["bad"] = bad if counts["bad"] is None else counts["bad"] + bad
+            counts["rows"] += len(output)
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if counts["bad"] is not None and int(counts["bad"]) > 0:
+        raise BenchError(
+            f"{what} gives NaN or infinite outputs on {int(counts['bad'])} of the {counts['rows']} predictions "
+            "made while measuring it (clean, triggered or adversarial images)"
+        )
+
+
+def check_finite_metrics(metrics: dict[str, float], where: str) -> None:
+    """A metric must be a finite number: inf would rank first and NaN would become a blank cell."""
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue  # not a number at all: the store's own check names it
+        if not math.isfinite(number):
+            raise BenchError(f"{where} reported the metric '{key}' = {value}; metrics must be finite numbers")
+
+
 def run_job(job: Job, env: JobEnvironment) -> Outcome:
     timings: dict[str, float] = {}
 
@@ -157,9 +195,11 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
 
     check_finite_outputs(model, evaluation, ctx, "the attacked model")
 
-    def measure(predictor: nn.Module) -> dict[str, float]:
-        metrics = {"clean_acc": clean_accuracy(predictor, evaluation, ctx)}
-        metrics.update(attack.evaluate(predictor, evaluation, ctx, attack_state))
+    def measure(predictor: nn.Module, what: str) -> dict[str, float]:
+        with finite_outputs_checked(predictor, what):
+            metrics = {"clean_acc": clean_accuracy(predictor, evaluation, ctx)}
+            metrics.update(attack.evaluate(predictor, evaluation, ctx, attack_state))
+        check_finite_metrics(metrics, f"attack '{job.attack.label}'")
         return metrics
 
     with stage("evaluate_before"):
@@ -172,7 +212,9 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
                 "eval_batch_size": job.eval_batch_size,
             }
         )
-        before, before_hit = env.cache.get_or_create("evaluations", before_key, lambda: measure(model))
+        before, before_hit = env.cache.get_or_create(
+            "evaluations", before_key, lambda: measure(model, "the attacked model")
+        )
 
     fetch_seconds, train_seconds = [], []
 
@@ -204,12 +246,13 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         timings["defense"] = round(timings["defense"] + extra_seconds(), 4)
     with stage("evaluate"):
         # Attacking the same model again would repeat the before-defense numbers exactly.
-        after = dict(before) if unchanged else measure(defended)
+        after = dict(before) if unchanged else measure(defended, f"defense '{job.defense.label}': the defended model")
     series = {name: list(records) for name, records in result.series.items()}
     if result.points is not None:
         with stage("evaluate_points"):
             for name, coordinates, point_model in result.points():
-                series.setdefault(name, []).append({**coordinates, **measure(point_model)})
+                measured = measure(point_model, f"defense '{job.defense.label}': the model at {coordinates}")
+                series.setdefault(name, []).append({**coordinates, **measured})
 
     metrics = dict(after)
     metrics.update({f"{k}_before": v for k, v in before.items()})
@@ -222,6 +265,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         )
         info["der"] = DER.info()
     declared = {m.key: m for m in defense.metrics}
+    check_finite_metrics(result.values, f"defense '{job.defense.label}'")
     for key, value in result.values.items():
         metrics[key] = float(value)
         info[key] = declared[key].info()
@@ -307,6 +351,7 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
     undeclared = sorted(set(result.values) - set(declared))
     if undeclared:
         raise BenchError(f"{analysis.name}: reported the value '{undeclared[0]}', which its `metrics` do not declare")
+    check_finite_metrics(result.values, f"analysis '{job.analysis.label}'")
     for figure in result.figures:
         if figure.series not in result.series:
             raise BenchError(f"{analysis.name}: a figure draws the series '{figure.series}', which it did not return")

@@ -68,10 +68,53 @@ class StringSeriesDefense(bench.Defense):
         return bench.Defended(model, series={"steps": [{"value": torch.zeros(3)}]})
 
 
+class NaNWhereSaturated(nn.Module):
+    """NaN only for images whose 2x2 patch one pixel from the bottom-right corner is saturated
+    (where the BadNets trigger sits): the clean images look fine, the triggered ones would all
+    become class 0 under argmax."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        logits = self.model(x)
+        saturated = (x[..., -3:-1, -3:-1].flatten(1) >= 1.0).all(dim=1, keepdim=True)
+        return torch.where(saturated, torch.full_like(logits, float("nan")), logits)
+
+
+class NaNWhereSaturatedDefense(bench.Defense):
+    name = "nan_on_trigger"
+    description = "NaN outputs only where pixels saturate"
+
+    def apply(self, model, bonafide, ctx):
+        return NaNWhereSaturated(model)
+
+
+class InfiniteMetricAttack(bench.Attack):
+    name = "infinite_metric"
+    description = "reports inf and NaN metrics"
+    metrics = (
+        bench.Metric("robust_acc", "Robust acc", higher_is_better=True),
+        bench.Metric("other", "Other", higher_is_better=True),
+    )
+
+    def evaluate(self, model, test, ctx, state):
+        return {"robust_acc": float("inf"), "other": float("nan")}
+
+
 @pytest.fixture
 def registry(monkeypatch):
     registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-    for cls in (ExitingDefense, InterruptingDefense, NaNDefense, TensorMetricAttack, StringSeriesDefense):
+    for cls in (
+        ExitingDefense,
+        InterruptingDefense,
+        NaNDefense,
+        TensorMetricAttack,
+        StringSeriesDefense,
+        NaNWhereSaturatedDefense,
+        InfiniteMetricAttack,
+    ):
         registry.register(cls, plugin="test", package="tests")
     monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
     return registry
@@ -101,6 +144,25 @@ def test_nan_outputs_and_unstorable_values_fail_their_job_with_the_reason(tmp_pa
     text = render_report(tmp_path / "r.db")
     table = text.split("## Failed jobs")[0]
     assert not [line for line in table.splitlines() if line.startswith("| nan_outputs")]  # never ranked
+
+
+def test_nan_only_on_triggered_images_fails_the_job_instead_of_ranking_first(tmp_path, registry):
+    # the clean images almost never have that patch saturated: the old clean-only check passed
+    result, rows = run(tmp_path, defenses=["nan_on_trigger", "none"])
+    assert result.exit_code == 1, result.output
+    row = rows["nan_on_trigger/badnets(trigger_size=2)"]
+    assert row["status"] == "failed" and "gives NaN or infinite outputs on" in row["error"]
+    assert "clean, triggered or adversarial" in row["error"]
+    table = render_report(tmp_path / "r.db").split("## Failed jobs")[0]
+    assert not [line for line in table.splitlines() if line.startswith("| nan_on_trigger")]
+
+
+def test_a_non_finite_metric_fails_the_job_and_never_ranks(tmp_path, registry):
+    result, rows = run(tmp_path, attacks=["infinite_metric"], defenses=["none"])
+    assert result.exit_code == 1, result.output
+    (row,) = rows.values()
+    assert row["status"] == "failed"
+    assert "attack 'infinite_metric' reported the metric 'robust_acc' = inf" in row["error"]
 
 
 def test_a_tensor_metric_fails_the_job_not_the_store(tmp_path, registry):
