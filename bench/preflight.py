@@ -29,7 +29,7 @@ def preflight(suite: Suite, jobs: list[Job | AnalysisJob], env: JobEnvironment) 
             splits = load_dataset(job, env.device)
         except BenchError as exc:
             raise SuiteError(f"{where}: {exc}") from None
-        except Exception as exc:  # a plugin's own failure: name it, no traceback
+        except (Exception, SystemExit) as exc:  # a plugin's own failure (sys.exit too): name it, no traceback
             raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
         attack = job.attack.instantiate()
         if (job.dataset.label, job.attack.label) not in checked:
@@ -37,6 +37,8 @@ def preflight(suite: Suite, jobs: list[Job | AnalysisJob], env: JobEnvironment) 
                 attack.check_dataset(splits)
             except BenchError as exc:
                 raise SuiteError(f"{where}: {exc}") from None
+            except (Exception, SystemExit) as exc:
+                raise SuiteError(f"{where}: check_dataset failed: {type(exc).__name__}: {exc}") from None
             checked.add((job.dataset.label, job.attack.label))
         _check_specs(suite, job, splits, (job.attack, job.defense), models, checked, "")
         pool = bonafide_pool_size(splits, job.bonafide_source, attack.withheld_training_images(splits))
@@ -63,6 +65,11 @@ def _check_specs(suite: Suite, job, splits, specs, models: dict, checked: set, c
             raise SuiteError(
                 f"{suite.path}: model '{job.model.label}', {context}{spec.kind} '{spec.label}': {exc}"
             ) from None
+        except (Exception, SystemExit) as exc:  # the plugin's own failure, sys.exit() included
+            raise SuiteError(
+                f"{suite.path}: model '{job.model.label}', {context}{spec.kind} '{spec.label}': check_model "
+                f"failed: {type(exc).__name__}: {exc}"
+            ) from None
         checked.add((*model_id, spec.kind, spec.label))
 
 
@@ -72,7 +79,7 @@ def _check_analysis(suite: Suite, job: AnalysisJob, env: JobEnvironment, checked
         splits = load_dataset(job, env.device)
     except BenchError as exc:
         raise SuiteError(f"{where}: {exc}") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
     specs = [job.analysis] + [need.defense for _, need in job.needs]
     _check_specs(suite, job, splits, specs, models, checked, f"analysis '{job.analysis.label}', ")

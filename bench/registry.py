@@ -189,7 +189,7 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
         try:
             module = ep.load()
             pm.register(module, name=ep.name)
-        except Exception as exc:  # a broken plugin must not take down the others
+        except (Exception, SystemExit) as exc:  # a broken plugin (even one calling sys.exit) spares the others
             registry.problems.append(LoadProblem(ep.name, package, f"failed to load: {type(exc).__name__}: {exc}"))
             continue
         for warning in unmarked_hooks(module):
@@ -224,7 +224,7 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
                     registry.register(cls, plugin=_plugin, package=_package, version=_version)
                 except PluginLoadError as exc:
                     registry.problems.append(LoadProblem(_plugin, _package, str(exc)))
-                except Exception as exc:  # one bad class must not hide the ones registered after it
+                except (Exception, SystemExit) as exc:  # one bad class must not hide the ones after it
                     registry.problems.append(
                         LoadProblem(_plugin, _package, f"registering {cls!r} failed: {type(exc).__name__}: {exc}")
                     )
@@ -234,7 +234,7 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
 
             try:
                 impl.function(**({"register": register} if "register" in impl.argnames else {}))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 registry.problems.append(
                     LoadProblem(impl.plugin_name, package, f"{hook_name} failed: {type(exc).__name__}: {exc}")
                 )

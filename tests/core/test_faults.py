@@ -91,6 +91,14 @@ class NaNWhereSaturatedDefense(bench.Defense):
         return NaNWhereSaturated(model)
 
 
+class ExitingCheckDefense(bench.Defense):
+    name = "exits_in_check"
+    description = "calls sys.exit(0) in check_model, before any job"
+
+    def check_model(self, model, sample):
+        sys.exit(0)
+
+
 class InfiniteMetricAttack(bench.Attack):
     name = "infinite_metric"
     description = "reports inf and NaN metrics"
@@ -114,6 +122,7 @@ def registry(monkeypatch):
         StringSeriesDefense,
         NaNWhereSaturatedDefense,
         InfiniteMetricAttack,
+        ExitingCheckDefense,
     ):
         registry.register(cls, plugin="test", package="tests")
     monkeypatch.setattr(bench.cli, "load_plugins", lambda: registry)
@@ -144,6 +153,13 @@ def test_nan_outputs_and_unstorable_values_fail_their_job_with_the_reason(tmp_pa
     text = render_report(tmp_path / "r.db")
     table = text.split("## Failed jobs")[0]
     assert not [line for line in table.splitlines() if line.startswith("| nan_outputs")]  # never ranked
+
+
+def test_a_plugin_exiting_in_check_model_is_a_one_line_refusal_not_a_silent_exit(tmp_path, registry):
+    path = write_suite(tmp_path / "s.toml", store=tmp_path / "r.db", defenses=["exits_in_check"])
+    result = CliRunner().invoke(main, ["run", str(path), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "defense 'exits_in_check': check_model failed: SystemExit" in result.output
 
 
 def test_nan_only_on_triggered_images_fails_the_job_instead_of_ranking_first(tmp_path, registry):

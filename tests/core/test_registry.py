@@ -90,6 +90,27 @@ def broken_site(tmp_path, monkeypatch):
         },
         {"typo_hook": "typo_hook"},
     )
+    fake_distribution(
+        tmp_path,
+        "exits-on-import",
+        {"exits_on_import": "import sys\nsys.exit(0)\n"},
+        {"exits_on_import": "exits_on_import"},
+    )
+    fake_distribution(
+        tmp_path,
+        "exits-in-hook",
+        {
+            "exits_in_hook": """
+        import sys
+        import bench
+
+        @bench.hookimpl
+        def register_defenses(register):
+            sys.exit(0)
+        """
+        },
+        {"exits_in_hook": "exits_in_hook"},
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -105,6 +126,9 @@ def test_broken_plugins_are_reported_by_name_and_the_others_load(broken_site):
         registry.get("defense", "finetune")
     assert registry.get("defense", "dupe_ok").package == "dupe-defense"
     assert "register_defence" in problems["typo_hook"].message
+    # a plugin calling sys.exit() at import or in its hook is one problem, not the end of bench
+    assert "failed to load: SystemExit" in problems["exits_on_import"].message
+    assert "register_defenses failed: SystemExit" in problems["exits_in_hook"].message
     for kind, names in BUILT_INS.items():
         assert names <= set(registry.names(kind))
 
@@ -118,7 +142,9 @@ def test_load_plugins_switch_limits_what_loads(broken_site, monkeypatch):
 
 def test_bench_plugins_lists_problems_without_failing(broken_site):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken_site), *sys.path])}
-    result = subprocess.run([sys.executable, "-m", "bench.cli", "plugins"], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "plugins", "--reload"], env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "badnets" in result.stdout and "dupe_ok" in result.stdout
     assert "broken_import (broken-import): failed to load" in result.stderr
