@@ -12,6 +12,7 @@ import click
 from tabulate import tabulate
 
 from bench.errors import BenchError
+from bench.locations import check_output_path, write_text_atomically
 
 # Exit statuses, a fixed documented set (the failed-job count goes to the output, not the status).
 EXIT_OK = 0
@@ -225,14 +226,14 @@ def report(store, suite, output, plots, all_runs, output_format):
 
     Shows the jobs of the suite's latest run; a store holding several suites needs --suite.
     """
-    from bench.report import render_report, report_data
+    from bench.report import json_text, render_report, report_data
 
     if output_format == "json":
         try:
-            text = json.dumps(report_data(store.expanduser(), suite, all_runs), indent=2) + "\n"
+            text = json_text(report_data(store.expanduser(), suite, all_runs))
             if output is not None:
-                output.expanduser().parent.mkdir(parents=True, exist_ok=True)
-                output.expanduser().write_text(text, encoding="utf-8")
+                check_output_path(output.expanduser(), reads=[store.expanduser()])
+                write_text_atomically(output.expanduser(), text)
         except BenchError as exc:
             _fail(str(exc))
         except OSError as exc:
@@ -244,6 +245,7 @@ def report(store, suite, output, plots, all_runs, output_format):
             output = output.expanduser()
             if output.is_dir() or output.name in ("", ".", "..") or output.suffix.lower() != ".md":
                 raise BenchError(f"--output {output}: expected a markdown file name such as leaderboard/NAME.md")
+            check_output_path(output, reads=[store.expanduser()])
         plot_dir = output.parent / f"{output.stem}-figures" if (output is not None and plots) else None
         text = render_report(
             store.expanduser(),
@@ -253,8 +255,7 @@ def report(store, suite, output, plots, all_runs, output_format):
             all_runs=all_runs,
         )
         if output is not None:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text, encoding="utf-8")
+            write_text_atomically(output, text)
     except BenchError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -285,6 +286,8 @@ def export(store, suite, output_format, output, analyses, all_runs):
     from bench.export import export_frame, write_export
 
     try:
+        if output is not None:
+            check_output_path(output.expanduser(), reads=[store.expanduser()])
         frame = export_frame(store.expanduser(), suite, analyses=analyses, all_runs=all_runs)
         text = write_export(frame, output_format, output.expanduser() if output else None)
     except BenchError as exc:

@@ -11,17 +11,27 @@
 
 Analysis rows have `analysis`, `analysis_label`, `analysis_options` instead of attack, defense
 and bonafide size, and `value.<key>` for their values.
+
+CSV cells that a spreadsheet would run as a formula (text starting with =, +, -, @, a tab or a
+carriage return, e.g. a suite label `=HYPERLINK(...)`) get a leading apostrophe, as OWASP
+advises against CSV injection; numbers are written as they are. JSON is valid RFC 8259 and
+exact (shortest round-trip floats); a value a row lacks (a metric another job reports) is
+null, and a non-finite number would be the string 'NaN', 'Infinity' or '-Infinity'. Every output file is written
+through a temporary file and a rename, and an output that is the store (or any SQLite file) is
+refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.report import select_rows
+from bench.locations import write_text_atomically
+from bench.report import json_text, select_rows
 
 FORMATS = ("csv", "json", "parquet")
 
@@ -93,8 +103,39 @@ def write_export(frame: pd.DataFrame, output_format: str, output: Path | None) -
         except ImportError:
             raise BenchError("--format parquet needs pyarrow: pip install pyarrow") from None
         return None
-    text = frame.to_csv(index=False) if output_format == "csv" else frame.to_json(orient="records", indent=2) + "\n"
+    if output_format == "csv":
+        text = neutralise_formulas(frame).to_csv(index=False)
+    else:
+        records = [{k: _plain(v) for k, v in record.items()} for record in frame.to_dict(orient="records")]
+        text = json_text(records)
     if output is None:
         return text
-    output.write_text(text, encoding="utf-8")
+    write_text_atomically(output, text)
     return None
+
+
+# OWASP's advice against CSV injection: a cell a spreadsheet would read as a formula (or a
+# command, a DDE call) starts with one of these; a leading apostrophe makes it text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of `frame` whose text cells starting with =, +, -, @, a tab or a carriage return
+    get a leading apostrophe (numbers are left alone, negative ones included)."""
+    out = frame.copy()
+    for column in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[column]):
+            out[column] = out[column].map(
+                lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+            )
+    return out
+
+
+def _plain(value):
+    """A pandas/numpy scalar as a plain Python value; NaN, which pandas puts where a row lacks a
+    column (stored metrics are finite), as None."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

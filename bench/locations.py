@@ -29,3 +29,37 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], *, fsync: 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_output_path(output: Path, *, reads: list[Path]) -> None:
+    """Refuse an output path that would destroy an input: a file the command reads (the store),
+    or any SQLite database. A symlink at `output` is not followed: the write replaces the link."""
+    from bench.errors import BenchError
+
+    for source in reads:
+        try:
+            same = output.exists() and source.exists() and os.path.samefile(output, source)
+        except OSError:
+            same = False
+        if same or output.resolve() == source.resolve():
+            raise BenchError(f"--output {output}: that is {source}, which this command reads; choose another file")
+    if output.is_file() and not output.is_symlink():
+        try:
+            with open(output, "rb") as handle:
+                is_database = handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+        except OSError:
+            is_database = False
+        if is_database:
+            raise BenchError(
+                f"--output {output}: that file is an SQLite database (a result store?); not overwriting it"
+            )
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary file and a rename: a full disk or a
+    kill leaves the previous file whole; a symlink at `path` is replaced, not followed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))

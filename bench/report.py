@@ -4,6 +4,7 @@ defense and bonafide size, each metric as mean +/- std over seeds, the best valu
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sqlite3
@@ -113,7 +114,7 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
     """The report's tables as plain data (`bench report --format json`): per (dataset, model,
     attack) table, one row per defense and bonafide size with the seeds and, per metric, its
     info and mean, std and count over seeds; per analysis, its values likewise; failed jobs."""
-    rows, analysis_rows, _ = select_rows(Path(store_path), suite, all_runs)
+    rows, analysis_rows, planned = select_rows(Path(store_path), suite, all_runs)
     ok = [r for r in rows if r["status"] == "ok"]
     tables = []
     groups: dict[tuple, list[dict]] = {}
@@ -200,7 +201,40 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
         if r["status"] != "ok"
     ]
     suite_name = (rows + analysis_rows)[0]["suite"]
-    return {"suite": suite_name, "tables": tables, "analyses": analyses, "failed": failed}
+    finished = {r["job_key"] for r in rows + analysis_rows if r["status"] == "ok"}
+    planned_keys = planned.get(suite_name, ("", []))[1]
+    missing = [k for k in planned_keys if k not in finished]
+    return {
+        "suite": suite_name,
+        "encoding": NON_FINITE_NOTE,
+        "complete": not missing,
+        "jobs_planned": len(planned_keys),
+        "jobs_without_result": len(missing),
+        "tables": tables,
+        "analyses": analyses,
+        "failed": failed,
+    }
+
+
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+NON_FINITE_NOTE = "non-finite numbers are written as the strings 'NaN', 'Infinity' and '-Infinity'"
+
+
+def json_safe(value):
+    """`value` with every non-finite float replaced by its string (RFC 8259 has no NaN or
+    infinity); finite floats stay exact (json writes their shortest round-trip repr)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return NON_FINITE[repr(value)]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(data) -> str:
+    """Valid JSON (no NaN or Infinity tokens), exact, indented, ending in a newline."""
+    return json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
 
 
 def _stats(values: list[float]) -> dict:

@@ -195,11 +195,13 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
 
     check_finite_outputs(model, evaluation, ctx, "the attacked model")
 
+    attack_label = job.attack.label
+
     def measure(predictor: nn.Module, what: str) -> dict[str, float]:
         with finite_outputs_checked(predictor, what):
             metrics = {"clean_acc": clean_accuracy(predictor, evaluation, ctx)}
             metrics.update(attack.evaluate(predictor, evaluation, ctx, attack_state))
-        check_finite_metrics(metrics, f"attack '{job.attack.label}'")
+        check_finite_metrics(metrics, f"attack '{attack_label}'")
         return metrics
 
     with stage("evaluate_before"):
