@@ -18,6 +18,9 @@ from bench.options import is_scalar_option, parse_options, to_plain
 from bench.registry import Registry
 
 
+MAX_LABEL = 120  # characters: a label is a table cell, a figure caption and part of a file name
+
+
 def plugin_specs(entry: Any, kind: str, where: str, registry: Registry, base: Path | None = None) -> list[PluginSpec]:
     """The specs of one `[[datasets]]`/`[[models]]`/... table: one per point of its option
     sweeps (a list given for a single-valued option), each validated, labelled and resolved
@@ -63,6 +66,11 @@ def plugin_specs(entry: Any, kind: str, where: str, registry: Registry, base: Pa
             spec_label += "(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) + ")"
         elif label is not None and sweeps:  # a label names the sweep; each point still needs its own
             spec_label += "(" + ", ".join(f"{k}={json.dumps(options[k])}" for k in sweeps) + ")"
+        if len(spec_label) > MAX_LABEL:
+            raise SuiteError(
+                f"{where}: the label '{spec_label[:40]}...' is {len(spec_label)} characters long (at most "
+                f"{MAX_LABEL}); give this entry a short `label`"
+            )
         specs.append(
             PluginSpec(
                 kind, name, options, spec_label, info.cls, parsed, provider=f"{info.package} {info.version}".strip()

@@ -18,6 +18,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+READABLE_PREFIX = 60  # characters of a figure's file name that come from its labels
+
+
+def figure_file(folder: Path, kind: str, *parts) -> Path:
+    """A figure's path: a readable prefix from its labels (cut short) and a digest of the exact
+    parts, so labels differing only in case or punctuation ("BadNets 2x2", "badnets-2x2") get
+    different files and a long label never makes a name too long for the file system."""
+    readable = _slug("-".join(str(p) for p in parts))[:READABLE_PREFIX].strip("-")
+    digest = hashlib.sha256("\x1f".join([kind, *map(str, parts)]).encode()).hexdigest()[:10]
+    return folder / f"{kind}-{readable}-{digest}.png"
+
+
 def _pyplot():
     import matplotlib
 
@@ -85,7 +97,7 @@ def series_plot(
     ax.set_title(f"{group}\n{defense}, bonafide {bonafide}, {len(paths)} seed(s)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = folder / f"{_slug(series)}-{_slug(group)}-{_slug(defense)}-{bonafide}.png"
+    path = figure_file(folder, _slug(series)[:20] or "series", group, defense, bonafide)
     _save(fig, path)
     return path
 
@@ -121,7 +133,7 @@ def bonafide_plot(group: str, metric_key: str, rows: list[dict], folder: Path) -
     ax.set_title(group, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = folder / f"bonafide-{_slug(group)}-{metric_key}.png"
+    path = figure_file(folder, "bonafide", group, metric_key)
     _save(fig, path)
     return path
 
@@ -159,7 +171,6 @@ def analysis_plot(group: str, figure: dict, rows: list[dict], folder: Path) -> P
     ax.set_title(f"{group}\n{figure['title']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    digest = hashlib.sha256(group.encode()).hexdigest()[:8]  # labels with options make long names
-    path = folder / f"analysis-{_slug(group.split('(')[0])}-{digest}-{_slug(figure['title'])}.png"
+    path = figure_file(folder, "analysis", group, figure["title"])
     _save(fig, path)
     return path

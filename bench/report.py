@@ -267,14 +267,24 @@ _MARKDOWN_ESCAPES = {
     "<": "&lt;",
     ">": "&gt;",
     "#": "\\#",
+    "~": "\\~",
 }
+# An underscore emphasises only at a word's edge (GitHub ignores snake_case): escape those.
+_EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+# Bidirectional controls (U+202E turns text around) are shown as their code point.
+_BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)}
+# GitHub links bare URLs and www. names on its own: break the pattern with an HTML entity.
+_AUTOLINK = re.compile(r"(?i)(https?|ftp|mailto)(:)|\b(www)(\.)")
 
 
 def md(text) -> str:
     """A string from a suite, a plugin or the store, made inert in markdown: one line, no table
-    breaks, no HTML, no links or emphasis."""
+    breaks, no HTML, no links (bracketed or bare), no emphasis or strike-through, no
+    bidirectional controls."""
     text = " ".join(str(text).split())
-    return "".join(_MARKDOWN_ESCAPES.get(ch, ch) for ch in text)
+    escaped = "".join(f"U+{ord(ch):04X}" if ch in _BIDI else _MARKDOWN_ESCAPES.get(ch, ch) for ch in text)
+    escaped = _EDGE_UNDERSCORE.sub(r"\\_", escaped)
+    return _AUTOLINK.sub(lambda m: f"{m[1]}&#58;" if m[1] else f"{m[3]}&#46;", escaped)
 
 
 def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -> list[str]:

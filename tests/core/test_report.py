@@ -202,10 +202,10 @@ def test_report_draws_paths_and_bonafide_sweeps_and_links_them(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--output", str(out)])
     assert result.exit_code == 0, result.output
     figures = sorted(p.name for p in (tmp_path / "board" / "demo-figures").glob("*.png"))
-    assert figures == [
-        "bonafide-digits-small-cnn-badnets-asr.png",
-        "path-digits-small-cnn-badnets-mcr-50.png",
-        "path-digits-small-cnn-badnets-mcr-500.png",
+    assert [name[: -len("-0123456789.png")] for name in figures] == [
+        "bonafide-digits-small-cnn-badnets-asr",
+        "path-digits-small-cnn-badnets-mcr-50",
+        "path-digits-small-cnn-badnets-mcr-500",
     ]
     text = out.read_text()
     for name in figures:
@@ -234,9 +234,8 @@ def test_any_series_of_measured_points_is_drawn_whatever_its_name(tmp_path):
             )
     out = tmp_path / "demo.md"
     assert CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--output", str(out)]).exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "demo-figures").glob("*.png")) == [
-        "sweep-digits-small-cnn-badnets-smoothing-100.png"
-    ]
+    (figure,) = (tmp_path / "demo-figures").glob("*.png")
+    assert figure.name.startswith("sweep-digits-small-cnn-badnets-smoothing-100-")
 
 
 def test_unreliable_rows_are_flagged_not_averaged(tmp_path):
@@ -399,3 +398,23 @@ def test_rows_are_ranked_by_the_headline_metric_with_none_as_the_reference(tmp_p
     assert "ASR: attack success rate" in glossary and "RA:" not in glossary  # only the columns it has
     assert "badnets ([paper](https://arxiv.org/abs/1708.06733))" in text
     del info
+
+
+def test_labels_differing_only_in_case_get_their_own_figures_and_long_labels_fit(tmp_path):
+    from bench.plots import figure_file
+
+    first = figure_file(tmp_path, "path", "digits / cnn / BadNets 2x2", "mcr", 50)
+    second = figure_file(tmp_path, "path", "digits / cnn / badnets-2x2", "mcr", 50)
+    assert first != second and first.name.startswith("path-digits-cnn-badnets-2x2-")
+    long = figure_file(tmp_path, "analysis", "x" * 5000, "title")
+    assert len(long.name.encode()) < 100
+
+
+def test_labels_cannot_become_links_emphasis_or_reversed_text():
+    from bench.report import md
+
+    assert md("see https://evil.example and www.evil.example") == (
+        "see https&#58;//evil.example and www&#46;evil.example"
+    )
+    assert md("_em_ ~~gone~~ snake_case") == "\\_em\\_ \\~\\~gone\\~\\~ snake_case"
+    assert md("abc\u202edef") == "abcU+202Edef"

@@ -402,3 +402,13 @@ def test_dry_run_makes_the_same_checks_as_a_run(tmp_path):
     result = CliRunner().invoke(main, ["run", str(suite), "--dry-run", "--device", "cpu"])
     assert result.exit_code == 2 and "the model has no module 'net.conv9'" in result.output
     assert not (tmp_path / "r.db").exists()
+
+
+def test_a_label_too_long_for_a_table_or_a_file_name_is_refused_at_load(tmp_path, registry):
+    from bench.errors import SuiteError
+    from bench.suite import load_suite
+    from bench.testing import write_suite
+
+    path = write_suite(tmp_path / "s.toml", defenses=[{"name": "none", "label": "x" * 300}])
+    with pytest.raises(SuiteError, match="300 characters long"):
+        load_suite(path, registry)
