@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -238,18 +240,58 @@ def model_key(job: Job, seed: int, splits: DatasetSplits, device: torch.device) 
         config["attack_seed"] = job.seed
         kinds += ("attack",)
     providers = {kind: getattr(job, kind).provider for kind in kinds}
-    # CPU kernels sum in an order that depends on the thread count, so results do too.
-    threads = torch.get_num_threads() if device.type == "cpu" else None
     return content_hash(
         {
             "config": config,
             "providers": providers,
             "bench": bench.__version__,
+            "code": code_fingerprint(*(getattr(job, kind).cls for kind in kinds)),
             "data": splits.fingerprint,
-            "device": device.type,
-            "cpu_threads": threads,
+            "machine": machine_fingerprint(device),
         }
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _package_digest(package: str) -> str:
+    """A digest of every Python file of a top-level package (or of a single module), read once
+    per process: an editable install changes it with any edit, a version bump or not."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        return "missing"
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])]
+    files = sorted(f for root in roots for f in root.rglob("*.py")) if roots else [Path(spec.origin or "")]
+    digest = hashlib.sha256()
+    for file in files:
+        try:
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        except OSError:
+            digest.update(file.name.encode() + b"\0unreadable")
+    return digest.hexdigest()
+
+
+def code_fingerprint(*classes: type) -> str:
+    """What the code that makes an artifact looks like: the core's files and those of every
+    package a plugin class comes from (helpers it imports from its own package included)."""
+    packages = sorted({"bench"} | {cls.__module__.split(".")[0] for cls in classes})
+    return content_hash({package: _package_digest(package) for package in packages})
+
+
+def machine_fingerprint(device: torch.device) -> dict:
+    """What of the machine a result depends on: torch's version and, on the CPU, the kernels
+    torch picks (its CPU capability, oneDNN's ISA cap) and the thread count (sums run in an
+    order that depends on it); on CUDA the GPU, CUDA and cuDNN."""
+    out: dict[str, Any] = {"device": device.type, "torch": torch.__version__}
+    if device.type == "cpu":
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        out["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+        out["cpu_threads"] = torch.get_num_threads()
+    elif device.type == "cuda":
+        out["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():  # a key asked for on a machine without the GPU still differs from a CPU key
+            out["gpu"] = torch.cuda.get_device_name(device)
+            out["cudnn"] = torch.backends.cudnn.version()
+    return out
 
 
 class AttackedModel(NamedTuple):
@@ -304,6 +346,7 @@ def defended_key(job: Job, splits: DatasetSplits, device: torch.device) -> str:
             "model": model_key(job, job.seed, splits, device),
             "defense": job.defense.config(),
             "provider": job.defense.provider,
+            "code": code_fingerprint(job.defense.cls),
             "bonafide_size": job.bonafide_size,
             "bonafide_source": job.bonafide_source.value,
             "seed": job.seed,

@@ -28,6 +28,7 @@ from bench.artifacts import (
     attacked_model,
     bonafide_pool_size,
     bonafide_test_indices,
+    code_fingerprint,
     defended_model,
     load_dataset,
     make_context,
@@ -209,6 +210,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
             {
                 "model": model_key(job, job.seed, splits, env.device),
                 "attack": job.attack.config(),
+                "attack_code": code_fingerprint(job.attack.cls),
                 "bonafide_source": job.bonafide_source.value,
                 "seed": job.seed,
                 "eval_batch_size": job.eval_batch_size,

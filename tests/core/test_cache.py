@@ -71,3 +71,34 @@ def test_temporaries_of_killed_writers_are_removed_but_fresh_ones_kept(tmp_path)
     os.utime(old, (past, past))
     cache.get_or_create("models", "k", lambda: {"v": 1})
     assert not old.exists() and fresh.exists()
+
+
+def test_model_keys_change_with_the_plugins_code_and_with_the_machine(tmp_path, monkeypatch):
+    """A cached model must not outlive an edit of the code that made it (an editable install
+    keeps its version), nor move to a machine whose kernels compute differently."""
+    import importlib
+    import sys
+
+    import torch
+
+    from bench import artifacts
+
+    package = tmp_path / "edited_plugin"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "defense.py").write_text("class Defense:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cls = importlib.import_module("edited_plugin.defense").Defense
+    before = artifacts.code_fingerprint(cls)
+    (package / "helpers.py").write_text("SCALE = 2\n")  # a helper module of the same package counts too
+    artifacts._package_digest.cache_clear()
+    assert artifacts.code_fingerprint(cls) != before
+    sys.modules.pop("edited_plugin.defense", None)
+
+    cpu = torch.device("cpu")
+    here = artifacts.machine_fingerprint(cpu)
+    assert here["torch"] == torch.__version__ and here["cpu_capability"]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    there = artifacts.machine_fingerprint(cpu)
+    assert there != here and there["cpu_capability"] == "DEFAULT"
