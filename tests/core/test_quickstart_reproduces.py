@@ -1,0 +1,57 @@
+"""The committed quickstart leaderboard is what a fresh run gives: `bench run
+suites/quickstart.toml` in a new cache and store, then `bench report`, cell for cell on the
+machine kind it was made on (the header's Device line: CPU, capability-independent name and
+thread count); elsewhere the cells must agree within a stated tolerance, and the test says so."""
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = 10.0  # points (percent cells) or units (other cells), used only on another machine
+
+
+def table_cells(text: str) -> dict[tuple[str, str], list[float]]:
+    """(defense, bonafide) -> the leading number of every cell of its table row."""
+    cells = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(parts) > 3 and parts[0] not in ("Rank", "Defense") and "---" not in line:
+            key = (parts[1], parts[2]) if parts[0] in ("ref",) or parts[0].isdigit() else (parts[0], parts[1])
+            cells[key] = [float(m.group()) for p in parts for m in [re.match(r"\**(-?\d+(\.\d+)?)", p)] if m]
+    return cells
+
+
+def without_run_dates(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.startswith("- Run:")]
+
+
+@pytest.mark.slow
+def test_a_fresh_quickstart_reproduces_the_committed_leaderboard(tmp_path):
+    committed = (ROOT / "leaderboard" / "quickstart.md").read_text()
+    env = {**os.environ, "BENCH_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env.pop("OMP_NUM_THREADS", None)  # the quickstart is run with torch's default threads
+    store = tmp_path / "quickstart.db"
+    run = [sys.executable, "-m", "bench.cli", "run", "suites/quickstart.toml", "--store", str(store), "--no-progress"]
+    subprocess.run(run, cwd=ROOT, env=env, check=True, capture_output=True)
+    board = tmp_path / "board" / "quickstart.md"
+    report = [sys.executable, "-m", "bench.cli", "report", str(store), "-o", str(board)]
+    subprocess.run(report, cwd=ROOT, env=env, check=True, capture_output=True)
+    fresh = board.read_text()
+    device = [line for line in committed.splitlines() if line.startswith("- Device:")]
+    if device == [line for line in fresh.splitlines() if line.startswith("- Device:")]:
+        assert without_run_dates(fresh) == without_run_dates(committed)
+        return
+    warnings.warn(
+        f"quickstart: this machine ({[line for line in fresh.splitlines() if line.startswith('- Device:')]}) is "
+        f"not the one the committed leaderboard names ({device}); comparing within {TOLERANCE} instead"
+    )
+    mine, theirs = table_cells(fresh), table_cells(committed)
+    assert mine.keys() == theirs.keys()
+    for key, values in theirs.items():
+        assert len(mine[key]) == len(values) and all(abs(a - b) <= TOLERANCE for a, b in zip(mine[key], values)), key
