@@ -39,7 +39,7 @@ from bench.data import DatasetSplits, ImageData
 from bench.defenses import Defended
 from bench.errors import BenchError
 from bench.jobs import AnalysisJob, BonafideSource, Job, content_hash
-from bench.locations import cache_root, write_atomically
+from bench.locations import cache_root, record_written, write_atomically
 from bench.models import Classifier, InputShape
 from bench.training import train_classifier
 
@@ -56,6 +56,7 @@ def save_arrays_atomically(path: Path, arrays: dict) -> None:
     import numpy as np
 
     write_atomically(path, lambda handle: np.savez(handle, **arrays))
+    record_written(path)
 
 
 FORMAT = 1
@@ -110,6 +111,7 @@ class ArtifactCache:
     def put(self, kind: str, key: str, value: Any) -> None:
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        record_written(self.root)
         remove_stale_temporaries(path.parent)
         write_entry(path, kind, key, value)
 

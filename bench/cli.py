@@ -376,9 +376,9 @@ def cache_info(cache_dir):
     for kind in ("models", "evaluations", "defended"):
         count, size = _folder_size(root / "artifacts" / kind)
         rows.append([f"artifacts/{kind}", len(list((root / "artifacts" / kind).glob("*.pt"))), f"{size / 1e6:.1f}"])
-    from bench.catalog import CATALOG_FILE
+    from bench.locations import written_entries
 
-    datasets = [p for p in root.iterdir() if p.name not in ("artifacts", CATALOG_FILE)] if root.is_dir() else []
+    datasets = [root / name for name in sorted(written_entries(root) - {"artifacts"}) if (root / name).exists()]
     size = sum(_folder_size(p)[1] for p in datasets)
     rows.append(["datasets (decoded)", len(datasets), f"{size / 1e6:.1f}"])
     click.echo(tabulate(rows, headers=["kind", "entries", "MB"]))
@@ -391,21 +391,26 @@ def cache_info(cache_dir):
 def cache_clear(cache_dir, datasets, yes):
     """Remove trained models and cached evaluations (artifacts/), and with --datasets the decoded
     datasets; results in stores are never touched."""
+    from bench.locations import written_entries
+
     root = _cache_root(cache_dir)
-    targets = [root / "artifacts"] if (root / "artifacts").exists() else []
-    if datasets and root.is_dir():
-        targets += [
-            p
-            for p in root.iterdir()
-            if p.name != "artifacts" and (p.suffix == ".npz" or p.name.startswith(("cifar10-", "gtsrb-")))
-        ]
+    written = written_entries(root)  # only what bench recorded writing here: never the user's own files
+    targets = [root / "artifacts"] if "artifacts" in written and (root / "artifacts").exists() else []
+    if datasets:
+        targets += [root / name for name in sorted(written - {"artifacts"}) if (root / name).exists()]
     if not targets:
-        click.echo(f"nothing to clear in {root}")
+        click.echo(
+            f"nothing to clear in {root}: bench removes only what it recorded writing there"
+            + ("" if written else " (it has no record of writing anything)")
+        )
         return
-    if not yes:
-        click.confirm(f"remove {', '.join(str(t) for t in targets)}?", abort=True)
+    click.echo("will remove:")
     for target in targets:
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        click.echo(f"  {target} ({_folder_size(target)[1] / 1e6:.1f} MB)")
+    if not yes:
+        click.confirm("remove these?", abort=True)
+    for target in targets:
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
     click.echo(f"removed {len(targets)} item(s) from {root}")
 
 

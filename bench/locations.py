@@ -63,3 +63,25 @@ def write_text_atomically(path: Path, text: str) -> None:
     kill leaves the previous file whole; a symlink at `path` is replaced, not followed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+MANIFEST = ".robustness-bench-written"  # in a cache folder: the names of the entries bench wrote there
+
+
+def record_written(path: Path) -> None:
+    """Note in the manifest of `path`'s folder that bench wrote `path` (a cache entry: a decoded
+    dataset, the artifacts folder), so that `bench cache clear` removes it and nothing else."""
+    manifest = path.parent / MANIFEST
+    if path.name in written_entries(path.parent):
+        return
+    with open(manifest, "a", encoding="utf-8") as handle:  # one short appended line: atomic enough
+        handle.write(path.name + "\n")
+
+
+def written_entries(folder: Path) -> set[str]:
+    """The names bench recorded writing in `folder` (none when it never wrote there)."""
+    try:
+        lines = (folder / MANIFEST).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return set()
+    return {line for line in lines if line and "/" not in line and line not in (".", "..")}

@@ -8,7 +8,9 @@ the toolkit can state what it was written for with `bench.toolkit.require_api(1)
 with a clear message on an incompatible robustness-bench.
 
 What is here:
-- data: `cache_dir`, `channel_stats`, `save_arrays_atomically` (for dataset plugins);
+- data: `cache_dir`, `channel_stats`, `save_arrays_atomically`, `record_written` (for dataset
+  plugins: a cache entry written otherwise, e.g. an extracted folder, is recorded so that
+  `bench cache clear --datasets` may remove it);
 - training: `train_classifier`, `random_crop_flip`, `epoch_order`, `steps_per_epoch`,
   `reference_lr_factor`, `cosine_lr_factor`, `REFERENCE_SAMPLES_PER_EPOCH` (the MCR reference's
   epoch);
@@ -36,6 +38,7 @@ from bench.adversarial import (
 from bench.backdoor import AllToOneBackdoor
 from bench.context import derived_seed
 from bench.artifacts import cache_dir, save_arrays_atomically
+from bench.locations import record_written
 from bench.data import channel_stats
 from bench.errors import BenchError, did_you_mean
 from bench.evaluation import STOCHASTIC_PROBE_IMAGES, clean_accuracy, eval_mode, is_stochastic, predict, to_model_input
@@ -84,6 +87,7 @@ __all__ = [
     "attack_success_rate",
     "cache_dir",
     "channel_stats",
+    "record_written",
     "clean_accuracy",
     "cosine_lr_factor",
     "derived_seed",

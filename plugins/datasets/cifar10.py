@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import bench
-from bench.toolkit import cache_dir, channel_stats, save_arrays_atomically
+from bench.toolkit import cache_dir, channel_stats, record_written, save_arrays_atomically
 from bench import DatasetSplits, ImageData
 from bench import DataNotFoundError
 
@@ -123,6 +123,7 @@ def _extract(tarball: Path) -> Path:
             except OSError:
                 if not target.is_dir():
                     raise
+            record_written(target)  # so that `bench cache clear --datasets` may remove it
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     for folder in (target, target / "cifar10"):

@@ -370,3 +370,25 @@ def test_a_defense_that_needs_a_second_model_is_charged_for_training_it(tmp_path
     assert trained > 0 and cached == trained  # the stored training time, not the time to read it back
     assert all(r["timings"]["defense"] > trained for r in rows.values())
     assert all(r["notes"]["extra_models_trained"] == 1 for r in rows.values())
+
+
+def test_cache_clear_removes_only_what_bench_wrote_and_says_what_first(tmp_path):
+    # --cache-dir pointed at a project folder that has its own artifacts/ and .npz files
+    project = tmp_path / "proj"
+    (project / "artifacts").mkdir(parents=True)
+    (project / "artifacts" / "mine.txt").write_text("the user's")
+    (project / "data.npz").write_bytes(b"the user's")
+    cleared = CliRunner().invoke(main, ["cache", "clear", "--cache-dir", str(project), "--datasets", "--yes"])
+    assert cleared.exit_code == 0 and "nothing to clear" in cleared.output
+    assert (project / "artifacts" / "mine.txt").exists() and (project / "data.npz").exists()
+    # what bench writes there is recorded, listed before removal, and removed
+    from bench.artifacts import save_arrays_atomically
+    import numpy as np
+
+    save_arrays_atomically(project / "digits-decoded.npz", {"x": np.zeros(3)})
+    asked = CliRunner().invoke(main, ["cache", "clear", "--cache-dir", str(project), "--datasets"], input="n\n")
+    assert "will remove:" in asked.output and "digits-decoded.npz" in asked.output and "data.npz" not in asked.output
+    assert (project / "digits-decoded.npz").exists()  # declined
+    cleared = CliRunner().invoke(main, ["cache", "clear", "--cache-dir", str(project), "--datasets", "--yes"])
+    assert cleared.exit_code == 0 and not (project / "digits-decoded.npz").exists()
+    assert (project / "data.npz").exists() and (project / "artifacts" / "mine.txt").exists()
