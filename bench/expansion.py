@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,9 @@ from bench.registry import Registry
 MAX_LABEL = 120  # characters: a label is a table cell, a figure caption and part of a file name
 
 
-def plugin_specs(entry: Any, kind: str, where: str, registry: Registry, base: Path | None = None) -> list[PluginSpec]:
+def plugin_specs(
+    entry: Any, kind: str, where: str, registry: Registry, base: Path | None = None, limit: int = 10_000
+) -> list[PluginSpec]:
     """The specs of one `[[datasets]]`/`[[models]]`/... table: one per point of its option
     sweeps (a list given for a single-valued option), each validated, labelled and resolved
     to the class and provider that registered the name."""
@@ -54,6 +57,12 @@ def plugin_specs(entry: Any, kind: str, where: str, registry: Registry, base: Pa
     for key, values in sweeps.items():
         if not values:
             raise SuiteError(f"{where}.{key}: an empty list sweeps nothing; give at least one value")
+    points = math.prod(len(v) for v in sweeps.values())
+    if points > limit:  # counted before any is built: a short file can describe millions
+        raise SuiteError(
+            f"{where}: its sweeps ({', '.join(f'{k}: {len(v)}' for k, v in sweeps.items())}) make {points:,} "
+            f"configurations, more than [suite].max_jobs = {limit:,}"
+        )
     specs = []
     for combo in itertools.product(*sweeps.values()) if sweeps else [()]:
         table = {**entry, **dict(zip(sweeps, combo))}

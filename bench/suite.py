@@ -29,6 +29,7 @@ what is valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 import enum
 import os
 import re
@@ -86,6 +87,11 @@ class SuiteSettings:
         "deterministic CUDA kernels, so a rerun job reproduces its numbers "
         "(torch warns about ops without one; false: maybe faster, not reproducible)",
     )
+    max_jobs: int = option(
+        10_000,
+        "refuse a suite whose cross product has more jobs than this (raise it for a deliberate big study)",
+        min=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,10 @@ def load_suite(path: str | Path, registry: Registry) -> Suite:
         raise SuiteError(f"{path}: malformed TOML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise SuiteError(f"{path}: not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise SuiteError(f"{path}: malformed TOML: nested too deeply for a suite") from None
+    except OSError as exc:
+        raise SuiteError(f"{path}: cannot read the suite file ({exc.strerror or exc})") from None
     return parse_suite(data, path, registry)
 
 
@@ -183,7 +193,11 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
             raise SuiteError(f"{path}: '{table}' must be a non-empty array of tables ([[{table}]])")
         specs = []
         for index, entry in enumerate(entries):
-            specs.extend(plugin_specs(entry, kind, f"{path}: {table}[{index}]", registry, base=path.parent))
+            specs.extend(
+                plugin_specs(
+                    entry, kind, f"{path}: {table}[{index}]", registry, base=path.parent, limit=settings.max_jobs
+                )
+            )
         seen: dict[str, PluginSpec] = {}
         for spec in specs:
             other = seen.setdefault(spec.label, spec)
@@ -239,6 +253,15 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
         raise SuiteError(
             f"{path}: missing '{missing}': jobs need both [[attacks]] and [[defenses]] tables "
             "(a suite of analyses only has neither)"
+        )
+    product = math.prod(len(plugins[t]) for t in ("datasets", "models", "attacks", "defenses"))
+    product *= len(settings.seeds) * len(settings.bonafide_size)
+    product += math.prod(len(plugins[t]) for t in ("analyses", "datasets", "models")) * len(settings.seeds)
+    if product > settings.max_jobs:
+        raise SuiteError(
+            f"{path}: the suite expands to {product:,} jobs (datasets x models x attacks x defenses x seeds x "
+            f"bonafide sizes, and analyses), more than [suite].max_jobs = {settings.max_jobs:,}; shorten a sweep "
+            "or raise max_jobs"
         )
     analysis_models = {
         spec.label: resolve_model_needs(spec, f"{path}: analyses ('{spec.label}')", registry)

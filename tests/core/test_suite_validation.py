@@ -412,3 +412,98 @@ def test_a_label_too_long_for_a_table_or_a_file_name_is_refused_at_load(tmp_path
     path = write_suite(tmp_path / "s.toml", defenses=[{"name": "none", "label": "x" * 300}])
     with pytest.raises(SuiteError, match="300 characters long"):
         load_suite(path, registry)
+
+
+def test_a_suite_expanding_to_too_many_jobs_is_refused_before_any_is_built(tmp_path, registry):
+    import time
+
+    from bench.errors import SuiteError
+    from bench.suite import load_suite
+    from bench.testing import write_suite
+
+    sweep = {"name": "finetune", "epochs": list(range(1, 1001)), "lr": [0.01 * i for i in range(1, 1001)]}
+    path = write_suite(tmp_path / "s.toml", defenses=[sweep])
+    start = time.perf_counter()
+    with pytest.raises(SuiteError, match="1,000,000 configurations, more than"):
+        load_suite(path, registry)
+    assert time.perf_counter() - start < 5
+    path = write_suite(
+        tmp_path / "t.toml",
+        seeds=list(range(200)),
+        defenses=["none", "finetune"],
+        bonafide_size=[
+            10,
+            20,
+            30,
+            40,
+            50,
+            60,
+            70,
+            80,
+            90,
+            100,
+            110,
+            120,
+            130,
+            140,
+            150,
+            160,
+            170,
+            180,
+            190,
+            200,
+            210,
+            220,
+            230,
+            240,
+            250,
+            260,
+        ],
+    )
+    with pytest.raises(SuiteError, match="expands to 10,400 jobs"):
+        load_suite(path, registry)
+    raised = write_suite(
+        tmp_path / "u.toml",
+        seeds=list(range(200)),
+        defenses=["none", "finetune"],
+        bonafide_size=[
+            10,
+            20,
+            30,
+            40,
+            50,
+            60,
+            70,
+            80,
+            90,
+            100,
+            110,
+            120,
+            130,
+            140,
+            150,
+            160,
+            170,
+            180,
+            190,
+            200,
+            210,
+            220,
+            230,
+            240,
+            250,
+            260,
+        ],
+        max_jobs=20000,
+    )
+    assert load_suite(raised, registry).settings.max_jobs == 20000
+
+
+def test_toml_nested_too_deeply_is_one_line(tmp_path, registry):
+    from bench.errors import SuiteError
+    from bench.suite import load_suite
+
+    path = tmp_path / "deep.toml"
+    path.write_text("x = " + "[" * 900 + "]" * 900 + "\n")
+    with pytest.raises(SuiteError, match="malformed TOML"):
+        load_suite(path, registry)
