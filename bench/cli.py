@@ -221,12 +221,20 @@ def check_absolute_dataset_roots(suite) -> None:
     show_default=True,
     help="json: the same tables as data (per row: seeds, mean/std/n per metric).",
 )
-def report(store, suite, output, plots, all_runs, output_format):
+@click.option("--failures", is_flag=True, help="Print the failed jobs' whole tracebacks instead of the leaderboard.")
+def report(store, suite, output, plots, all_runs, output_format, failures):
     """Render leaderboard markdown from a result STORE (opened read-only).
 
     Shows the jobs of the suite's latest run; a store holding several suites needs --suite.
     """
-    from bench.report import json_text, render_report, report_data
+    from bench.report import failure_text, json_text, render_report, report_data
+
+    if failures:
+        try:
+            click.echo(failure_text(store.expanduser(), suite, all_runs), nl=False)
+        except BenchError as exc:
+            _fail(str(exc))
+        return
 
     if output_format == "json":
         try:

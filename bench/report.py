@@ -80,6 +80,25 @@ def render_report(
     return "\n".join(lines) + "\n"
 
 
+def failure_text(store_path: str | Path, suite: str | None = None, all_runs: bool = False) -> str:
+    """Every failed job (and analysis) of the suite's latest run, each with its whole stored
+    traceback (`bench report --failures`)."""
+    rows, analysis_rows, _ = select_rows(Path(store_path), suite, all_runs)
+    failed = [r for r in rows + analysis_rows if r["status"] != "ok"]
+    if not failed:
+        return "no failed jobs\n"
+    parts = []
+    for r in failed:
+        what = (
+            f"analysis {r['analysis_label']} on {r['dataset_label']} / {r['model_label']}"
+            if "analysis" in r
+            else f"{r['dataset_label']} / {r['model_label']} / {r['attack_label']} / {r['defense_label']} "
+            f"bonafide={r['bonafide_size']}"
+        )
+        parts.append(f"=== {what} seed={r['seed']} (job {r['job_key'][:20]})\n{(r['error'] or '').rstrip()}\n")
+    return "\n".join(parts)
+
+
 def select_rows(store_path: Path, suite: str | None, all_runs: bool) -> tuple[list[dict], list[dict], dict]:
     """(job rows, analysis rows, planned jobs) of one suite, as the report shows them: the
     suite's latest run only, unless `all_runs`. Opens the store read-only."""

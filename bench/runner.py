@@ -8,6 +8,7 @@ import os
 import socket
 import sqlite3
 import threading
+import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -169,7 +170,8 @@ def run_suite(
                 else:
                     failed.append((job, outcome.error or ""))
                     first_line = (outcome.error or "").splitlines()[0] if outcome.error else "unknown error"
-                    bar.write(f"FAILED {job.describe()}: {first_line}")
+                    where = failure_location(outcome.error or "")
+                    bar.write(f"FAILED {job.describe()}: {first_line}" + (f"\n  at {where}" if where else ""))
                 bar.update(1)
                 now = time.monotonic()
                 longest, previous = max(longest, now - previous), now
@@ -219,3 +221,18 @@ def claims_renewed(store: ResultStore, owner: str):
         stop.set()
         thread.join()
         store.release_claims(owner)
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<function>\S+)')
+
+
+def failure_location(error: str) -> str:
+    """Where a failed job's traceback ends in code the user can act on: the last frame outside
+    the core and torch (a plugin's file and line), else the last frame; '' without a traceback."""
+    frames = [m.groupdict() for m in _FRAME.finditer(error)]
+    if not frames:
+        return ""
+    skipped = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
+    outside = [f for f in frames if not f["file"].startswith(skipped)]
+    frame = (outside or frames)[-1]
+    return f"{frame['file']}:{frame['line']} (in {frame['function']})"

@@ -70,6 +70,11 @@ def test_failing_job_is_recorded_and_the_rest_goes_on(tmp_path, monkeypatch):
     assert rows["exploding"]["status"] == "failed"
     assert "this defense always fails" in rows["exploding"]["error"]
     assert "Traceback" in rows["exploding"]["error"]  # the full trace is kept for the author
+    # the console names the plugin's own line, and the report prints the whole trace on demand
+    assert f"at {__file__}:" in result.output and "(in apply)" in result.output
+    shown = CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--failures"])
+    assert shown.exit_code == 0 and "=== digits / small_cnn(width=8)" in shown.output
+    assert "Traceback" in shown.output and "this defense always fails" in shown.output
 
 
 def _ok_rows(db):
