@@ -16,12 +16,14 @@
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import hashlib
 import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from bench.data import DatasetSplits, ImageData
 from bench.defenses import Defended
 from bench.errors import BenchError
 from bench.jobs import AnalysisJob, BonafideSource, Job, content_hash
-from bench.locations import cache_root, record_written, write_atomically
+from bench.locations import cache_root, no_space_message, record_written, write_atomically
 from bench.models import Classifier, InputShape
 from bench.training import train_classifier
 
@@ -127,7 +129,22 @@ def write_entry(path: Path, kind: str, key: str, value: Any) -> None:
         "sha256": hashlib.sha256(payload).hexdigest(),
         "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
     }
-    write_atomically(path, lambda handle: torch.save(entry, handle), fsync=True)
+    try:
+        write_atomically(path, lambda handle: torch.save(entry, handle), fsync=True)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+        if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:
+            raise
+        if isinstance(exc, RuntimeError) and not _disk_nearly_full(path.parent, len(payload)):
+            raise
+        raise BenchError(no_space_message(path, f"writing the cache entry ({len(payload) / 1e6:.1f} MB)")) from None
+
+
+def _disk_nearly_full(folder: Path, needed: int) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 2 * needed + 1_000_000
+    except OSError:
+        return False
 
 
 def read_entry(path: Path, kind: str, key: str) -> Any:

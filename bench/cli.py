@@ -107,8 +107,12 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, exe
     """
     previous = os.environ.get("BENCH_CACHE_DIR")
     if cache_dir is not None:  # one root for everything: dataset plugins read it from the environment
-        os.environ["BENCH_CACHE_DIR"] = str(Path(cache_dir).expanduser().resolve())
-        cache_dir = Path(os.environ["BENCH_CACHE_DIR"]) / "artifacts"
+        try:
+            resolved = Path(cache_dir).expanduser().resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop
+            _fail(f"--cache-dir {cache_dir}: cannot use this cache folder ({exc}); check the symlinks on its path")
+        os.environ["BENCH_CACHE_DIR"] = str(resolved)
+        cache_dir = resolved / "artifacts"
     try:
         _run(
             suite_file,

@@ -85,3 +85,14 @@ def written_entries(folder: Path) -> set[str]:
     except OSError:
         return set()
     return {line for line in lines if line and "/" not in line and line not in (".", "..")}
+
+
+def no_space_message(path: Path, doing: str) -> str:
+    """'no space left on device while ... (N MB free)', for a full disk."""
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return f"{path}: no space left on device while {doing} ({free}); free some space and run again to resume"

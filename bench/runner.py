@@ -81,7 +81,7 @@ def prepare(
         make_cuda_deterministic()
     env = JobEnvironment(
         cache=ArtifactCache(
-            Path(artifact_dir).expanduser().resolve() if artifact_dir else (cache_root() / "artifacts").resolve()
+            resolved_cache_dir(Path(artifact_dir).expanduser() if artifact_dir else cache_root() / "artifacts")
         ),
         device=torch_device,
         show_progress=show_progress,
@@ -236,3 +236,11 @@ def failure_location(error: str) -> str:
     outside = [f for f in frames if not f["file"].startswith(skipped)]
     frame = (outside or frames)[-1]
     return f"{frame['file']}:{frame['line']} (in {frame['function']})"
+
+
+def resolved_cache_dir(path: Path) -> Path:
+    """The cache folder with symlinks resolved, or one line saying why it cannot be reached."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise BenchError(f"{path}: cannot use this cache folder ({exc}); check the symlinks on its path") from None

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.locations import no_space_message
 from bench.jobs import AnalysisJob, Outcome
 
 SCHEMA = """
@@ -91,6 +92,12 @@ def check_store_path(path: Path) -> None:
     its folder is a file, it is a folder, it is not SQLite, it is another program's SQLite
     database, or the location is read-only. Called before any data loads."""
     path = Path(path)
+    try:
+        path.resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # a symlink loop on the way
+        raise BenchError(f"{path}: cannot reach the result store ({exc}); check the symlinks on its path") from None
+    if path.is_symlink() and not path.exists():
+        raise BenchError(f"{path}: the result store is a dangling symlink (to {os.readlink(path)}); fix or remove it")
     if path.is_dir():
         raise BenchError(f"{path}: the result store is a folder; name a .db file")
     existing = path.parent
@@ -232,8 +239,10 @@ class ResultStore:
             )
             self._db.execute("COMMIT")
             return True
-        except BaseException:
-            self._db.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback()
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise BenchError(no_space_message(self.path, "writing the result store")) from None
             raise
 
     def release_claims(self, owner: str) -> None:
@@ -332,6 +341,12 @@ class ResultStore:
         with self._recording(job.key, "analyses", row):
             pass  # nothing besides the row
 
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not already (it does on a full disk;
+        a second ROLLBACK would then hide the real error)."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
     @contextlib.contextmanager
     def _recording(self, job_key: str, table: str, row: dict):
         """One transaction: the job's claim released, `row` written to `table`, and whatever the
@@ -344,8 +359,10 @@ class ResultStore:
             self._db.execute(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({placeholders})", row)
             yield
             self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback()
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise BenchError(no_space_message(self.path, "writing the result store")) from None
             raise
 
     def analysis_rows(self, suite: str | None = None) -> list[dict]:

@@ -115,3 +115,53 @@ def test_json_outputs_are_valid_exact_and_say_how_non_finite_values_are_written(
     assert row["metric.clean_acc"] == value and row["metric.der"] is None  # exact; a missing value is null
     report = json.loads(invoke("report", tmp_path / "s.db", "--format", "json").output)
     assert "NaN" in report["encoding"] and "complete" in report and "jobs_without_result" in report
+
+
+def test_symlink_loops_and_dangling_stores_are_one_line_errors(tmp_path):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "dangling.db").symlink_to(tmp_path / "nowhere" / "x.db")
+    from bench.errors import BenchError
+    from bench.store import check_store_path
+
+    with pytest.raises(BenchError, match="dangling symlink"):
+        check_store_path(tmp_path / "dangling.db")
+    with pytest.raises(BenchError, match="check the symlinks on its path"):
+        check_store_path(tmp_path / "loop1" / "r.db")
+    suite = tmp_path / "s.toml"
+    from bench.testing import write_suite
+
+    write_suite(suite)
+    result = invoke("run", suite, "--cache-dir", tmp_path / "loop1", "--dry-run")
+    assert result.exit_code == 2 and "cannot use this cache folder" in result.output
+
+
+def test_a_full_disk_is_named_not_hidden_behind_a_rollback_or_a_torch_assertion(tmp_path, monkeypatch):
+    import errno
+
+    from bench import artifacts
+    from bench.errors import BenchError
+
+    def full(path, write, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts, "write_atomically", full)
+    with pytest.raises(BenchError, match=r"no space left on device while writing the cache entry .* MB free"):
+        artifacts.write_entry(tmp_path / "e.pt", "models", "k", {"x": 1})
+
+    class FullDisk:  # SQLite rolls back by itself on a full disk: a second ROLLBACK must not hide it
+        in_transaction = False
+
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT"):
+                raise sqlite3.OperationalError("database or disk is full")
+            if sql == "ROLLBACK":
+                raise sqlite3.OperationalError("cannot rollback - no transaction is active")
+
+    fill(tmp_path / "s.db")
+    store = ResultStore(tmp_path / "s.db")
+    real, store._db = store._db, FullDisk()
+    with pytest.raises(BenchError, match="no space left on device while writing the result store"):
+        store.record(fake_job("x", 0, 100), Outcome(status="failed", error="e", started_at="t", finished_at="t"))
+    store._db = real
+    store.close()
