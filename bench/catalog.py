@@ -97,13 +97,19 @@ def fingerprint() -> str:
 
 
 def _file_stamp(module: str) -> list | None:
+    """Size and mtime of the entry point's module and of every Python file of its top-level
+    package: the plugin's classes may live in a submodule it imports (an editable install)."""
     try:
         spec = importlib.util.find_spec(module)
+        top = importlib.util.find_spec(module.split(".")[0])
     except Exception:  # a broken parent package: the load will report it
         return None
     if spec is None or not spec.origin or not os.path.isfile(spec.origin):
         return None
-    return [spec.origin, *_stat(Path(spec.origin))]
+    files = {Path(spec.origin)}
+    for folder in (top.submodule_search_locations or []) if top is not None else []:
+        files.update(Path(folder).rglob("*.py"))
+    return [[str(path), *_stat(path)] for path in sorted(files)]
 
 
 def _stat(path: Path) -> tuple[int, int]:

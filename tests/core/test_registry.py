@@ -418,3 +418,22 @@ def test_a_plugin_module_without_hooks_is_reported(tmp_path, monkeypatch):
     problems = {p.plugin: p for p in build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)).problems}
     assert "implements none of the hooks (register_analyses, register_attacks" in problems["hookless"].message
     assert "it registers nothing" in problems["hookless"].message
+
+
+def test_the_catalog_sees_an_edit_in_a_submodule_the_plugin_imports(tmp_path):
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    package = site / "bench_sharpen"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import bench\nfrom bench_sharpen.classes import Sharpen\n\n"
+        "@bench.hookimpl\ndef register_defenses(register):\n    register(Sharpen)\n"
+    )
+    classes = 'import bench\n\nclass Sharpen(bench.Defense):\n    name = "sharpen"\n    description = "{}"\n'
+    (package / "classes.py").write_text(classes.format("first"))
+    info = site / "bench_sharpen-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bench-sharpen\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nsharpen = bench_sharpen\n")
+    assert catalog_in_subprocess(site, cache)["descriptions"]["sharpen"] == "first"
+    (package / "classes.py").write_text(classes.format("second, a longer description"))
+    assert catalog_in_subprocess(site, cache)["descriptions"]["sharpen"] == "second, a longer description"
