@@ -157,6 +157,7 @@ def _run(
             import_ray()
             check_absolute_dataset_roots(suite)
             runner = RayExecutor(address=ray_address, retries=ray_retries)
+            runner.check_reachable()  # before the store is touched
         summary = run_suite(
             suite,
             registry,

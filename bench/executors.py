@@ -12,6 +12,7 @@ builds its `JobEnvironment` from that, never from its own working directory or e
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
@@ -122,6 +123,23 @@ class RayExecutor:
         self.address = address
         self.retries = retries
         self.num_cpus = num_cpus
+
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """Fail fast, with one line, when nothing answers at `address` (host:port or
+        ray://host:port): Ray itself retries for many minutes before giving up."""
+        if self.address in (None, "auto", "local"):
+            return
+        target = self.address.split("://", 1)[-1]
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise BenchError(f"--ray-address {self.address}: expected HOST:PORT or ray://HOST:PORT")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError as exc:
+            raise BenchError(
+                f"--ray-address {self.address}: nothing answers there ({exc.strerror or exc}); start the cluster "
+                "(`ray start --head`) or leave out --ray-address to start a local one"
+            ) from None
 
     def run(
         self, jobs: Iterable[Job | AnalysisJob], env: JobEnvironment

@@ -152,3 +152,20 @@ def test_a_killed_driver_resumes_without_redoing_or_corrupting_anything(tmp_path
             assert row["finished_at"] == finished[row["job_key"]]  # never redone
     with sqlite3.connect(store) as con:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_an_unreachable_ray_address_is_one_line_and_touches_no_store(tmp_path):
+    import time
+
+    from click.testing import CliRunner
+
+    from bench.cli import main
+    from bench.testing import write_suite
+
+    suite = write_suite(tmp_path / "s.toml", store=tmp_path / "r.db")
+    start = time.perf_counter()
+    result = CliRunner().invoke(
+        main, ["run", str(suite), "--executor", "ray", "--ray-address", "127.0.0.1:1", "--no-progress"]
+    )
+    assert result.exit_code == 2 and "--ray-address 127.0.0.1:1: nothing answers there" in result.output
+    assert time.perf_counter() - start < 60 and not (tmp_path / "r.db").exists()
