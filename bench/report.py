@@ -436,6 +436,11 @@ def _header(rows, ok, failed, store_path, jobs: bool = True) -> list[str]:
         f"- Suite: {', '.join(suites)}; {len(rows)} jobs, {len(ok)} succeeded, {len(failed)} failed "
         f"(store: {md(store_path.name)})",
         f"- Device: {md('; '.join(devices)) or 'n/a'}",
+        *(
+            [f"- Machine: {md('; '.join(machines))}"]
+            if (machines := sorted({str(r["notes"]["machine"]) for r in ok if r["notes"].get("machine")}))
+            else []
+        ),
         "- Versions: " + ", ".join(f"{k} {md('/'.join(sorted(v)))}" for k, v in versions.items()),
         f"- Data: {md('; '.join(sources))}",
         f"- Run: {started[:10]} to {finished[:10]} (UTC)",

@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import numbers
+import os
 import platform
 import signal
 import threading
@@ -284,6 +285,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
             "evaluation_cache": "hit" if before_hit else "miss",
             "defended_model_cache": "hit" if cached_seconds is not None else "miss",
             "data_source": splits.source,
+            "machine": machine_description(env.device),
             "bonafide_images": len(bonafide),
             "evaluation_images": len(evaluation),
             "attack_protocol": attack.describe_protocol(),
@@ -364,6 +366,7 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
             "figures": [f.info() for f in result.figures],
             "findings": [f.info() for f in result.findings],
             "data_source": splits.source,
+            "machine": machine_description(env.device),
             "evaluation_images": len(evaluation),
         }
     )
@@ -400,6 +403,25 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def machine_description(device: torch.device) -> str:
+    """The machine a result was computed on, as the leaderboard header shows it: the CPU's model
+    name and the kernels torch uses on it, or the GPU with its CUDA and cuDNN versions."""
+    if device.type == "cuda":
+        return (
+            f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+        )
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}" + (
+        f", oneDNN ISA cap {isa}" if isa else ""
+    )
 
 
 def _now() -> str:

@@ -1,7 +1,7 @@
 """The committed quickstart leaderboard is what a fresh run gives: `bench run
 suites/quickstart.toml` in a new cache and store, then `bench report`, cell for cell on the
-machine kind it was made on (the header's Device line: CPU, capability-independent name and
-thread count); elsewhere the cells must agree within a stated tolerance, and the test says so."""
+machine it was made on (the header's Device and Machine lines: thread count, CPU model and the
+kernels torch uses); elsewhere the cells must agree within a stated tolerance, and the test says so."""
 
 import os
 import re
@@ -43,12 +43,16 @@ def test_a_fresh_quickstart_reproduces_the_committed_leaderboard(tmp_path):
     report = [sys.executable, "-m", "bench.cli", "report", str(store), "-o", str(board)]
     subprocess.run(report, cwd=ROOT, env=env, check=True, capture_output=True)
     fresh = board.read_text()
-    device = [line for line in committed.splitlines() if line.startswith("- Device:")]
-    if device == [line for line in fresh.splitlines() if line.startswith("- Device:")]:
+
+    def machine(text: str) -> list[str]:  # thread count, CPU model and the kernels torch picks
+        return [line for line in text.splitlines() if line.startswith(("- Device:", "- Machine:"))]
+
+    device = machine(committed)
+    if device == machine(fresh):
         assert without_run_dates(fresh) == without_run_dates(committed)
         return
     warnings.warn(
-        f"quickstart: this machine ({[line for line in fresh.splitlines() if line.startswith('- Device:')]}) is "
+        f"quickstart: this machine ({machine(fresh)}) is "
         f"not the one the committed leaderboard names ({device}); comparing within {TOLERANCE} instead"
     )
     mine, theirs = table_cells(fresh), table_cells(committed)

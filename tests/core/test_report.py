@@ -418,3 +418,29 @@ def test_labels_cannot_become_links_emphasis_or_reversed_text():
     )
     assert md("_em_ ~~gone~~ snake_case") == "\\_em\\_ \\~\\~gone\\~\\~ snake_case"
     assert md("abc\u202edef") == "abcU+202Edef"
+
+
+def test_the_header_names_the_machine_a_result_was_computed_on(tmp_path):
+    with ResultStore(tmp_path / "r.db") as store:
+        store.record(
+            fake_job("none", 0, 0),
+            Outcome(
+                status="ok",
+                metrics={"clean_acc": 0.9, "asr": 1.0},
+                metric_info=INFO,
+                timings={"defense": 0.0},
+                device="cpu (x86_64, 2 threads)",
+                notes={"machine": "Some CPU, torch CPU capability AVX2"},
+                started_at="2026-11-23T10:00:00",
+                finished_at="2026-11-23T10:01:00",
+            ),
+        )
+    assert "- Machine: Some CPU, torch CPU capability AVX2" in render_report(tmp_path / "r.db")
+
+
+def test_a_job_records_its_machine():
+    import torch
+
+    from bench.stages import machine_description
+
+    assert f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}" in machine_description(torch.device("cpu"))
