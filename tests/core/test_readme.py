@@ -11,7 +11,16 @@ TEST_COMMAND = "pip install -c constraints.txt -e '.[test]' && pytest"
 
 def test_ci_runs_the_readme_test_command():
     assert TEST_COMMAND in README
-    assert TEST_COMMAND in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    installs = [line for line in ci.splitlines() if line.startswith("pip install -c constraints.txt -e '.[")]
+    assert len(installs) == 1 and "test" in installs[0].split("[")[1]  # once, with at least the test extra
+    assert ci.strip().splitlines()[-1] == "pytest"  # the README's test command closes the run
+
+
+def test_the_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 250, "README.md is over 250 lines: move details into docs/"
+    for page in ("studies", "methods", "suites", "cli", "plugins", "store", "cluster"):
+        assert (ROOT / "docs" / f"{page}.md").is_file() and f"{page}.md" in (ROOT / "mkdocs.yml").read_text()
 
 
 def test_readme_quickstart_suite_exists():
