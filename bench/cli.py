@@ -221,10 +221,10 @@ def check_absolute_dataset_roots(suite) -> None:
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(["markdown", "json"]),
+    type=click.Choice(["markdown", "json", "html"]),
     default="markdown",
     show_default=True,
-    help="json: the same tables as data (per row: seeds, mean/std/n per metric).",
+    help="json: the same tables as data; html: a self-contained page (needs --output FILE.html) and an index.",
 )
 @click.option("--failures", is_flag=True, help="Print the failed jobs' whole tracebacks instead of the leaderboard.")
 def report(store, suite, output, plots, all_runs, output_format, failures):
@@ -241,6 +241,9 @@ def report(store, suite, output, plots, all_runs, output_format, failures):
             _fail(str(exc))
         return
 
+    if output_format == "html":
+        _report_html(store.expanduser(), suite, output, plots, all_runs)
+        return
     if output_format == "json":
         try:
             text = json_text(report_data(store.expanduser(), suite, all_runs))
@@ -277,6 +280,28 @@ def report(store, suite, output, plots, all_runs, output_format, failures):
         click.echo(text, nl=False)
     else:
         click.echo(f"wrote {output}")
+
+
+def _report_html(store: Path, suite, output, plots: bool, all_runs: bool) -> None:
+    """`bench report --format html -o DIR/NAME.html`: the page, its figures in DIR/NAME-figures/,
+    and DIR/index.html listing every page in DIR."""
+    from bench.html import render_html, render_index
+    from bench.report import report_data, table_figures
+
+    if output is None or output.suffix.lower() != ".html":
+        _fail("--format html needs --output FILE.html (the page links its figures, written beside it)")
+    output = output.expanduser()
+    try:
+        check_output_path(output, reads=[store])
+        data = report_data(store, suite, all_runs)
+        figures = table_figures(store, suite, output.parent / f"{output.stem}-figures", all_runs) if plots else {}
+        write_text_atomically(output, render_html(data, figures, output.parent))
+        write_text_atomically(output.parent / "index.html", render_index(output.parent))
+    except BenchError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"--output {output}: cannot write there ({exc.strerror or exc})")
+    click.echo(f"wrote {output} and {output.parent / 'index.html'}")
 
 
 @main.command()

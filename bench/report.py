@@ -145,10 +145,19 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
         for row in board["order"]:
             runs = board["runs"][row]
             metrics = {
-                key: {**info, **_stats(_row_values(runs, key)), "clearly_best": board["best"].get(key) == row}
+                key: {
+                    **info,
+                    **_stats(_row_values(runs, key)),
+                    "clearly_best": board["best"].get(key) == row,
+                    "text": _format_interval(board["intervals"][row][key], info["kind"]),
+                }
                 for key, info in board["columns"]
             }
-            metrics[TIME] = {**TIME_INFO, **_stats(_row_values(runs, TIME))}
+            metrics[TIME] = {
+                **TIME_INFO,
+                **_stats(_row_values(runs, TIME)),
+                "text": _format_interval(board["intervals"][row][TIME], "seconds"),
+            }
             table_rows.append(
                 {
                     "defense": row[0],
@@ -175,6 +184,8 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
                 "model": model,
                 "attack": attack,
                 "ranked_by": board["headline"],
+                "glossary": {k: GLOSSARY[k] for k, _ in board["columns"] if k in GLOSSARY},
+                "methods": method_link_data(members),
                 "rows": table_rows,
                 "paired_comparisons": paired,
             }
@@ -185,7 +196,11 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
         agroups.setdefault((r["analysis_label"], r["dataset_label"], r["model_label"]), []).append(r)
     for (analysis, dataset, model), members in sorted(agroups.items()):
         values = {
-            key: {**info, **_stats([r["metrics"][key] for r in members if key in r["metrics"]])}
+            key: {
+                **info,
+                **_stats([r["metrics"][key] for r in members if key in r["metrics"]]),
+                "text": _cell([r["metrics"][key] for r in members if key in r["metrics"]], info["kind"]),
+            }
             for key, info in _metric_columns(members)
         }
         analyses.append(
@@ -225,6 +240,12 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
     missing = [k for k in planned_keys if k not in finished]
     return {
         "suite": suite_name,
+        "header": header_data(
+            rows + analysis_rows,
+            ok + [r for r in analysis_rows if r["status"] == "ok"],
+            [r for r in rows + analysis_rows if r["status"] != "ok"],
+            Path(store_path),
+        ),
         "encoding": NON_FINITE_NOTE,
         "complete": not missing,
         "jobs_planned": len(planned_keys),
@@ -306,7 +327,9 @@ def md(text) -> str:
     return _AUTOLINK.sub(lambda m: f"{m[1]}&#58;" if m[1] else f"{m[3]}&#46;", escaped)
 
 
-def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -> list[str]:
+def draw_table_figures(group: str, members: list[dict], plot_dir: Path) -> list[Path]:
+    """The PNG figures of one table, written into `plot_dir`: metrics along every stored point
+    series, and each lower-is-better success metric against the bonafide size."""
     from bench.plots import bonafide_plot, point_series, series_plot
 
     written = []
@@ -327,10 +350,26 @@ def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -
     for key in sorted(success):
         if all(r["metric_info"][key]["higher_is_better"] is False for r in members if key in r["metric_info"]):
             written.append(bonafide_plot(group, key, members, plot_dir))
+    return [p for p in written if p is not None]
+
+
+def table_figures(store_path: str | Path, suite: str | None, plot_dir: Path, all_runs: bool = False) -> dict:
+    """Every table's figures (title 'dataset / model / attack' -> paths), drawn into `plot_dir`."""
+    rows, _, _ = select_rows(Path(store_path), suite, all_runs)
+    groups: dict[tuple, list[dict]] = {}
+    for r in (r for r in rows if r["status"] == "ok"):
+        groups.setdefault((r["dataset_label"], r["model_label"], r["attack_label"]), []).append(r)
+    return {
+        f"{d} / {m} / {a}": draw_table_figures(f"{d} / {m} / {a}", members, plot_dir)
+        for (d, m, a), members in sorted(groups.items())
+    }
+
+
+def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -> list[str]:
+    written = draw_table_figures(group, members, plot_dir)
     links = [
         f"![{p.stem}]({p.relative_to(link_base).as_posix() if p.is_relative_to(link_base) else p.as_posix()})"
         for p in written
-        if p is not None
     ]
     return ["", *links] if links else []
 
@@ -419,48 +458,59 @@ def json_key(figure: dict) -> str:
     return f"{figure['series']}|{figure['title']}"
 
 
-def _header(rows, ok, failed, store_path, jobs: bool = True) -> list[str]:
-    suites = sorted({r["suite"] for r in rows})
-    devices = sorted({r["device"] for r in ok})
+def header_data(rows: list[dict], ok: list[dict], failed: list[dict], store_path: Path) -> dict:
+    """The provenance of a leaderboard: suite, job counts, store, devices and machines, versions,
+    data sources, run dates and plugin providers (the markdown header and the HTML page)."""
     versions: dict[str, set] = {}
     for r in ok:
         for key in ("robustness-bench", "torch", "python"):
             versions.setdefault(key, set()).add(r["versions"].get(key, "?"))
-    sources = sorted({r["notes"].get("data_source", "?") for r in ok})
-    started = min(r["started_at"] for r in rows)
-    finished = max(r["finished_at"] for r in rows)
-    suites = [md(name) for name in suites]
+    return {
+        "suites": sorted({r["suite"] for r in rows}),
+        "jobs": len(rows),
+        "succeeded": len(ok),
+        "failed": len(failed),
+        "store": store_path.name,
+        "devices": sorted({r["device"] for r in ok}),
+        "machines": sorted({str(r["notes"]["machine"]) for r in ok if r["notes"].get("machine")}),
+        "versions": {k: "/".join(sorted(v)) for k, v in versions.items()},
+        "data": sorted({r["notes"].get("data_source", "?") for r in ok}),
+        "run_from": min(r["started_at"] for r in rows)[:10],
+        "run_to": max(r["finished_at"] for r in rows)[:10],
+        "plugins": sorted({value for r in ok for key, value in r["versions"].items() if ":" in key and value}),
+    }
+
+
+CELLS_NOTE = (
+    "mean ± half-width of the 95% confidence interval over seeds (Student's t, n − 1 degrees of freedom; "
+    "the mean alone for one seed), percentages in percent; defense time in seconds, the defense's whole cost "
+    "(training the attacked model is shared by all defenses and not counted, further models a defense needs "
+    "are); a value in bold only where its interval excludes the next best row's; each table's columns are "
+    "explained under it."
+)
+ANALYSES_NOTE = (
+    "values are mean ± half-width of the 95% t-interval over seeds (the mean alone for one seed; percentages "
+    "in percent); figures show the mean over seeds with ± std shaded."
+)
+
+
+def _header(rows, ok, failed, store_path, jobs: bool = True) -> list[str]:
+    h = header_data(rows, ok, failed, store_path)
+    suites = [md(name) for name in h["suites"]]
     lines = [
         f"# Leaderboard: {', '.join(suites)}",
         "",
-        f"- Suite: {', '.join(suites)}; {len(rows)} jobs, {len(ok)} succeeded, {len(failed)} failed "
-        f"(store: {md(store_path.name)})",
-        f"- Device: {md('; '.join(devices)) or 'n/a'}",
-        *(
-            [f"- Machine: {md('; '.join(machines))}"]
-            if (machines := sorted({str(r["notes"]["machine"]) for r in ok if r["notes"].get("machine")}))
-            else []
-        ),
-        "- Versions: " + ", ".join(f"{k} {md('/'.join(sorted(v)))}" for k, v in versions.items()),
-        f"- Data: {md('; '.join(sources))}",
-        f"- Run: {started[:10]} to {finished[:10]} (UTC)",
+        f"- Suite: {', '.join(suites)}; {h['jobs']} jobs, {h['succeeded']} succeeded, {h['failed']} failed "
+        f"(store: {md(h['store'])})",
+        f"- Device: {md('; '.join(h['devices'])) or 'n/a'}",
+        *([f"- Machine: {md('; '.join(h['machines']))}"] if h["machines"] else []),
+        "- Versions: " + ", ".join(f"{k} {md(v)}" for k, v in h["versions"].items()),
+        f"- Data: {md('; '.join(h['data']))}",
+        f"- Run: {h['run_from']} to {h['run_to']} (UTC)",
     ]
-    plugins = sorted({value for r in ok for key, value in r["versions"].items() if ":" in key and value})
-    if plugins:
-        lines.append(f"- Plugins: {md(', '.join(plugins))}")
-    if jobs:
-        lines.append(
-            "- Cells: mean ± half-width of the 95% confidence interval over seeds (Student's t, n − 1 degrees "
-            "of freedom; the mean alone for one seed), percentages in percent; defense time in seconds, the "
-            "defense's whole cost (training the attacked model is shared by all defenses and not counted, "
-            "further models a defense needs are); a value in bold only where its interval excludes the next "
-            "best row's; each table's columns are explained under it."
-        )
-    else:
-        lines.append(
-            "- Analyses: values are mean ± half-width of the 95% t-interval over seeds (the mean alone for "
-            "one seed; percentages in percent); figures show the mean over seeds with ± std shaded."
-        )
+    if h["plugins"]:
+        lines.append(f"- Plugins: {md(', '.join(h['plugins']))}")
+    lines.append(f"- Cells: {CELLS_NOTE}" if jobs else f"- Analyses: {ANALYSES_NOTE}")
     return lines
 
 
@@ -529,10 +579,10 @@ GLOSSARY = {
 _SAFE_LINK = re.compile(r"https://[A-Za-z0-9./?=_%&#:+~-]+")
 
 
-def _method_links(members: list[dict]) -> list[str]:
-    """Links to each method's paper and code, from the installed plugins' metadata (the `paper`
+def method_link_data(members: list[dict]) -> list[dict]:
+    """Each method's paper and code links, from the installed plugins' metadata (the `paper`
     and `code` fields; a plugin not installed is left out; anything but a plain https link is
-    ignored)."""
+    ignored): [{"kind", "name", "links": [(label, url), ...]}]."""
     try:
         from bench.registry import load_plugins
 
@@ -544,19 +594,27 @@ def _method_links(members: list[dict]) -> list[str]:
         | {("defense", r["defense"]) for r in members if "defense" in r}
         | {("analysis", r["analysis"]) for r in members if "analysis" in r}
     )
-    parts = []
+    out = []
     for kind, name in sorted(names, key=lambda item: (item[0] != "attack", item[1])):
         try:
             cls = registry.get(kind, name).cls
         except Exception:
             continue
         links = [
-            f"[{label}]({url})"
+            (label, url)
             for label, url in (("paper", cls.paper), ("code", cls.code))
             if url and _SAFE_LINK.fullmatch(url)
         ]
         if links:
-            parts.append(f"{md(name)} ({', '.join(links)})")
+            out.append({"kind": kind, "name": name, "links": links})
+    return out
+
+
+def _method_links(members: list[dict]) -> list[str]:
+    parts = [
+        f"{md(m['name'])} ({', '.join(f'[{label}]({url})' for label, url in m['links'])})"
+        for m in method_link_data(members)
+    ]
     return ["", "Methods: " + "; ".join(parts) + "."] if parts else []
 
 
