@@ -14,8 +14,19 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.statistics import Interval, clearly_best, paired_difference, t_interval, tied_ranks
+from bench.statistics import (
+    Interval,
+    clearly_best,
+    holm,
+    paired_difference,
+    paired_p_value,
+    t_interval,
+    tied_ranks,
+)
+
 from bench.store import ResultStore
+
+SIGNIFICANCE = 0.05  # family-wise level of the paired comparisons under each table
 
 TIME = "defense_time"
 
@@ -174,6 +185,7 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
                 "first": {"defense": c["first"][0], "bonafide_size": c["first"][1]},
                 "second": {"defense": c["second"][0], "bonafide_size": c["second"][1]},
                 "metric": board["headline"],
+                "p_holm": c["p_holm"],
                 **_interval_data(c["difference"]),
             }
             for c in paired_comparisons(board)
@@ -689,7 +701,8 @@ def leaderboard_rows(members: list[dict]) -> dict:
 def paired_comparisons(board: dict) -> list[dict]:
     """Per bonafide size, every pair of ranked, unflagged rows compared on the headline metric,
     paired by seed (one seed's rows share the attacked model and the evaluation images): the
-    mean difference (first - second, in rank order) and its 95% t-interval."""
+    mean difference (first - second, in rank order), its 95% t-interval, and the two-sided
+    p-value of a paired t-test adjusted by Holm's method over all the table's comparisons."""
     headline = board["headline"]
     out = []
     sizes = sorted({row[1] for row in board["order"]}, reverse=True)
@@ -702,6 +715,9 @@ def paired_comparisons(board: dict) -> list[dict]:
                 difference = paired_difference(a, b)
                 if difference.n:
                     out.append({"first": first, "second": second, "difference": difference})
+    adjusted = holm([paired_p_value(c["difference"]) for c in out])
+    for comparison, p_holm in zip(out, adjusted):
+        comparison["p_holm"] = p_holm
     return out
 
 
@@ -750,7 +766,8 @@ def _paired_lines(board: dict) -> str:
         "",
         "",
         f"Paired comparisons of {md(info['label'])} (same seed, same attacked model and evaluation images; "
-        "difference first − second, 95% t-interval over the paired seeds):",
+        "difference first − second, 95% t-interval over the paired seeds; a difference is called only where "
+        f"the paired t-test's p-value, Holm-adjusted over the table's comparisons, is below {SIGNIFICANCE:g}):",
         "",
     ]
     for c in comparisons:
@@ -761,8 +778,11 @@ def _paired_lines(board: dict) -> str:
         else:
             interval = f" [{d.low * scale:+.1f}, {d.high * scale:+.1f}]"
             verdict = (
-                "no difference shown" if not d.excludes(0.0) else f"{md(first)} {'higher' if d.mean > 0 else 'lower'}"
+                f"{md(first)} {'higher' if d.mean > 0 else 'lower'}"
+                if c["p_holm"] < SIGNIFICANCE
+                else "no difference shown"
             )
+            verdict += f" (Holm-adjusted p = {c['p_holm']:.2g})"
         where = f" (bonafide {size})" if size else ""
         lines.append(
             f"- {md(first)} − {md(second)}{where}: {d.mean * scale:+.1f}{unit}{interval}, "

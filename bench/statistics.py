@@ -75,6 +75,29 @@ def paired_difference(a: dict[Hashable, float], b: dict[Hashable, float], level:
     return t_interval([a[k] - b[k] for k in common], level)
 
 
+def paired_p_value(interval: Interval) -> float:
+    """Two-sided p-value of a zero mean difference, from the t-interval of paired differences
+    (1.0 when it has no width: fewer than 2 pairs, and 0.0 for identical nonzero differences)."""
+    if interval.low is None or interval.high is None or interval.n < 2:
+        return 1.0
+    half = interval.high - interval.mean
+    if half == 0:
+        return 0.0 if interval.mean != 0 else 1.0
+    se = half / float(_scipy_stats.t.ppf(0.5 + interval.level / 2, interval.n - 1))
+    return float(2 * _scipy_stats.t.sf(abs(interval.mean) / se, interval.n - 1))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (family-wise error control over all the comparisons)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def tied_ranks(intervals: dict[Key, Interval], higher_is_better: bool) -> dict[Key, int]:
     """Competition ranks (1, 1, 3, ...) by mean, where two rows whose intervals overlap share a
     rank: rows are joined into groups by overlap (connected components; sorted by mean, each

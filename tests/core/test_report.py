@@ -444,3 +444,18 @@ def test_a_job_records_its_machine():
     from bench.stages import machine_description
 
     assert f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}" in machine_description(torch.device("cpu"))
+
+
+def test_paired_differences_are_called_only_after_holms_adjustment(tmp_path):
+    # b - a = 2, 3, 2.5 points on seeds 0-2: paired p = 0.013, called alone...
+    a = {0: 0.50, 1: 0.70, 2: 0.90}
+    b = {0: 0.52, 1: 0.73, 2: 0.925}
+    alone = {("a", s): v for s, v in a.items()} | {("b", s): v for s, v in b.items()}
+    record_rows(tmp_path / "r.db", alone, metric="der")
+    assert "3 seeds: b higher (Holm-adjusted p = 0.013)" in render_report(tmp_path / "r.db")
+    # ...but not among six comparisons of four noisy rows
+    noisy = {("c", s): v for s, v in {0: 0.1, 1: 0.9, 2: 0.4}.items()}
+    noisy |= {("d", s): v for s, v in {0: 0.8, 1: 0.2, 2: 0.6}.items()}
+    record_rows(tmp_path / "s.db", alone | noisy, metric="der")
+    text = render_report(tmp_path / "s.db")
+    assert "- b − a (bonafide 100): +2.5 points [" in text and "b higher" not in text

@@ -68,3 +68,12 @@ def test_equivalence_needs_enough_data_and_a_difference_inside_the_margin():
     assert equivalence_test(tight[:2], margin=0.03).p_value > 0.01  # two values prove little
     outside = [0.05 + 0.001 * ((-1) ** i) for i in range(200)]
     assert equivalence_test(outside, margin=0.03).p_value > 0.5
+
+
+def test_holm_adjusts_for_the_number_of_comparisons_and_keeps_their_order():
+    from bench.statistics import holm, paired_p_value
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5]) == [0.5]
+    interval = t_interval([0.02, 0.03, 0.025])
+    assert 0 < paired_p_value(interval) < 0.05 and paired_p_value(t_interval([0.1])) == 1.0
