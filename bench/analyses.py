@@ -32,8 +32,13 @@ class ModelRecipe:
     trained with seed (job seed + `seed_offset`), then, unless `defense` is "none", given to
     that defense (with `options`, as a suite table would give them) with `bonafide_size` images
     (0: all the pool has) from `bonafide_source` ("train": training images; "test_half": half of
-    the test set; `AnalysisData.evaluation` leaves out what any defender was given)."""
+    the test set; `AnalysisData.evaluation` leaves out what any defender was given). With
+    `attack` (a plugin name, and `attack_options` as a suite table would give them) the model is
+    the attacked one a leaderboard job with that attack and seed trains, from the same cache;
+    the attack's own draws (poisoned images, faults) use the model's seed."""
 
+    attack: str = ""
+    attack_options: dict[str, Any] = field(default_factory=dict)
     defense: str = "none"
     options: dict[str, Any] = field(default_factory=dict)
     seed_offset: int = 0

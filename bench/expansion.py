@@ -110,7 +110,10 @@ def resolve_model_needs(spec: PluginSpec, where: str, registry: Registry) -> tup
             ) from None
         if recipe.bonafide_size < 0 or recipe.seed_offset < 0:
             raise SuiteError(f"{place}: bonafide_size and seed_offset must be 0 or more")
-        needs.append((name, ModelNeed(defense, recipe.seed_offset, recipe.bonafide_size, source)))
+        attack = None
+        if recipe.attack:
+            (attack,) = plugin_specs({"name": recipe.attack, **recipe.attack_options}, "attack", place, registry)
+        needs.append((name, ModelNeed(defense, recipe.seed_offset, recipe.bonafide_size, source, attack)))
     return tuple(needs)
 
 

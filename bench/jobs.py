@@ -111,14 +111,18 @@ class ModelNeed:
     seed_offset: int
     bonafide_size: int
     bonafide_source: BonafideSource
+    attack: PluginSpec | None = None  # the attack the model is trained (or tampered) with, if any
 
     def config(self) -> dict:
-        return {
+        out = {
             "defense": self.defense.config(),
             "seed_offset": self.seed_offset,
             "bonafide_size": self.bonafide_size,
             "bonafide_source": self.bonafide_source.value,
         }
+        if self.attack is not None:  # absent otherwise: keys of models without an attack stay as they were
+            out["attack"] = self.attack.config()
+        return out
 
 
 @dataclass(frozen=True)
@@ -151,12 +155,13 @@ class AnalysisJob:
 
     def model_job(self, need: ModelNeed) -> Job:
         """The job-shaped spec that builds (and caches) one needed model, exactly as a suite
-        job with no attack and that defense would: the same cache keys."""
+        job with that attack (or none) and that defense would: the same cache keys, so an
+        analysis gets the leaderboard's own attacked and defended models."""
         return Job(
             self.suite,
             self.dataset,
             self.model,
-            None,
+            need.attack,
             need.defense,
             self.seed + need.seed_offset,
             need.bonafide_size if need.defense.cls.uses_bonafide else 0,

@@ -82,6 +82,14 @@ def _check_analysis(suite: Suite, job: AnalysisJob, env: JobEnvironment, checked
     except (Exception, SystemExit) as exc:
         raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
     specs = [job.analysis] + [need.defense for _, need in job.needs]
+    specs += [need.attack for _, need in job.needs if need.attack is not None]
+    for _, need in job.needs:
+        if need.attack is not None and (job.dataset.label, need.attack.label) not in checked:
+            try:
+                need.attack.instantiate().check_dataset(splits)
+            except BenchError as exc:
+                raise SuiteError(f"{where}: attack '{need.attack.label}': {exc}") from None
+            checked.add((job.dataset.label, need.attack.label))
     _check_specs(suite, job, splits, specs, models, checked, f"analysis '{job.analysis.label}', ")
     for name, need in job.needs:
         if not need.defense.cls.uses_bonafide or need.bonafide_size == 0:

@@ -322,10 +322,17 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
     start = time.perf_counter()
     for name, need in needs:
         model_job = job.model_job(need)
-        model, _, hit, _ = attacked_model(model_job, model_job.seed, splits, env)
+        model, attack_state, hit, _ = attacked_model(model_job, model_job.seed, splits, env)
+        withheld = [attack_state[k] for k in ("poisoned_indices", "reserved_indices") if k in attack_state]
         notes[f"{name}_model_cache"] = "hit" if hit else "miss"
         if not need.defense.cls.returns_model_unchanged:
-            bonafide, _ = split_bonafide(splits, None, need.bonafide_source, model_job.bonafide_size, model_job.seed)
+            bonafide, _ = split_bonafide(
+                splits,
+                torch.cat(withheld) if withheld else None,
+                need.bonafide_source,
+                model_job.bonafide_size,
+                model_job.seed,
+            )
             ctx = make_context(model_job, env, splits)
             defense_ctx = DefenseContext(
                 **vars(ctx), recipe=model_job.recipe, attacked_model_with_seed=_models_of(model_job, splits, env)

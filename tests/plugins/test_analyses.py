@@ -438,3 +438,64 @@ def test_a_third_party_analysis_is_discovered_and_runs_like_a_built_in(tmp_path,
     assert row["status"] == "ok", row["error"]
     assert row["versions"]["analysis:seed_spread"] == "third-analysis 0.1"
     assert 0 <= row["metrics"]["gap"] <= 1 and len(row["series"]["accuracy"]) == 2
+
+
+ATTACKED_ANALYSIS = """
+import bench
+from bench.toolkit import clean_accuracy
+
+ATTACK = {"poison_rate": 0.1, "trigger_size": 2}
+
+
+class RepairGap(bench.Analysis):
+    name = "repair_gap"
+    description = "clean accuracy of the leaderboard's attacked model and of its fine-tuned repair"
+    metrics = (bench.Metric("gap", "accuracy gap", None, kind=bench.MetricKind.NUMBER),)
+
+    def models(self):
+        return {
+            "attacked": bench.ModelRecipe(attack="badnets", attack_options=ATTACK),
+            "repaired": bench.ModelRecipe(
+                attack="badnets", attack_options=ATTACK, defense="finetune",
+                options={"epochs": 1, "samples_per_epoch": 0}, bonafide_size=50,
+            ),
+        }
+
+    def run(self, models, data, ctx):
+        accs = {k: clean_accuracy(m, data.evaluation, ctx) for k, m in models.items()}
+        return bench.AnalysisResult(values={"gap": abs(accs["attacked"] - accs["repaired"])})
+
+
+@bench.hookimpl
+def register_analyses(register):
+    register(RepairGap)
+"""
+
+
+@pytest.mark.third_party_plugins
+def test_an_analysis_measures_the_leaderboards_own_attacked_and_defended_models(tmp_path, monkeypatch, one_cpu_thread):
+    module = "repair_gap_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / f"{module}.py").write_text(ATTACKED_ANALYSIS)
+    info = site / "repair_gap-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: repair-gap\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nrepair_gap = {module}\n")
+    monkeypatch.syspath_prepend(str(site))
+    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    suite = write_suite(
+        tmp_path / "s.toml",
+        models=[TINY],
+        defenses=["none", {"name": "finetune", "epochs": 1, "samples_per_epoch": 0}],
+        bonafide_size=50,
+        analyses=["repair_gap"],
+    )
+    rows = run_suite_file(suite, tmp_path, registry=registry)
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    (analysis,) = [r for r in rows if "analysis" in r]
+    # the leaderboard's jobs ran first and built both models; the analysis read them from the cache
+    assert analysis["notes"]["attacked_model_cache"] == "hit"
+    assert analysis["notes"]["repaired_model_cache"] == "hit" and analysis["notes"]["repaired_defense_cache"] == "hit"
+    job = [r for r in rows if r.get("defense") == "finetune"][0]
+    assert 0 <= analysis["metrics"]["gap"] <= 1 and job["metrics"]["clean_acc"] > 0
