@@ -20,6 +20,8 @@ What is here:
   `EvasionSettings`, `Norm` (evasion attacks with the shared protocol), and `pgd_attack`,
   `robust_accuracy`, `attack_success_rate`, `import_torchattacks`;
 - models: `GridAvgPool` (deterministic global pooling);
+- plugins using plugins: `build_plugin` (an installed plugin by kind, name and options, validated
+  like a suite table), `layer_names` (a model's submodule names, for hooks);
 - errors and seeds: `did_you_mean`, `derived_seed`;
 - statistics: `t_interval`, `equivalence_test` (TOST), `detrended_correlation`,
   `permutation_p_value`, `wilson_interval` (the rules the built-in analyses' findings use).
@@ -85,6 +87,7 @@ __all__ = [
     "STOCHASTIC_PROBE_IMAGES",
     "accuracy",
     "attack_success_rate",
+    "build_plugin",
     "cache_dir",
     "channel_stats",
     "record_written",
@@ -101,6 +104,7 @@ __all__ = [
     "eval_mode",
     "import_torchattacks",
     "is_stochastic",
+    "layer_names",
     "pgd_attack",
     "predict",
     "random_crop_flip",
@@ -112,3 +116,23 @@ __all__ = [
     "to_model_input",
     "train_classifier",
 ]
+
+
+def build_plugin(kind: str, name: str, **options):
+    """An instance of the installed plugin `name` of `kind` ("attack", "defense", "dataset",
+    "model", "analysis"), with `options` validated as a suite table's would be (a typo or a
+    wrong type is a `BenchError` naming it). For a plugin that uses another, e.g. a defense
+    that runs an attack on its own model: `build_plugin("attack", "pgd", eps=0.03)`."""
+    from bench.expansion import plugin_specs
+    from bench.registry import load_plugins
+
+    (spec,) = plugin_specs({"name": name, **options}, kind, f"build_plugin({kind!r}, {name!r})", load_plugins())
+    return spec.instantiate()
+
+
+def layer_names(model) -> list[tuple[str, str]]:
+    """(name, module type) of every submodule of `model`, in registration order: the names to
+    pass to `model.get_submodule(name)` or to hang a forward hook on. The core wraps a model
+    plugin's network as `net` (images in [0, 1] are normalised first), so built-in layers are
+    `net.<index or name>`."""
+    return [(name, type(module).__name__) for name, module in model.named_modules() if name]

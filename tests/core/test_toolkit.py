@@ -65,3 +65,16 @@ def test_a_test_without_the_third_party_mark_loads_only_this_projects_plugins():
 
     assert os.environ["BENCH_LOAD_PLUGINS"] == BUILTIN_ENTRY_POINTS
     assert {"digits", "sap", "robust_path"} <= set(BUILTIN_ENTRY_POINTS.split(","))
+
+
+def test_a_plugin_can_build_another_by_name_and_list_a_models_layers():
+    from bench.testing import trained_digits_model
+
+    attack = bench.toolkit.build_plugin("attack", "pgd", eps=0.05, steps=2)
+    assert attack.name == "pgd" and attack.options.eps == 0.05 and attack.options.steps == 2
+    with pytest.raises(bench.BenchError, match="did you mean 'steps'"):
+        bench.toolkit.build_plugin("attack", "pgd", stpes=2)
+    model, _, _ = trained_digits_model(epochs=1, width=4)
+    names = dict(bench.toolkit.layer_names(model))
+    assert names["net"] == "Sequential" and any(kind == "Conv2d" for kind in names.values())
+    assert all(model.get_submodule(name) is not None for name in names)
