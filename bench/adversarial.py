@@ -44,9 +44,22 @@ from bench.options import option
 # headline is the per-image worst case on the images every attack ran on (the check subset):
 # one protocol per number; the per-attack numbers are diagnostics.
 EVASION_METRICS = (
-    Metric("robust_acc", "Robust acc (worst case)", higher_is_better=True),
-    Metric("asr", "ASR (worst case)", higher_is_better=False),
-    Metric("unreliable", "Unreliable", higher_is_better=False, kind=MetricKind.FLAG),
+    Metric(
+        "robust_acc",
+        "Robust acc (worst case)",
+        higher_is_better=True,
+        doc="robust accuracy, the per-image worst case over every attack (as AutoAttack counts), on the images "
+        "every attack ran on (the check subset; see the protocol line)",
+        headline=True,
+    ),
+    Metric("asr", "ASR (worst case)", higher_is_better=False, doc="attack success rate of the worst case"),
+    Metric(
+        "unreliable",
+        "Unreliable",
+        higher_is_better=False,
+        kind=MetricKind.FLAG,
+        doc="a gradient-masking check beat the attack",
+    ),
     Metric("robust_acc_attack", "Attack", higher_is_better=True, diagnostic=True),
     Metric("robust_acc_eot", "EOT", higher_is_better=True, diagnostic=True),
     Metric("robust_acc_eot_all", "EOT, all passes", higher_is_better=True, diagnostic=True),

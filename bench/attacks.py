@@ -52,13 +52,18 @@ class Metric:
     """A metric an attack (or a defense, about itself) reports: its key in the store, its
     leaderboard label, whether a higher value is better for the defender (None: neither, e.g.
     a chosen hyper-parameter; never bolded), how it is shown, and whether it is a diagnostic
-    (per-attack detail, shown in a second table under the headline one, never bolded)."""
+    (per-attack detail, shown in a second table under the headline one, never bolded). `doc`
+    says what it measures, in a phrase (the leaderboard's glossary line); `headline` marks the
+    metric a table is ranked by (an evasion attack's robust accuracy; the core's DER for attacks
+    with a `success_metric`). The report reads all of it from the store, never from the plugin."""
 
     key: str
     label: str
     higher_is_better: bool | None
     kind: MetricKind = MetricKind.PERCENT
     diagnostic: bool = False
+    doc: str = ""
+    headline: bool = False
 
     def info(self) -> dict:
         """The metric's description as stored with every result."""
@@ -67,6 +72,8 @@ class Metric:
             "higher_is_better": self.higher_is_better,
             "kind": self.kind.value,
             "diagnostic": self.diagnostic,
+            "doc": self.doc,
+            "headline": self.headline,
         }
 
 

@@ -25,8 +25,8 @@ class AllToOneBackdoor(Attack):
 
     stage: ClassVar[Stage] = Stage.TRAINING
     metrics: ClassVar[tuple[Metric, ...]] = (
-        Metric("asr", "ASR", higher_is_better=False),
-        Metric("ra", "RA", higher_is_better=True),
+        Metric("asr", "ASR", higher_is_better=False, doc="attack success rate"),
+        Metric("ra", "RA", higher_is_better=True, doc="robust accuracy on triggered inputs"),
     )
     success_metric: ClassVar[str] = "asr"
 

@@ -452,6 +452,20 @@ def cache_clear(cache_dir, datasets, yes):
     click.echo(f"removed {len(targets)} item(s) from {root}")
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def migrate(store):
+    """Add the metric descriptions (doc line, headline flag) that results stored by an older
+    version lack, from the installed plugins; values are never changed."""
+    from bench.migrate import migrate as migrate_store
+
+    try:
+        changed = migrate_store(store.expanduser())
+    except BenchError as exc:
+        _fail(str(exc))
+    click.echo(f"{store}: {changed} row(s) updated")
+
+
 def load_plugins():
     """The plugin registry (imported here, on first use: it loads torch)."""
     from bench.registry import load_plugins as load

@@ -19,7 +19,7 @@ from bench.options import is_scalar_option, parse_options, to_plain
 from bench.registry import Registry
 
 
-MAX_LABEL = 120  # characters: a label is a table cell, a figure caption and part of a file name
+MAX_LABEL = 300  # characters: a label is a table cell and a figure caption (file names use a digest)
 
 
 def plugin_specs(

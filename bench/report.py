@@ -196,7 +196,7 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
                 "model": model,
                 "attack": attack,
                 "ranked_by": board["headline"],
-                "glossary": {k: GLOSSARY[k] for k, _ in board["columns"] if k in GLOSSARY},
+                "glossary": {k: i["doc"] for k, i in board["columns"] if i.get("doc")},
                 "methods": method_link_data(members),
                 "rows": table_rows,
                 "paired_comparisons": paired,
@@ -570,24 +570,6 @@ def _before_line(members: list[dict]) -> list[str]:
     return [f"Attacked model, before any defense ({seeds}): " + ", ".join(parts)] if parts else []
 
 
-GLOSSARY = {
-    "clean_acc": "clean accuracy",
-    "asr": "attack success rate",
-    "ra": "robust accuracy on triggered inputs",
-    "der": "defense effectiveness rating (BackdoorBench: (max(0, ASR drop) − max(0, C-Acc drop) + 1) / 2)",
-    "robust_acc": "robust accuracy, the per-image worst case over every attack (as AutoAttack counts), on the "
-    "images every attack ran on (the check subset; see the protocol line)",
-    "injection_success": "share of sneaked faults still active",
-    "faults_active": "sneaked faults still active, counted (of the attack's sneak_images; 4 by default, so "
-    "Inj. success moves in steps of 25 points)",
-    "t_agreement": "kept images still agreeing",
-    "unreliable": "a gradient-masking check beat the attack",
-    "mcr_t": "the point of the path MCR returned (chosen on held-out bonafide images: with the default clean rule "
-    "its curve trains on 80% of them, the rest choose t; a fixed t trains on all)",
-    "pruned_channels": "channels fine-pruning removed",
-}
-
-
 _SAFE_LINK = re.compile(r"https://[A-Za-z0-9./?=_%&#:+~-]+")
 
 
@@ -631,10 +613,18 @@ def _method_links(members: list[dict]) -> list[str]:
 
 
 def headline_metric(columns: list[tuple[str, dict]]) -> str:
-    """The metric a table is ranked by: robust accuracy for evasion tables, DER for backdoor
-    and fault tables, else clean accuracy."""
+    """The metric a table is ranked by: the one its metric descriptions mark as the headline.
+    Results stored before metrics said so (no `headline` key; `bench migrate` adds it) fall back
+    to the core's own: DER when the attack has a success metric, else the first non-diagnostic
+    metric after clean accuracy that is better when higher, else clean accuracy."""
+    marked = [k for k, info in columns if info.get("headline") and not info["diagnostic"]]
+    if marked:
+        return marked[0]
     keys = [k for k, info in columns if not info["diagnostic"]]
-    return next((k for k in ("robust_acc", "der", "clean_acc") if k in keys), keys[0] if keys else "clean_acc")
+    if "der" in keys:
+        return "der"
+    rising = [k for k, info in columns if not info["diagnostic"] and info["higher_is_better"] and k != "clean_acc"]
+    return rising[0] if rising else (keys[0] if keys else "clean_acc")
 
 
 TIME_INFO = {"label": "Defense time (s)", "higher_is_better": None, "kind": "seconds", "diagnostic": False}
@@ -733,7 +723,7 @@ def _table(members: list[dict]) -> str:
     text = _render(board, shown_columns, ranks=True)
     if diagnostics:
         text += "\n\nDiagnostics (per attack; not ranked):\n\n" + _render(board, diagnostics)
-    labels = [(i["label"], GLOSSARY.get(k)) for k, i in columns if GLOSSARY.get(k)]
+    labels = [(i["label"], i["doc"]) for k, i in columns if i.get("doc")]
     headline = board["headline"]
     text += (
         f"\n\nRanked by {md(dict(columns).get(headline, {}).get('label', headline))} (`none` is the reference); "

@@ -45,8 +45,14 @@ from bench.evaluation import clean_accuracy, to_model_input
 from bench.jobs import AnalysisJob, BonafideSource, Job, Outcome, content_hash
 from bench.metrics import defense_effectiveness_rating
 
-CLEAN_ACCURACY = Metric("clean_acc", "C-Acc", higher_is_better=True)
-DER = Metric("der", "DER", higher_is_better=True)
+CLEAN_ACCURACY = Metric("clean_acc", "C-Acc", higher_is_better=True, doc="clean accuracy")
+DER = Metric(
+    "der",
+    "DER",
+    higher_is_better=True,
+    doc="defense effectiveness rating (BackdoorBench: (max(0, ASR drop) − max(0, C-Acc drop) + 1) / 2)",
+    headline=True,
+)
 
 
 _user_interrupt = threading.Event()

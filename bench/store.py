@@ -378,6 +378,34 @@ class ResultStore:
         keys = ("config", "metrics", "metric_info", "series", "figures", "timings", "versions", "notes")
         return [self._decoded(r, keys, "analysis") for r in results]
 
+    def add_metric_descriptions(self, describe) -> int:
+        """Fill in what `describe(row, key)` says of each stored metric (a dict of fields, e.g.
+        its doc line and headline flag) where the stored description lacks those fields; values
+        are never touched. One transaction; returns how many rows changed (`bench migrate`)."""
+        changed = 0
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, kind in (("results", "job"), ("analyses", "analysis")):
+                if not self._has_table(table):
+                    continue
+                self._db.row_factory = sqlite3.Row
+                rows = [dict(r) for r in self._db.execute(f"SELECT * FROM {table}")]
+                self._db.row_factory = None
+                for row in rows:
+                    info = json.loads(row["metric_info"])
+                    updated = {key: {**(describe(row, key) or {}), **fields} for key, fields in info.items()}
+                    if updated != info:
+                        self._db.execute(
+                            f"UPDATE {table} SET metric_info = ? WHERE job_key = ?",
+                            (json.dumps(updated), row["job_key"]),
+                        )
+                        changed += 1
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return changed
+
     def rows(self, suite: str | None = None) -> list[dict]:
         """All results (of one suite, if given), each with its metrics under 'metrics'."""
         self._db.row_factory = sqlite3.Row

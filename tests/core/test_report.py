@@ -10,9 +10,21 @@ from bench.jobs import Outcome
 from bench.store import ResultStore
 
 INFO = {
-    "clean_acc": {"label": "C-Acc", "higher_is_better": True, "kind": "percent", "diagnostic": False},
-    "asr": {"label": "ASR", "higher_is_better": False, "kind": "percent", "diagnostic": False},
-    "der": {"label": "DER", "higher_is_better": True, "kind": "percent", "diagnostic": False},
+    "clean_acc": {
+        "label": "C-Acc",
+        "higher_is_better": True,
+        "kind": "percent",
+        "diagnostic": False,
+        "doc": "clean accuracy",
+    },
+    "asr": {
+        "label": "ASR",
+        "higher_is_better": False,
+        "kind": "percent",
+        "diagnostic": False,
+        "doc": "attack success rate",
+    },
+    "der": {"label": "DER", "higher_is_better": True, "kind": "percent", "diagnostic": False, "headline": True},
 }
 
 
@@ -459,3 +471,55 @@ def test_paired_differences_are_called_only_after_holms_adjustment(tmp_path):
     record_rows(tmp_path / "s.db", alone | noisy, metric="der")
     text = render_report(tmp_path / "s.db")
     assert "- b − a (bonafide 100): +2.5 points [" in text and "b higher" not in text
+
+
+def test_a_metric_describes_itself_glossary_and_ranking_come_from_the_store(tmp_path):
+    # a third-party attack's own metric: its doc line is the glossary, its headline flag the ranking
+    info = {
+        "clean_acc": {**INFO["clean_acc"], "doc": "clean accuracy"},
+        "leak": {
+            "label": "Leak",
+            "higher_is_better": False,
+            "kind": "percent",
+            "diagnostic": False,
+            "doc": "share of secrets recovered",
+            "headline": True,
+        },
+        "other": {"label": "Other", "higher_is_better": True, "kind": "percent", "diagnostic": False},
+    }
+    values = {("low", s): v for s, v in enumerate((0.10, 0.11, 0.12))}
+    values |= {("high", s): v for s, v in enumerate((0.80, 0.81, 0.82))}
+    record_rows(tmp_path / "r.db", values, metric="leak", info=info)
+    text = render_report(tmp_path / "r.db")
+    assert "Ranked by Leak" in text and "Leak: share of secrets recovered" in text
+    ranks = {line.split("|")[2].strip(): line.split("|")[1].strip() for line in text.splitlines() if "| 100 " in line}
+    assert ranks == {"low": "1", "high": "2"}  # lower is better for this metric
+
+
+def test_bench_migrate_adds_descriptions_to_rows_stored_before_metrics_had_them(tmp_path):
+    import json
+    import sqlite3
+
+    legacy = {k: {f: v for f, v in i.items() if f not in ("doc", "headline")} for k, i in INFO.items()}
+    with ResultStore(tmp_path / "r.db") as store:
+        for seed in (0, 1, 2):
+            store.record(
+                fake_job("finetune", seed, 100),
+                Outcome(
+                    status="ok",
+                    metrics={"clean_acc": 0.9, "asr": 0.1 + 0.01 * seed, "der": 0.9},
+                    metric_info=legacy,
+                    timings={"defense": 1.0},
+                    device="cpu",
+                    started_at="2026-11-23T10:00:00",
+                    finished_at="2026-11-23T10:01:00",
+                ),
+            )
+    assert "Ranked by DER" in render_report(tmp_path / "r.db")  # the core's fallback for old rows
+    result = CliRunner().invoke(main, ["migrate", str(tmp_path / "r.db")])
+    assert result.exit_code == 0 and "3 row(s) updated" in result.output, result.output
+    with sqlite3.connect(tmp_path / "r.db") as db:
+        info = json.loads(db.execute("SELECT metric_info FROM results LIMIT 1").fetchone()[0])
+    assert info["der"]["headline"] is True and info["asr"]["doc"] == "attack success rate"
+    assert "ASR: attack success rate" in render_report(tmp_path / "r.db")
+    assert "0 row(s) updated" in CliRunner().invoke(main, ["migrate", str(tmp_path / "r.db")]).output

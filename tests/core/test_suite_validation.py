@@ -409,8 +409,8 @@ def test_a_label_too_long_for_a_table_or_a_file_name_is_refused_at_load(tmp_path
     from bench.suite import load_suite
     from bench.testing import write_suite
 
-    path = write_suite(tmp_path / "s.toml", defenses=[{"name": "none", "label": "x" * 300}])
-    with pytest.raises(SuiteError, match="300 characters long"):
+    path = write_suite(tmp_path / "s.toml", defenses=[{"name": "none", "label": "x" * 500}])
+    with pytest.raises(SuiteError, match="500 characters long"):
         load_suite(path, registry)
 
 
