@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.attacks import Stage
-from bench.models import TrainRecipe
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the store and the report read jobs without loading torch
+    from bench.models import TrainRecipe
 
 
 class BonafideSource(enum.Enum):
@@ -59,6 +61,8 @@ class Job:
 
     @property
     def recipe(self) -> TrainRecipe:
+        from bench.models import TrainRecipe
+
         return TrainRecipe(**self.training)
 
     def config(self) -> dict:
@@ -94,6 +98,8 @@ class Job:
     @property
     def changes_model(self) -> bool:
         """Whether the attack touches the model (training-time or post-training)."""
+        from bench.attacks import Stage
+
         return self.attack is not None and self.attack.cls.stage is not Stage.TEST_TIME
 
     def describe(self) -> str:

@@ -1,6 +1,7 @@
 """`bench migrate STORE`: bring the metric descriptions of results stored by an older version
 up to date, from the installed plugins: each metric's `doc` line and `headline` flag, which the
-report reads from the store alone (it imports no plugin). Values and everything else stay as
+report reads from the store alone (it imports no plugin), and the methods' paper and code links.
+Values and everything else stay as
 they were; a metric whose plugin is not installed keeps its description."""
 
 from __future__ import annotations
@@ -40,5 +41,17 @@ def migrate(store_path: Path) -> int:
         info = metric.info()
         return {"doc": info["doc"], "headline": info["headline"]}
 
+    def methods(row: dict) -> dict:
+        out = {}
+        for kind in ("attack", "defense", "analysis"):
+            name = row.get(kind)
+            try:
+                cls = registry.get(kind, name).cls if name else None
+            except Exception:
+                cls = None
+            if cls is not None:
+                out[kind] = {"name": name, "paper": cls.paper or "", "code": cls.code or ""}
+        return out
+
     with ResultStore(store_path) as store:
-        return store.add_metric_descriptions(describe)
+        return store.add_metric_descriptions(describe, methods)

@@ -574,32 +574,21 @@ _SAFE_LINK = re.compile(r"https://[A-Za-z0-9./?=_%&#:+~-]+")
 
 
 def method_link_data(members: list[dict]) -> list[dict]:
-    """Each method's paper and code links, from the installed plugins' metadata (the `paper`
-    and `code` fields; a plugin not installed is left out; anything but a plain https link is
-    ignored): [{"kind", "name", "links": [(label, url), ...]}]."""
-    try:
-        from bench.registry import load_plugins
-
-        registry = load_plugins()
-    except Exception:  # the report works without the plugins
-        return []
-    names = (
-        {("attack", r["attack"]) for r in members if "attack" in r}
-        | {("defense", r["defense"]) for r in members if "defense" in r}
-        | {("analysis", r["analysis"]) for r in members if "analysis" in r}
-    )
+    """Each method's paper and code links, as stored with the results (the plugins' `paper` and
+    `code` fields when the job ran; `bench migrate` adds them to older rows; anything but a plain
+    https link is ignored): [{"kind", "name", "links": [(label, url), ...]}]. Imports no plugin."""
+    found: dict[tuple[str, str], dict] = {}
+    for r in members:
+        for kind, method in (r["notes"].get("methods") or {}).items():
+            found.setdefault((kind, method.get("name", "")), method)
     out = []
-    for kind, name in sorted(names, key=lambda item: (item[0] != "attack", item[1])):
-        try:
-            cls = registry.get(kind, name).cls
-        except Exception:
-            continue
+    for (kind, name), method in sorted(found.items(), key=lambda item: (item[0][0] != "attack", item[0][1])):
         links = [
-            (label, url)
-            for label, url in (("paper", cls.paper), ("code", cls.code))
-            if url and _SAFE_LINK.fullmatch(url)
+            (label, method.get(label) or "")
+            for label in ("paper", "code")
+            if method.get(label) and _SAFE_LINK.fullmatch(method[label])
         ]
-        if links:
+        if links and name:
             out.append({"kind": kind, "name": name, "links": links})
     return out
 

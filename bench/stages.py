@@ -296,6 +296,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
             "evaluation_images": len(evaluation),
             "attack_protocol": attack.describe_protocol(),
             "extra_models_trained": len(defense.other_attacked_seeds(job.seed)),
+            "methods": method_links(job.attack, job.defense),
         },
         device=_device_name(env.device),
         versions=versions(job),
@@ -381,6 +382,7 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
             "data_source": splits.source,
             "machine": machine_description(env.device),
             "evaluation_images": len(evaluation),
+            "methods": method_links(job.analysis),
         }
     )
     return Outcome(
@@ -416,6 +418,16 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def method_links(*specs) -> dict[str, dict]:
+    """kind -> {name, paper, code} of each plugin that made a result, stored with it so that the
+    report links the methods without importing any plugin."""
+    return {
+        spec.kind: {"name": spec.name, "paper": spec.cls.paper or "", "code": spec.cls.code or ""}
+        for spec in specs
+        if spec is not None
+    }
 
 
 def machine_description(device: torch.device) -> str:

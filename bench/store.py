@@ -378,10 +378,11 @@ class ResultStore:
         keys = ("config", "metrics", "metric_info", "series", "figures", "timings", "versions", "notes")
         return [self._decoded(r, keys, "analysis") for r in results]
 
-    def add_metric_descriptions(self, describe) -> int:
+    def add_metric_descriptions(self, describe, methods=None) -> int:
         """Fill in what `describe(row, key)` says of each stored metric (a dict of fields, e.g.
-        its doc line and headline flag) where the stored description lacks those fields; values
-        are never touched. One transaction; returns how many rows changed (`bench migrate`)."""
+        its doc line and headline flag) where the stored description lacks those fields, and the
+        `methods` note (`methods(row)`: the plugins' links) where a row has none; values are
+        never touched. One transaction; returns how many rows changed (`bench migrate`)."""
         changed = 0
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -392,12 +393,14 @@ class ResultStore:
                 rows = [dict(r) for r in self._db.execute(f"SELECT * FROM {table}")]
                 self._db.row_factory = None
                 for row in rows:
-                    info = json.loads(row["metric_info"])
+                    info, notes = json.loads(row["metric_info"]), json.loads(row["notes"])
                     updated = {key: {**(describe(row, key) or {}), **fields} for key, fields in info.items()}
-                    if updated != info:
+                    if "methods" not in notes and methods is not None and row["status"] == "ok":
+                        notes = {**notes, "methods": methods(row)}
+                    if updated != info or notes != json.loads(row["notes"]):
                         self._db.execute(
-                            f"UPDATE {table} SET metric_info = ? WHERE job_key = ?",
-                            (json.dumps(updated), row["job_key"]),
+                            f"UPDATE {table} SET metric_info = ?, notes = ? WHERE job_key = ?",
+                            (json.dumps(updated), json.dumps(notes), row["job_key"]),
                         )
                         changed += 1
             self._db.execute("COMMIT")

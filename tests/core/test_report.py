@@ -397,6 +397,7 @@ def test_rows_are_ranked_by_the_headline_metric_with_none_as_the_reference(tmp_p
                     metric_info=INFO,
                     timings={"defense": 1.0},
                     device="cpu",
+                    notes={"methods": {"attack": {"name": "badnets", "paper": "https://arxiv.org/abs/1708.06733"}}},
                     started_at="2026-11-23T10:00:00",
                     finished_at="2026-11-23T10:01:00",
                 ),
@@ -521,5 +522,26 @@ def test_bench_migrate_adds_descriptions_to_rows_stored_before_metrics_had_them(
     with sqlite3.connect(tmp_path / "r.db") as db:
         info = json.loads(db.execute("SELECT metric_info FROM results LIMIT 1").fetchone()[0])
     assert info["der"]["headline"] is True and info["asr"]["doc"] == "attack success rate"
-    assert "ASR: attack success rate" in render_report(tmp_path / "r.db")
+    migrated = render_report(tmp_path / "r.db")
+    assert "ASR: attack success rate" in migrated
+    assert "Methods: badnets ([paper](https://arxiv.org/abs/1708.06733))" in migrated  # links stored too
     assert "0 row(s) updated" in CliRunner().invoke(main, ["migrate", str(tmp_path / "r.db")]).output
+
+
+def test_report_and_export_import_no_plugin_and_no_torch_and_render_the_same_without_plugins(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fill(tmp_path / "r.db")
+    probe = (
+        "import sys; from pathlib import Path; from bench.report import render_report; "
+        "import bench.export, bench.html; "
+        f"text = render_report(Path({str(tmp_path / 'r.db')!r})); "
+        "print('torch' in sys.modules, any(m.startswith('bench_plugins') for m in sys.modules)); print(text)"
+    )
+    env = {**os.environ, "BENCH_LOAD_PLUGINS": ""}  # no plugin loads, as on a machine without them
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    first, _, text = done.stdout.partition("\n")
+    assert first == "False False"
+    assert text.rstrip("\n") == render_report(tmp_path / "r.db").rstrip("\n")
