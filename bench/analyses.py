@@ -50,7 +50,7 @@ class ModelRecipe:
 class Figure:
     """A figure `bench report` draws from a stored series: `y` (keys of its records, shown in
     percent when `percent`) against `x`, one line per value of `group` (a record key, or "" for
-    one line per y key), mean over seeds with +/- std shaded."""
+    one line per y key), mean over seeds with its 95% t-interval shaded."""
 
     series: str
     x: str

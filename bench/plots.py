@@ -1,7 +1,7 @@
 """Leaderboard figures (PNG, matplotlib's Agg backend), drawn from stored rows only:
 - for every series of measured points a defense stored (e.g. MCR's `path`: records holding one
   coordinate such as t and the job's metrics), clean accuracy and the attack's metrics against
-  that coordinate (mean over seeds, shaded +/- std);
+  that coordinate (mean over seeds, its 95% t-interval shaded, as the tables' cells);
 - for every group swept over bonafide sizes, the attack's success metric against bonafide size,
   one line per defense."""
 
@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from bench.statistics import t_interval
 
 
 def _slug(text: str) -> str:
@@ -28,6 +30,16 @@ def figure_file(folder: Path, kind: str, *parts) -> Path:
     readable = _slug("-".join(str(p) for p in parts))[:READABLE_PREFIX].strip("-")
     digest = hashlib.sha256("\x1f".join([kind, *map(str, parts)]).encode()).hexdigest()[:10]
     return folder / f"{kind}-{readable}-{digest}.png"
+
+
+def band(samples) -> tuple[np.ndarray, np.ndarray]:
+    """Per x, the mean over seeds and the half-width of its 95% t-interval (0 for one seed): the
+    same statistics as the tables' cells."""
+    intervals = [t_interval(list(np.asarray(v, dtype=float))) for v in samples]
+    return (
+        np.array([i.mean for i in intervals]),
+        np.array([i.half_width if i.half_width is not None else 0.0 for i in intervals]),
+    )
 
 
 def _pyplot():
@@ -87,10 +99,10 @@ def series_plot(
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for key in keys:
         values = np.array([[p[key] for p in path] for path in paths if len(path) == len(t)]) * 100
-        mean, std = values.mean(axis=0), values.std(axis=0)
+        mean, half = band([values[:, i] for i in range(values.shape[1])])
         ax.plot(t, mean, marker="o", markersize=3, label=info[key]["label"])
         if len(values) > 1:
-            ax.fill_between(t, mean - std, mean + std, alpha=0.2)
+            ax.fill_between(t, mean - half, mean + half, alpha=0.2)
     ax.set_xlabel(f"{coordinate} along the {series}")
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
@@ -117,10 +129,11 @@ def bonafide_plot(group: str, metric_key: str, rows: list[dict], folder: Path) -
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for defense, sizes in sorted(by_defense.items()):
         xs = sorted(sizes)
+        mean, half = band([np.array(sizes[x]) * 100 for x in xs])
         ax.errorbar(
             xs,
-            [np.mean(sizes[x]) * 100 for x in xs],
-            yerr=[np.std(sizes[x]) * 100 for x in xs],
+            mean,
+            yerr=half,
             marker="o",
             markersize=3,
             capsize=2,
@@ -140,7 +153,7 @@ def bonafide_plot(group: str, metric_key: str, rows: list[dict], folder: Path) -
 
 def analysis_plot(group: str, figure: dict, rows: list[dict], folder: Path) -> Path | None:
     """One figure an analysis asked for (`bench.Figure.info()`): each y key against x, one line
-    per y key and value of the figure's group key, mean over the rows (seeds), +/- std shaded."""
+    per y key and value of the figure's group key, mean over the rows (seeds), its 95% t-interval shaded."""
     x_key, y_keys, group_key = figure["x"], figure["y"], figure.get("group", "")
     lines: dict[tuple[str, str], dict[float, list[float]]] = {}
     for r in rows:
@@ -158,12 +171,11 @@ def analysis_plot(group: str, figure: dict, rows: list[dict], folder: Path) -> P
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for (group_value, y), points in sorted(lines.items()):
         xs = sorted(points)
-        mean = np.array([np.mean(points[x]) for x in xs]) * scale
-        std = np.array([np.std(points[x]) for x in xs]) * scale
+        mean, half = band([np.array(points[x]) * scale for x in xs])
         label = f"{group_value}: {y}" if group_value and len(y_keys) > 1 else (group_value or y)
         ax.plot(xs, mean, marker="o", markersize=3, label=label)
         if any(len(points[x]) > 1 for x in xs):
-            ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+            ax.fill_between(xs, mean - half, mean + half, alpha=0.2)
     ax.set_xlabel(figure.get("xlabel") or x_key)
     ax.set_ylabel(figure.get("ylabel") or ("%" if scale == 100 else ""))
     if scale == 100:

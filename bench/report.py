@@ -387,7 +387,7 @@ def _figures(group: str, members: list[dict], plot_dir: Path, link_base: Path) -
 
 
 def _analysis_sections(rows: list[dict], plot_dir: Path | None, link_base: Path | None) -> list[str]:
-    """Per analysis and dataset / model: its values (mean ± std over seeds, by kind) and the
+    """Per analysis and dataset / model: its values (mean ± 95% t-interval over seeds, by kind) and the
     figures it asked for, drawn from the stored series."""
     from bench.plots import analysis_plot
 
@@ -502,7 +502,7 @@ CELLS_NOTE = (
 )
 ANALYSES_NOTE = (
     "values are mean ± half-width of the 95% t-interval over seeds (the mean alone for one seed; percentages "
-    "in percent); figures show the mean over seeds with ± std shaded."
+    "in percent); figures show the mean over seeds with its 95% t-interval shaded."
 )
 
 
