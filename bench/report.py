@@ -141,46 +141,57 @@ def select_rows(store_path: Path, suite: str | None, all_runs: bool) -> tuple[li
 
 
 def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool = False) -> dict:
-    """The report's tables as plain data (`bench report --format json`): per (dataset, model,
-    attack) table, one row per defense and bonafide size with the seeds and, per metric, its
-    info and mean, std and count over seeds; per analysis, its values likewise; failed jobs."""
+    """The report as plain data (`bench report --format json`, and what the HTML page renders):
+    the provenance, per (dataset, model, attack) table its ranked rows with, per metric, its
+    description, mean, interval and cell text, and the paired comparisons; per analysis its
+    values and findings; the failed jobs; whether the suite's latest run is complete."""
     rows, analysis_rows, planned = select_rows(Path(store_path), suite, all_runs)
-    ok = [r for r in rows if r["status"] == "ok"]
-    tables = []
+    everything = rows + analysis_rows
+    ok = [r for r in everything if r["status"] == "ok"]
+    suite_name = everything[0]["suite"]
+    planned_keys = planned.get(suite_name, ("", []))[1]
+    missing = [k for k in planned_keys if k not in {r["job_key"] for r in ok}]
+    return {
+        "suite": suite_name,
+        "header": header_data(everything, ok, [r for r in everything if r["status"] != "ok"], Path(store_path)),
+        "encoding": NON_FINITE_NOTE,
+        "complete": not missing,
+        "jobs_planned": len(planned_keys),
+        "jobs_without_result": len(missing),
+        "tables": [
+            _table_data(key, members)
+            for key, members in sorted(_grouped(ok, ("dataset_label", "model_label", "attack_label")).items())
+            if "attack_label" in members[0]
+        ],
+        "analyses": [
+            _analysis_data(key, members)
+            for key, members in sorted(_grouped(ok, ("analysis_label", "dataset_label", "model_label")).items())
+            if "analysis_label" in members[0]
+        ],
+        "failed": [_failure_data(r) for r in everything if r["status"] != "ok"],
+    }
+
+
+def _grouped(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
-    for r in ok:
-        groups.setdefault((r["dataset_label"], r["model_label"], r["attack_label"]), []).append(r)
-    for (dataset, model, attack), members in sorted(groups.items()):
-        board = leaderboard_rows(members)
-        table_rows = []
-        for row in board["order"]:
-            runs = board["runs"][row]
-            metrics = {
-                key: {
-                    **info,
-                    **_stats(_row_values(runs, key)),
-                    "clearly_best": board["best"].get(key) == row,
-                    "text": _format_interval(board["intervals"][row][key], info["kind"]),
-                }
-                for key, info in board["columns"]
-            }
-            metrics[TIME] = {
-                **TIME_INFO,
-                **_stats(_row_values(runs, TIME)),
-                "text": _format_interval(board["intervals"][row][TIME], "seconds"),
-            }
-            table_rows.append(
-                {
-                    "defense": row[0],
-                    "bonafide_size": row[1],
-                    "rank": board["ranks"][row],
-                    "flagged_unreliable": board["flagged"][row],
-                    "extra_models_trained": max(int(r["notes"].get(EXTRA_MODELS, 0)) for r in runs),
-                    "seeds": sorted(r["seed"] for r in runs),
-                    "metrics": metrics,
-                }
-            )
-        paired = [
+    for r in rows:
+        if all(k in r for k in keys):
+            groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
+def _table_data(key: tuple, members: list[dict]) -> dict:
+    dataset, model, attack = key
+    board = leaderboard_rows(members)
+    return {
+        "dataset": dataset,
+        "model": model,
+        "attack": attack,
+        "ranked_by": board["headline"],
+        "glossary": {k: i["doc"] for k, i in board["columns"] if i.get("doc")},
+        "methods": method_link_data(members),
+        "rows": [_row_data(board, row) for row in board["order"]],
+        "paired_comparisons": [
             {
                 "first": {"defense": c["first"][0], "bonafide_size": c["first"][1]},
                 "second": {"defense": c["second"][0], "bonafide_size": c["second"][1]},
@@ -189,83 +200,62 @@ def report_data(store_path: str | Path, suite: str | None = None, all_runs: bool
                 **_interval_data(c["difference"]),
             }
             for c in paired_comparisons(board)
-        ]
-        tables.append(
-            {
-                "dataset": dataset,
-                "model": model,
-                "attack": attack,
-                "ranked_by": board["headline"],
-                "glossary": {k: i["doc"] for k, i in board["columns"] if i.get("doc")},
-                "methods": method_link_data(members),
-                "rows": table_rows,
-                "paired_comparisons": paired,
-            }
-        )
-    analyses = []
-    agroups: dict[tuple, list[dict]] = {}
-    for r in (r for r in analysis_rows if r["status"] == "ok"):
-        agroups.setdefault((r["analysis_label"], r["dataset_label"], r["model_label"]), []).append(r)
-    for (analysis, dataset, model), members in sorted(agroups.items()):
-        values = {
-            key: {
-                **info,
-                **_stats([r["metrics"][key] for r in members if key in r["metrics"]]),
-                "text": _cell([r["metrics"][key] for r in members if key in r["metrics"]], info["kind"]),
-            }
-            for key, info in _metric_columns(members)
-        }
-        analyses.append(
-            {
-                "analysis": analysis,
-                "dataset": dataset,
-                "model": model,
-                "seeds": sorted(r["seed"] for r in members),
-                "values": values,
-                "findings": _findings(members),
-            }
-        )
-    failed = [
-        {
-            "key": r["job_key"],
-            "error": (r["error"] or "").splitlines()[0] if r["error"] else "",
-            **{
-                k: r.get(k)
-                for k in (
-                    "dataset_label",
-                    "model_label",
-                    "attack_label",
-                    "defense_label",
-                    "analysis_label",
-                    "bonafide_size",
-                    "seed",
-                )
-                if k in r
-            },
-        }
-        for r in rows + analysis_rows
-        if r["status"] != "ok"
-    ]
-    suite_name = (rows + analysis_rows)[0]["suite"]
-    finished = {r["job_key"] for r in rows + analysis_rows if r["status"] == "ok"}
-    planned_keys = planned.get(suite_name, ("", []))[1]
-    missing = [k for k in planned_keys if k not in finished]
-    return {
-        "suite": suite_name,
-        "header": header_data(
-            rows + analysis_rows,
-            ok + [r for r in analysis_rows if r["status"] == "ok"],
-            [r for r in rows + analysis_rows if r["status"] != "ok"],
-            Path(store_path),
-        ),
-        "encoding": NON_FINITE_NOTE,
-        "complete": not missing,
-        "jobs_planned": len(planned_keys),
-        "jobs_without_result": len(missing),
-        "tables": tables,
-        "analyses": analyses,
-        "failed": failed,
+        ],
     }
+
+
+def _row_data(board: dict, row: tuple) -> dict:
+    runs = board["runs"][row]
+    metrics = {
+        key: {
+            **info,
+            **_stats(_row_values(runs, key)),
+            "clearly_best": board["best"].get(key) == row,
+            "text": _format_interval(board["intervals"][row][key], info["kind"]),
+        }
+        for key, info in board["columns"]
+    }
+    metrics[TIME] = {
+        **TIME_INFO,
+        **_stats(_row_values(runs, TIME)),
+        "text": _format_interval(board["intervals"][row][TIME], "seconds"),
+    }
+    return {
+        "defense": row[0],
+        "bonafide_size": row[1],
+        "rank": board["ranks"][row],
+        "flagged_unreliable": board["flagged"][row],
+        "extra_models_trained": max(int(r["notes"].get(EXTRA_MODELS, 0)) for r in runs),
+        "seeds": sorted(r["seed"] for r in runs),
+        "metrics": metrics,
+    }
+
+
+def _analysis_data(key: tuple, members: list[dict]) -> dict:
+    analysis, dataset, model = key
+
+    def values_of(name: str) -> list[float]:
+        return [r["metrics"][name] for r in members if name in r["metrics"]]
+
+    return {
+        "analysis": analysis,
+        "dataset": dataset,
+        "model": model,
+        "seeds": sorted(r["seed"] for r in members),
+        "values": {
+            name: {**info, **_stats(values_of(name)), "text": _cell(values_of(name), info["kind"])}
+            for name, info in _metric_columns(members)
+        },
+        "findings": _findings(members),
+    }
+
+
+_IDENTITY = ("dataset_label", "model_label", "attack_label", "defense_label", "analysis_label", "bonafide_size", "seed")
+
+
+def _failure_data(r: dict) -> dict:
+    first = (r["error"] or "").splitlines()[0] if r["error"] else ""
+    return {"key": r["job_key"], "error": first, **{k: r.get(k) for k in _IDENTITY if k in r}}
 
 
 NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
