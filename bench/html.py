@@ -73,13 +73,34 @@ def e(text) -> str:
 def render_html(data: dict, figures: dict[str, list[Path]] | None = None, link_base: Path | None = None) -> str:
     """The page for one suite's `report_data`; `figures` maps a table title to PNG files drawn
     for it, linked relative to `link_base`."""
-    h = data["header"]
+    from bench.report import CELLS_NOTE
+
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>Leaderboard: {e(data['suite'])}</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>Leaderboard: {e(data['suite'])}</h1>",
+        *_provenance(data),
+        f"<p class='note'>Cells: {e(CELLS_NOTE)} Click a column header to sort.</p>",
+    ]
+    for table in data["tables"]:
+        parts += _table_section(table, (figures or {}), link_base)
+    for analysis in data["analyses"]:
+        parts += _analysis_section(analysis)
+    if data["failed"]:
+        parts.append("<h2>Failed jobs</h2><ul>")
+        for failure in data["failed"]:
+            what = json.dumps({k: v for k, v in failure.items() if k != "error"})
+            parts.append(f"<li>{e(what)}: {e(failure['error'])}</li>")
+        parts.append("</ul>")
+    parts += [f"<script>{SCRIPT}</script>", "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def _provenance(data: dict) -> list[str]:
+    h = data["header"]
+    lines = [
         "<ul class='note'>",
         f"<li>Suite {e(', '.join(h['suites']))}: {h['jobs']} jobs, {h['succeeded']} succeeded, {h['failed']} failed "
         f"(store {e(h['store'])})</li>",
@@ -92,76 +113,65 @@ def render_html(data: dict, figures: dict[str, list[Path]] | None = None, link_b
         "</ul>",
     ]
     if not data.get("complete", True):
-        parts.append(
+        lines.append(
             f"<p><strong>⚠ Incomplete:</strong> {data['jobs_without_result']} of the {data['jobs_planned']} jobs "
             "of the suite's latest run have no result yet.</p>"
         )
-    from bench.report import CELLS_NOTE
+    return lines
 
-    parts.append(f"<p class='note'>Cells: {e(CELLS_NOTE)} Click a column header to sort.</p>")
-    for table in data["tables"]:
-        title = f"{table['dataset']} / {table['model']} / {table['attack']}"
-        parts += [f"<h2>{e(title)}</h2>", _table(table)]
-        glossary = "; ".join(
-            f"{e(row['label'])}: {e(table['glossary'][key])}"
-            for key, row in (table["rows"][0]["metrics"].items() if table["rows"] else [])
-            if key in table["glossary"]
-        )
+
+def _table_section(table: dict, figures: dict[str, list[Path]], link_base: Path | None) -> list[str]:
+    title = f"{table['dataset']} / {table['model']} / {table['attack']}"
+    labels = {k: m["label"] for row in table["rows"] for k, m in row["metrics"].items()}
+    glossary = "; ".join(f"{e(labels[k])}: {e(doc)}" for k, doc in table["glossary"].items() if k in labels)
+    parts = [
+        f"<h2>{e(title)}</h2>",
+        _table(table),
+        f"<p class='note'>Ranked by {e(labels.get(table['ranked_by'], table['ranked_by']))}; rows whose 95% "
+        f"intervals overlap share a rank. {glossary}</p>",
+    ]
+    if table["paired_comparisons"]:
         parts.append(
-            f"<p class='note'>Ranked by {e(table['ranked_by'])}; rows whose 95% intervals overlap share a "
-            f"rank. {glossary}</p>"
+            "<p class='note'>Paired comparisons (same seed; difference first − second, 95% t-interval, "
+            "Holm-adjusted p):</p><ul class='note'>"
         )
-        if table["paired_comparisons"]:
+        for c in table["paired_comparisons"]:
+            interval = "" if c["ci_low"] is None else f" [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
             parts.append(
-                "<p class='note'>Paired comparisons (same seed; difference first − second, 95% t-interval):</p>"
-                "<ul class='note'>"
+                f"<li>{e(c['first']['defense'])} − {e(c['second']['defense'])} (bonafide "
+                f"{c['first']['bonafide_size']}): {c['mean']:+.4f}{interval}, {c['n']} seeds, "
+                f"p = {c['p_holm']:.2g}</li>"
             )
-            for c in table["paired_comparisons"]:
-                interval = "" if c["ci_low"] is None else f" [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
-                parts.append(
-                    f"<li>{e(c['first']['defense'])} − {e(c['second']['defense'])} (bonafide "
-                    f"{c['first']['bonafide_size']}): {c['mean']:+.4f}{interval}, {c['n']} seeds</li>"
-                )
-            parts.append("</ul>")
-        if table["methods"]:
-            links = "; ".join(
-                f"{e(m['name'])} (" + ", ".join(f"<a href='{e(url)}'>{e(label)}</a>" for label, url in m["links"]) + ")"
-                for m in table["methods"]
-            )
-            parts.append(f"<p class='note'>Methods: {links}.</p>")
-        for path in (figures or {}).get(title, []):
-            source = (
-                path.relative_to(link_base).as_posix() if link_base and path.is_relative_to(link_base) else path.name
-            )
-            parts.append(f"<img src='{e(source)}' alt='{e(path.stem)}'>")
-    for analysis in data["analyses"]:
-        parts.append(
-            f"<h2>Analysis: {e(analysis['analysis'])} on {e(analysis['dataset'])} / {e(analysis['model'])}</h2>"
-        )
-        parts.append(
-            "<table class='leaderboard'><thead><tr><th class='text'>Value</th><th>Mean ± 95% CI</th></tr>"
-            "</thead><tbody>"
-        )
-        for value in analysis["values"].values():
-            parts.append(
-                f"<tr><td class='text'>{e(value['label'])}</td><td data-value='{_number(value['mean'])}'>"
-                f"{e(value['text'])}</td></tr>"
-            )
-        parts.append("</tbody></table>")
-        for finding in analysis["findings"]:
-            parts.append(
-                f"<p class='note'>{e(finding['claim'])} This run: shown in {finding['shown_in']}/"
-                f"{len(finding['seeds'])} seeds.</p>"
-            )
-    if data["failed"]:
-        parts.append("<h2>Failed jobs</h2><ul>")
-        parts += [
-            f"<li>{e(json.dumps({k: v for k, v in f.items() if k != 'error'}))}: {e(f['error'])}</li>"
-            for f in data["failed"]
-        ]
         parts.append("</ul>")
-    parts += [f"<script>{SCRIPT}</script>", "</body></html>"]
-    return "\n".join(parts) + "\n"
+    if table["methods"]:
+        links = "; ".join(
+            f"{e(m['name'])} (" + ", ".join(f"<a href='{e(url)}'>{e(label)}</a>" for label, url in m["links"]) + ")"
+            for m in table["methods"]
+        )
+        parts.append(f"<p class='note'>Methods: {links}.</p>")
+    for path in figures.get(title, []):
+        source = path.relative_to(link_base).as_posix() if link_base and path.is_relative_to(link_base) else path.name
+        parts.append(f"<img src='{e(source)}' alt='{e(path.stem)}'>")
+    return parts
+
+
+def _analysis_section(analysis: dict) -> list[str]:
+    parts = [
+        f"<h2>Analysis: {e(analysis['analysis'])} on {e(analysis['dataset'])} / {e(analysis['model'])}</h2>",
+        "<table class='leaderboard'><thead><tr><th class='text'>Value</th><th>Mean ± 95% CI</th></tr></thead><tbody>",
+    ]
+    for value in analysis["values"].values():
+        parts.append(
+            f"<tr><td class='text'>{e(value['label'])}</td><td data-value='{_number(value['mean'])}'>"
+            f"{e(value['text'])}</td></tr>"
+        )
+    parts.append("</tbody></table>")
+    for finding in analysis["findings"]:
+        parts.append(
+            f"<p class='note'>{e(finding['claim'])} This run: shown in {finding['shown_in']}/"
+            f"{len(finding['seeds'])} seeds.</p>"
+        )
+    return parts
 
 
 def _number(value) -> str:
