@@ -16,7 +16,7 @@ from bench.attacks import Attack, Metric, Stage, check_target_class
 from bench.data import ImageData
 from bench.errors import BenchError
 from bench.evaluation import predict
-from bench.metrics import attack_success_rate, robust_accuracy
+from bench.metrics import backdoor_robust_accuracy, backdoor_success_rate
 
 
 class AllToOneBackdoor(Attack):
@@ -74,6 +74,6 @@ class AllToOneBackdoor(Attack):
         predictions = predict(model, self.apply_trigger(test.x[others]), ctx)
         labels = test.y[others]
         return {
-            "asr": attack_success_rate(predictions, labels, target),
-            "ra": robust_accuracy(predictions, labels, target),
+            "asr": backdoor_success_rate(predictions, labels, target),
+            "ra": backdoor_robust_accuracy(predictions, labels, target),
         }

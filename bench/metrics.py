@@ -12,7 +12,7 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return (predictions == labels).float().mean().item()
 
 
-def attack_success_rate(predictions: torch.Tensor, true_labels: torch.Tensor, target_class: int) -> float:
+def backdoor_success_rate(predictions: torch.Tensor, true_labels: torch.Tensor, target_class: int) -> float:
     """Of the triggered images whose true class is not the target, the fraction classified as
     the target (ASR)."""
     keep = true_labels != target_class
@@ -21,7 +21,7 @@ def attack_success_rate(predictions: torch.Tensor, true_labels: torch.Tensor, ta
     return (predictions[keep] == target_class).float().mean().item()
 
 
-def robust_accuracy(predictions: torch.Tensor, true_labels: torch.Tensor, target_class: int) -> float:
+def backdoor_robust_accuracy(predictions: torch.Tensor, true_labels: torch.Tensor, target_class: int) -> float:
     """Of the triggered images whose true class is not the target, the fraction still
     classified as their true class (RA)."""
     keep = true_labels != target_class

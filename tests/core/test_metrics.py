@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bench.metrics import accuracy, attack_success_rate, defense_effectiveness_rating, robust_accuracy
+from bench.metrics import accuracy, backdoor_success_rate, defense_effectiveness_rating, backdoor_robust_accuracy
 
 
 def test_accuracy_is_the_share_of_predictions_equal_to_the_labels():
@@ -16,14 +16,14 @@ def test_asr_and_ra_ignore_images_of_the_target_class():
     predictions = torch.tensor([0, 0, 0, 0, 2, 3])
     true_labels = torch.tensor([0, 1, 2, 3, 2, 4])
     # 3 of the 5 non-target images went to the target (4 of 6, 0.67, if the target image counted)
-    assert attack_success_rate(predictions, true_labels, target_class=0) == pytest.approx(0.6)
+    assert backdoor_success_rate(predictions, true_labels, target_class=0) == pytest.approx(0.6)
     # only the 2 -> 2 image kept its class (2 of 6, 0.33, if the target image counted)
-    assert robust_accuracy(predictions, true_labels, target_class=0) == pytest.approx(0.2)
+    assert backdoor_robust_accuracy(predictions, true_labels, target_class=0) == pytest.approx(0.2)
 
 
 def test_asr_and_ra_are_nan_without_non_target_images():
-    assert math.isnan(attack_success_rate(torch.tensor([0]), torch.tensor([0]), 0))
-    assert math.isnan(robust_accuracy(torch.tensor([0]), torch.tensor([0]), 0))
+    assert math.isnan(backdoor_success_rate(torch.tensor([0]), torch.tensor([0]), 0))
+    assert math.isnan(backdoor_robust_accuracy(torch.tensor([0]), torch.tensor([0]), 0))
 
 
 @pytest.mark.parametrize(
