@@ -66,8 +66,10 @@ class AutoAttack(bench.Attack):
     code = "https://github.com/fra31/auto-attack"
     stage = bench.Stage.TEST_TIME
     metrics = (
-        bench.Metric("robust_acc", "Robust acc", higher_is_better=True),
-        bench.Metric("asr", "ASR", higher_is_better=False),
+        bench.Metric(
+            "robust_acc", "Robust acc", higher_is_better=True, doc="robust accuracy under AutoAttack", headline=True
+        ),
+        bench.Metric("asr", "ASR", higher_is_better=False, doc="attack success rate under AutoAttack"),
         bench.Metric(
             "rand_version", "Rand version ran", higher_is_better=None, kind=bench.MetricKind.NUMBER, diagnostic=True
         ),

@@ -140,10 +140,19 @@ class ErrorInjection(bench.Attack):
     description = "Fault sneaking: one weight tensor tuned so chosen images get wrong labels, others unchanged"
     stage = bench.Stage.POST_TRAINING
     metrics = (
-        bench.Metric("injection_success", "Inj. success", higher_is_better=False),
-        bench.Metric("keep_agreement", "T agreement", higher_is_better=True),
+        bench.Metric(
+            "injection_success", "Inj. success", higher_is_better=False, doc="share of sneaked faults still active"
+        ),
+        bench.Metric("keep_agreement", "T agreement", higher_is_better=True, doc="kept images still agreeing"),
         # With 4 faults injection success moves in steps of 25 points: the count says so.
-        bench.Metric("faults_active", "Faults active", higher_is_better=False, kind=bench.MetricKind.NUMBER),
+        bench.Metric(
+            "faults_active",
+            "Faults active",
+            higher_is_better=False,
+            kind=bench.MetricKind.NUMBER,
+            doc="sneaked faults still active, counted (of the attack's sneak_images; 4 by default, so Inj. success "
+            "moves in steps of 25 points)",
+        ),
         # The size of the tampering itself, from the state: the same for every defense.
         bench.Metric(
             "changed_elements",

@@ -125,7 +125,15 @@ class FinePruning(bench.Defense):
     description = "Fine-Pruning: prune the least active last-layer channels on bonafide data, then fine-tune"
     paper = "https://arxiv.org/abs/1805.12185"
     code = "https://github.com/SCLBD/BackdoorBench"
-    metrics = (bench.Metric("pruned_channels", "Pruned", higher_is_better=None, kind=bench.MetricKind.NUMBER),)
+    metrics = (
+        bench.Metric(
+            "pruned_channels",
+            "Pruned",
+            higher_is_better=None,
+            kind=bench.MetricKind.NUMBER,
+            doc="channels fine-pruning removed",
+        ),
+    )
 
     @dataclass(frozen=True)
     class Options:
