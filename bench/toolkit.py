@@ -66,11 +66,15 @@ from bench.training import (
 API_VERSION = 1
 
 
-def require_api(version: int) -> None:
-    """Fail with a clear message unless this robustness-bench provides toolkit API `version`."""
-    if version != API_VERSION:
+def require_api(oldest: int, newest: int | None = None) -> None:
+    """Fail with a clear message unless this robustness-bench provides a toolkit API version the
+    plugin works with: `oldest` alone means exactly that version; `newest` widens it to the
+    range oldest..newest (a plugin tested against several versions says so)."""
+    newest = oldest if newest is None else newest
+    if not oldest <= API_VERSION <= newest:
+        wanted = f"version {oldest}" if oldest == newest else f"a version from {oldest} to {newest}"
         raise BenchError(
-            f"this plugin needs bench.toolkit API version {version}; the installed robustness-bench "
+            f"this plugin needs bench.toolkit API {wanted}; the installed robustness-bench "
             f"provides version {API_VERSION}"
         )
 

@@ -41,6 +41,10 @@ def test_the_toolkit_exports_what_it_lists_and_versions_it():
     bench.toolkit.require_api(bench.toolkit.API_VERSION)
     with pytest.raises(bench.BenchError, match="needs bench.toolkit API version 99"):
         bench.toolkit.require_api(99)
+    bench.toolkit.require_api(bench.toolkit.API_VERSION, bench.toolkit.API_VERSION + 2)  # a compatible range
+    newer = bench.toolkit.API_VERSION + 1
+    with pytest.raises(bench.BenchError, match=f"a version from {newer} to {newer + 3}"):
+        bench.toolkit.require_api(newer, newer + 3)
 
 
 @pytest.mark.parametrize(
