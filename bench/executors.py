@@ -15,7 +15,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol, cast
 
 import torch
 
@@ -166,10 +166,12 @@ class RayExecutor:
             preparing: dict[str, object] = {}
             for job in jobs:
                 dependencies = []
-                if isinstance(job, Job):
-                    group = attacked_model_group(job)
+                if job.table == "results":  # a leaderboard job: its attacked models train first
+                    leaderboard_job = cast(Job, job)
+                    group = attacked_model_group(leaderboard_job)
                     if group not in preparing:
-                        seeds = (job.seed, *job.defense.instantiate().other_attacked_seeds(job.seed))
+                        defense = leaderboard_job.defense.instantiate()
+                        seeds = (job.seed, *defense.other_attacked_seeds(job.seed))
                         preparing[group] = remote_models.remote(job, tuple(dict.fromkeys(seeds)), worker)
                     dependencies.append(preparing[group])
                 pending[remote_job.remote(job, worker, *dependencies)] = job

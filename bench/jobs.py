@@ -9,7 +9,7 @@ import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,14 @@ class PluginSpec:
 
 @dataclass(frozen=True)
 class Job:
+    """One leaderboard cell's run: a defense against an attack on a model, for one seed and
+    bonafide size. Both job kinds share a small protocol: `table` (where the store keeps their
+    results), `plugin_kinds` (their plugin specs' attribute names), `key`, `config()` and
+    `describe()`; the runner, the store and the executors dispatch on it, not on the class."""
+
+    table: ClassVar[str] = "results"
+    plugin_kinds: ClassVar[tuple[str, ...]] = ("dataset", "model", "attack", "defense")
+
     suite: str
     dataset: PluginSpec
     model: PluginSpec
@@ -134,6 +142,9 @@ class ModelNeed:
 @dataclass(frozen=True)
 class AnalysisJob:
     """One analysis on one dataset, model family and seed, with the models it needs."""
+
+    table: ClassVar[str] = "analyses"
+    plugin_kinds: ClassVar[tuple[str, ...]] = ("analysis", "dataset", "model")
 
     suite: str
     analysis: PluginSpec

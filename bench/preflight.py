@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
 from bench.artifacts import JobEnvironment, bonafide_pool_size, build_model, check_bonafide_size, load_dataset
 from bench.errors import BenchError, SuiteError
 from bench.jobs import AnalysisJob, Job
@@ -19,33 +21,35 @@ def preflight(suite: Suite, jobs: list[Job | AnalysisJob], env: JobEnvironment) 
     it lacks), a bonafide budget larger than the defender's pool."""
     checked: set = set()
     models: dict = {}
+    checks: dict[str, Callable[..., None]] = {"results": _check_job, "analyses": _check_analysis}
     for job in jobs:
-        if isinstance(job, AnalysisJob):
-            _check_analysis(suite, job, env, checked, models)
-            continue
-        assert job.attack is not None  # a suite's jobs always have an attack
-        where = f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}'"
+        checks[job.table](suite, job, env, checked, models)
+
+
+def _check_job(suite: Suite, job: Job, env: JobEnvironment, checked: set, models: dict) -> None:
+    assert job.attack is not None  # a suite's jobs always have an attack
+    where = f"{suite.path}: dataset '{job.dataset.label}', attack '{job.attack.label}'"
+    try:
+        splits = load_dataset(job, env.device)
+    except BenchError as exc:
+        raise SuiteError(f"{where}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # a plugin's own failure (sys.exit too): name it, no traceback
+        raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
+    attack = job.attack.instantiate()
+    if (job.dataset.label, job.attack.label) not in checked:
         try:
-            splits = load_dataset(job, env.device)
+            attack.check_dataset(splits)
         except BenchError as exc:
             raise SuiteError(f"{where}: {exc}") from None
-        except (Exception, SystemExit) as exc:  # a plugin's own failure (sys.exit too): name it, no traceback
-            raise SuiteError(f"{where}: the dataset failed to load: {type(exc).__name__}: {exc}") from None
-        attack = job.attack.instantiate()
-        if (job.dataset.label, job.attack.label) not in checked:
-            try:
-                attack.check_dataset(splits)
-            except BenchError as exc:
-                raise SuiteError(f"{where}: {exc}") from None
-            except (Exception, SystemExit) as exc:
-                raise SuiteError(f"{where}: check_dataset failed: {type(exc).__name__}: {exc}") from None
-            checked.add((job.dataset.label, job.attack.label))
-        _check_specs(suite, job, splits, (job.attack, job.defense), models, checked, "")
-        pool = bonafide_pool_size(splits, job.bonafide_source, attack.withheld_training_images(splits))
-        try:
-            check_bonafide_size(job.bonafide_size, pool, job.bonafide_source)
-        except BenchError as exc:
-            raise SuiteError(f"{where}: [suite].{exc}") from None
+        except (Exception, SystemExit) as exc:
+            raise SuiteError(f"{where}: check_dataset failed: {type(exc).__name__}: {exc}") from None
+        checked.add((job.dataset.label, job.attack.label))
+    _check_specs(suite, job, splits, (job.attack, job.defense), models, checked, "")
+    pool = bonafide_pool_size(splits, job.bonafide_source, attack.withheld_training_images(splits))
+    try:
+        check_bonafide_size(job.bonafide_size, pool, job.bonafide_source)
+    except BenchError as exc:
+        raise SuiteError(f"{where}: [suite].{exc}") from None
 
 
 def _check_specs(suite: Suite, job, splits, specs, models: dict, checked: set, context: str) -> None:

@@ -86,7 +86,7 @@ def execute_job(job: Job | AnalysisJob, env: JobEnvironment) -> Outcome:
     KeyboardInterrupt itself fails its job only."""
     started = _now()
     try:
-        outcome = run_analysis(job, env) if isinstance(job, AnalysisJob) else run_job(job, env)
+        outcome = RUNNERS[job.table](job, env)
         check_storable(outcome)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) and _user_interrupt.is_set():
@@ -404,10 +404,7 @@ def _models_of(job: Job, splits, env: JobEnvironment) -> Callable[[int], nn.Modu
 
 def versions(job: Job | AnalysisJob) -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "robustness-bench": bench.__version__}
-    kinds = (
-        ("analysis", "dataset", "model") if isinstance(job, AnalysisJob) else ("dataset", "model", "attack", "defense")
-    )
-    for kind in kinds:
+    for kind in job.plugin_kinds:
         spec = getattr(job, kind)
         if spec is not None:
             out[f"{kind}:{spec.name}"] = spec.provider
@@ -451,3 +448,7 @@ def machine_description(device: torch.device) -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# How each job kind runs, by the store table its results go to (the job protocol's `table`).
+RUNNERS: dict[str, Callable[..., Outcome]] = {"results": run_job, "analyses": run_analysis}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.locations import no_space_message
-from bench.jobs import AnalysisJob, Outcome
+from bench.jobs import Outcome
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -276,7 +276,8 @@ class ResultStore:
         )
 
     def record(self, job, outcome: Outcome) -> None:
-        if isinstance(job, AnalysisJob):
+        """Store a finished job's outcome in its kind's table (`job.table`), in one transaction."""
+        if job.table == "analyses":
             self._record_analysis(job, outcome)
             return
         row = {
