@@ -133,7 +133,7 @@ def path_findings(records: list[dict], values: dict[str, float]) -> list[bench.F
             "(ibid., Figure 6).",
             values["correlation_p_curve"] < CORRELATION_LEVEL,
             f"step-to-step r {values['pearson_steps_curve']:.2f} on the curve, permutation p = "
-            f"{values['correlation_p_curve']:.3f} (level {CORRELATION_LEVEL:g}); Pearson r of the levels "
+            f"{values['correlation_p_curve']:.2g} (level {CORRELATION_LEVEL:g}); Pearson r of the levels "
             f"{values['pearson_curve']:.2f} on the curve, {values['pearson_line']:.2f} on the line",
         ),
     ]
