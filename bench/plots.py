@@ -183,6 +183,6 @@ def analysis_plot(group: str, figure: dict, rows: list[dict], folder: Path) -> P
     ax.set_title(f"{group}\n{figure['title']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    path = figure_file(folder, "analysis", group, figure["title"])
+    path = figure_file(folder, "analysis", figure["title"], group)
     _save(fig, path)
     return path
