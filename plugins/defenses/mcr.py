@@ -240,6 +240,25 @@ def train_curve(
     return (loss_sums / len(order)).tolist()
 
 
+@dataclass(frozen=True)
+class SecondEndpointOptions:
+    """The options that choose the model MCR joins the attacked one to; `weight_average_finetune`
+    (MCR's control) takes the same ones, so both start from the same two models."""
+
+    endpoint: Endpoint = bench.option(
+        Endpoint.SECOND_SEED,
+        "second endpoint: the same attack trained with seed + seed_offset (paper), "
+        "or the attacked model fine-tuned on the bonafide set (BackdoorBench)",
+    )
+    seed_offset: int = bench.option(1, "second_seed: the second model's seed is the job seed plus this", min=1)
+    finetune_epochs: int = bench.option(
+        100, "finetuned: epochs of fine-tuning, of samples_per_epoch samples (BackdoorBench ft_epochs)", min=1
+    )
+    finetune_lr: float = bench.option(
+        0.01, "finetuned: fine-tuning lr (BackdoorBench ft_lr)", min=0, min_exclusive=True
+    )
+
+
 def second_endpoint(model: nn.Module, bonafide: bench.ImageData, ctx: bench.DefenseContext, options, *, name: str):
     """The model MCR joins the attacked `model` to, as `options` say (`endpoint`, `seed_offset`,
     and for `finetuned`: `finetune_epochs`, `finetune_lr`, `batch_size`, `samples_per_epoch`,
@@ -283,20 +302,8 @@ class ModeConnectivityRepair(bench.Defense):
     code = "https://github.com/IBM/model-sanitization"
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(SecondEndpointOptions):
         curve: Curve = bench.option(Curve.BEZIER, "curve shape: 3-bend quadratic Bezier (paper) or polygonal chain")
-        endpoint: Endpoint = bench.option(
-            Endpoint.SECOND_SEED,
-            "second endpoint: the same attack trained with seed + seed_offset (paper), "
-            "or the attacked model fine-tuned on the bonafide set (BackdoorBench)",
-        )
-        seed_offset: int = bench.option(1, "second_seed: the second model's seed is the job seed plus this", min=1)
-        finetune_epochs: int = bench.option(
-            100, "finetuned: epochs of fine-tuning, of samples_per_epoch samples (BackdoorBench ft_epochs)", min=1
-        )
-        finetune_lr: float = bench.option(
-            0.01, "finetuned: fine-tuning lr (BackdoorBench ft_lr)", min=0, min_exclusive=True
-        )
         t_selection: TSelection = bench.option(
             TSelection.CLEAN_RULE,
             "clean_rule: the path point farthest from both endpoints whose accuracy on held-out "

@@ -25,7 +25,7 @@ import torch
 import bench
 from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH
 from bench_plugins.defenses.finetune import fine_tune
-from bench_plugins.defenses.mcr import Endpoint, recompute_batchnorm, second_endpoint
+from bench_plugins.defenses.mcr import Endpoint, SecondEndpointOptions, recompute_batchnorm, second_endpoint
 
 
 @torch.no_grad()
@@ -46,17 +46,7 @@ class WeightAverageFineTune(bench.Defense):
     code = "https://github.com/IBM/model-sanitization"
 
     @dataclass(frozen=True)
-    class Options:
-        endpoint: Endpoint = bench.option(
-            Endpoint.SECOND_SEED,
-            "the model averaged with the attacked one, as MCR's `endpoint`: the same attack with seed + "
-            "seed_offset, or the attacked model fine-tuned on the bonafide set",
-        )
-        seed_offset: int = bench.option(1, "second_seed: the second model's seed is the job seed plus this", min=1)
-        finetune_epochs: int = bench.option(
-            100, "finetuned endpoint: epochs of fine-tuning, as MCR's (BackdoorBench ft_epochs)", min=1
-        )
-        finetune_lr: float = bench.option(0.01, "finetuned endpoint: its fine-tuning lr", min=0, min_exclusive=True)
+    class Options(SecondEndpointOptions):  # the model averaged with the attacked one: MCR's options
         epochs: int = bench.option(100, "epochs of samples_per_epoch samples fine-tuning the average (MCR's)", min=0)
         samples_per_epoch: int = bench.option(
             REFERENCE_SAMPLES_PER_EPOCH,

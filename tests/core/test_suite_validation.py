@@ -427,74 +427,12 @@ def test_a_suite_expanding_to_too_many_jobs_is_refused_before_any_is_built(tmp_p
     with pytest.raises(SuiteError, match="1,000,000 configurations, more than"):
         load_suite(path, registry)
     assert time.perf_counter() - start < 5
-    path = write_suite(
-        tmp_path / "t.toml",
-        seeds=list(range(200)),
-        defenses=["none", "finetune"],
-        bonafide_size=[
-            10,
-            20,
-            30,
-            40,
-            50,
-            60,
-            70,
-            80,
-            90,
-            100,
-            110,
-            120,
-            130,
-            140,
-            150,
-            160,
-            170,
-            180,
-            190,
-            200,
-            210,
-            220,
-            230,
-            240,
-            250,
-            260,
-        ],
-    )
+    sizes = list(range(10, 261, 10))  # 26 sizes x 200 seeds x 2 defenses = 10,400 jobs
+    path = write_suite(tmp_path / "t.toml", seeds=list(range(200)), defenses=["none", "finetune"], bonafide_size=sizes)
     with pytest.raises(SuiteError, match="expands to 10,400 jobs"):
         load_suite(path, registry)
     raised = write_suite(
-        tmp_path / "u.toml",
-        seeds=list(range(200)),
-        defenses=["none", "finetune"],
-        bonafide_size=[
-            10,
-            20,
-            30,
-            40,
-            50,
-            60,
-            70,
-            80,
-            90,
-            100,
-            110,
-            120,
-            130,
-            140,
-            150,
-            160,
-            170,
-            180,
-            190,
-            200,
-            210,
-            220,
-            230,
-            240,
-            250,
-            260,
-        ],
-        max_jobs=20000,
+        tmp_path / "u.toml", seeds=list(range(200)), defenses=["none", "finetune"], bonafide_size=sizes, max_jobs=20000
     )
     assert load_suite(raised, registry).settings.max_jobs == 20000
 
