@@ -33,6 +33,7 @@ def fake_job(defense, seed, bonafide):
         return SimpleNamespace(name=name, label=name, config=lambda: {"name": name})
 
     return SimpleNamespace(
+        table="results",  # the job protocol: where the store keeps it
         key=f"{defense}-{seed}-{bonafide}",
         suite="demo",
         dataset=spec("digits"),
