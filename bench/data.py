@@ -1,5 +1,5 @@
 """Image data as the core passes it around: uint8 tensors in NCHW layout, plus the dataset
-plugin kind. Where dataset plugins cache decoded files is `bench.artifacts` (exported by
+plugin kind. Where dataset plugins cache decoded files is `bench.artifact_cache` (exported by
 `bench.toolkit`)."""
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from typing import Any, Iterable, Iterator, Protocol, cast
 
 import torch
 
-from bench.artifacts import ArtifactCache, JobEnvironment, load_dataset, make_cuda_deterministic
+from bench.artifact_cache import ArtifactCache
+from bench.artifacts import JobEnvironment, load_dataset, make_cuda_deterministic
 from bench.errors import BenchError
 from bench.jobs import AnalysisJob, Job, Outcome, content_hash
 from bench.stages import _device_name, _now, execute_job, versions

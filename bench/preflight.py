@@ -9,7 +9,8 @@ import torch
 
 from typing import Callable
 
-from bench.artifacts import JobEnvironment, bonafide_pool_size, build_model, check_bonafide_size, load_dataset
+from bench.artifacts import JobEnvironment, build_model, load_dataset
+from bench.bonafide import bonafide_pool_size, check_bonafide_size
 from bench.errors import BenchError, SuiteError
 from bench.jobs import AnalysisJob, Job
 from bench.suite import Suite

@@ -19,7 +19,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from bench.artifacts import ArtifactCache, JobEnvironment, cache_root, make_cuda_deterministic
+from bench.artifact_cache import ArtifactCache
+from bench.artifacts import JobEnvironment, make_cuda_deterministic
+from bench.locations import cache_root
 from bench.errors import BenchError, SuiteError
 from bench.executors import Executor, InProcessExecutor
 from bench.expansion import expand, expand_analyses

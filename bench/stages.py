@@ -24,18 +24,9 @@ import torch
 from torch import nn
 
 import bench
-from bench.artifacts import (
-    JobEnvironment,
-    attacked_model,
-    bonafide_pool_size,
-    bonafide_test_indices,
-    code_fingerprint,
-    defended_model,
-    load_dataset,
-    make_context,
-    model_key,
-    split_bonafide,
-)
+from bench.artifacts import JobEnvironment, attacked_model, defended_model, load_dataset, make_context
+from bench.bonafide import bonafide_pool_size, bonafide_test_indices, split_bonafide
+from bench.keys import code_fingerprint, model_key
 from bench.attacks import Attack, Metric
 from bench.analyses import AnalysisData, AnalysisResult
 from bench.context import DefenseContext, RunContext

@@ -39,7 +39,7 @@ from bench.adversarial import (
 )
 from bench.backdoor import AllToOneBackdoor
 from bench.context import derived_seed
-from bench.artifacts import cache_dir, save_arrays_atomically
+from bench.artifact_cache import cache_dir, save_arrays_atomically
 from bench.locations import record_written
 from bench.data import channel_stats
 from bench.errors import BenchError, did_you_mean

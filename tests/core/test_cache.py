@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from bench.artifacts import ArtifactCache, STALE_TEMPORARY_SECONDS
+from bench.artifact_cache import STALE_TEMPORARY_SECONDS, ArtifactCache
 
 
 def quiet_cache(root, messages):

@@ -139,15 +139,15 @@ def test_symlink_loops_and_dangling_stores_are_one_line_errors(tmp_path):
 def test_a_full_disk_is_named_not_hidden_behind_a_rollback_or_a_torch_assertion(tmp_path, monkeypatch):
     import errno
 
-    from bench import artifacts
+    from bench import artifact_cache
     from bench.errors import BenchError
 
     def full(path, write, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(artifacts, "write_atomically", full)
+    monkeypatch.setattr(artifact_cache, "write_atomically", full)
     with pytest.raises(BenchError, match=r"no space left on device while writing the cache entry .* MB free"):
-        artifacts.write_entry(tmp_path / "e.pt", "models", "k", {"x": 1})
+        artifact_cache.write_entry(tmp_path / "e.pt", "models", "k", {"x": 1})
 
     class FullDisk:  # SQLite rolls back by itself on a full disk: a second ROLLBACK must not hide it
         in_transaction = False
