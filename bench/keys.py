@@ -55,7 +55,10 @@ def model_key(job: Job, seed: int, splits: DatasetSplits, device: torch.device) 
 def _package_digest(package: str) -> str:
     """A digest of every Python file of a top-level package (or of a single module), read once
     per process: an editable install changes it with any edit, a version bump or not."""
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except ValueError:  # a class defined in a script or notebook (__main__ has no spec)
+        return "unfindable"
     if spec is None:
         return "missing"
     roots = [Path(p) for p in (spec.submodule_search_locations or [])]

@@ -258,7 +258,6 @@ def _failure_data(r: dict) -> dict:
     return {"key": r["job_key"], "error": first, **{k: r.get(k) for k in _IDENTITY if k in r}}
 
 
-NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 NON_FINITE_NOTE = "non-finite numbers are written as the strings 'NaN', 'Infinity' and '-Infinity'"
 
 
@@ -266,7 +265,7 @@ def json_safe(value):
     """`value` with every non-finite float replaced by its string (RFC 8259 has no NaN or
     infinity); finite floats stay exact (json writes their shortest round-trip repr)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return NON_FINITE[repr(value)]
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -310,6 +309,7 @@ _MARKDOWN_ESCAPES = {
     ">": "&gt;",
     "#": "\\#",
     "~": "\\~",
+    "@": "&#64;",  # no e-mail autolinks, no @-mentions
 }
 # An underscore emphasises only at a word's edge (GitHub ignores snake_case): escape those.
 _EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
@@ -629,7 +629,9 @@ def leaderboard_rows(members: list[dict]) -> dict:
     keys = [k for k, _ in columns] + [TIME]
     intervals = {row: {k: t_interval(_row_values(runs, k)) for k in keys} for row, runs in runs_by_row.items()}
     flags = [k for k, info in columns if info["kind"] == "flag"]
-    flagged = {row: any(r["metrics"].get(k, 0) > 0 for r in runs for k in flags) for row, runs in runs_by_row.items()}
+    flagged = {
+        row: any((r["metrics"].get(k) or 0) > 0 for r in runs for k in flags) for row, runs in runs_by_row.items()
+    }
     headline = headline_metric(columns)
     higher = dict(columns).get(headline, {}).get("higher_is_better", True) is not False
     ranks: dict[tuple, int | None] = {row: None for row in runs_by_row if row[0] == "none"}
@@ -679,8 +681,16 @@ def paired_comparisons(board: dict) -> list[dict]:
         rows = [row for row in board["order"] if row[1] == size and board["ranks"][row] and not board["flagged"][row]]
         for i, first in enumerate(rows):
             for second in rows[i + 1 :]:
-                a = {r["seed"]: r["metrics"][headline] for r in board["runs"][first] if headline in r["metrics"]}
-                b = {r["seed"]: r["metrics"][headline] for r in board["runs"][second] if headline in r["metrics"]}
+                a = {
+                    r["seed"]: r["metrics"][headline]
+                    for r in board["runs"][first]
+                    if r["metrics"].get(headline) is not None
+                }
+                b = {
+                    r["seed"]: r["metrics"][headline]
+                    for r in board["runs"][second]
+                    if r["metrics"].get(headline) is not None
+                }
                 difference = paired_difference(a, b)
                 if difference.n:
                     out.append({"first": first, "second": second, "difference": difference})
@@ -774,7 +784,7 @@ def _render(board: dict, specs: list[tuple[str, dict]], ranks: bool = False) -> 
         for key, info in specs:
             interval: Interval = board["intervals"][row][key]
             if info["kind"] == "flag":
-                flagged = sum(r["metrics"].get(key, 0) > 0 for r in runs)
+                flagged = sum((r["metrics"].get(key) or 0) > 0 for r in runs)
                 count = interval.n
                 cells[md(info["label"])] = f"⚠ {md(info['label'].lower())} ({flagged}/{count} seeds)" if flagged else ""
                 continue

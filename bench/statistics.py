@@ -89,6 +89,7 @@ def paired_p_value(interval: Interval) -> float:
 
 def holm(p_values: list[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (family-wise error control over all the comparisons)."""
+    p_values = [1.0 if math.isnan(p) else p for p in p_values]  # an undefined test rejects nothing
     order = sorted(range(len(p_values)), key=lambda i: p_values[i])
     adjusted = [1.0] * len(p_values)
     running = 0.0
@@ -114,7 +115,9 @@ def tied_ranks(intervals: dict[Key, Interval], higher_is_better: bool) -> dict[K
 
     for i, a in enumerate(order):
         for b in order[i + 1 :]:
-            if intervals[a].overlaps(intervals[b]):
+            # a row without an interval (one seed, or no value) ties with nothing: it is placed by
+            # its mean alone, rather than joining every row into one group
+            if intervals[a].low is not None and intervals[b].low is not None and intervals[a].overlaps(intervals[b]):
                 parent[root(b)] = root(a)
     ranks: dict[Key, int] = {}
     first_of_group: dict[Key, int] = {}
@@ -124,13 +127,14 @@ def tied_ranks(intervals: dict[Key, Interval], higher_is_better: bool) -> dict[K
 
 
 def clearly_best(intervals: dict[Key, Interval], higher_is_better: bool) -> Key | None:
-    """The row with the best mean when its interval excludes the runner-up's, else None."""
+    """The row with the best mean when its interval excludes every other row's, else None (so
+    bold never disagrees with a shared rank)."""
     finite = {k: v for k, v in intervals.items() if not math.isnan(v.mean)}
     if len(finite) < 2:
         return None
     sign = -1.0 if higher_is_better else 1.0
-    first, second = sorted(finite, key=lambda k: sign * finite[k].mean)[:2]
-    return None if finite[first].overlaps(finite[second]) else first
+    first = min(finite, key=lambda k: sign * finite[k].mean)
+    return None if any(finite[first].overlaps(finite[k]) for k in finite if k != first) else first
 
 
 @dataclass(frozen=True)

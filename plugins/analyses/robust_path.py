@@ -160,7 +160,9 @@ class RobustPath(bench.Analysis):
         )
         weight_decay: float = bench.option(1e-4, "explicit L2 term on the curve's weights", min=0)
         batch_size: int = bench.option(128, "curve images per step, each step with its own t", min=1)
-        path_points: int = bench.option(11, "evenly spaced points t = 0..1 on each path", min=2)
+        path_points: int = bench.option(
+            11, "evenly spaced points t = 0..1 on each path (at least 3: the correlation test needs 2 steps)", min=3
+        )
         robust_eps: float = bench.option(
             8 / 255, "L-inf budget of the robust model's PGD adversarial training", min=0, min_exclusive=True, max=1
         )

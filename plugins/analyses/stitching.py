@@ -196,7 +196,8 @@ def stitch(
         sample = front(to_model_input(train.x[:2])).float()
     layer_module = stitching_layer(sample, init, seed=derived_seed(ctx.seed, f"stitch_init_{layer}"))
     optimizer = torch.optim.Adam(layer_module.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [epochs // 3, 2 * epochs // 3], gamma=0.1)
+    milestones = [m for m in (epochs // 3, 2 * epochs // 3) if m > 0]  # with 1-2 epochs, no drop before the first
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     generator = ctx.generator(f"stitch_{layer}")
     frozen = donor_batch_norm is DonorBatchNorm.FROZEN
     if frozen:  # A's front cannot change: its activations are computed once

@@ -546,3 +546,21 @@ def test_report_and_export_import_no_plugin_and_no_torch_and_render_the_same_wit
     first, _, text = done.stdout.partition("\n")
     assert first == "False False"
     assert text.rstrip("\n") == render_report(tmp_path / "r.db").rstrip("\n")
+
+
+def test_metrics_stored_as_null_do_not_break_the_report(tmp_path):
+    # SQLite stores NaN as NULL: an older store can hold such a headline or flag
+    values = {("a", s): v for s, v in enumerate((0.5, 0.6, 0.7))} | {("b", s): v for s, v in enumerate((0.4, 0.5, 0.6))}
+    record_rows(tmp_path / "r.db", values, metric="der")
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "r.db") as db:
+        db.execute("UPDATE metrics SET value = NULL WHERE name = 'der' AND job_key = 'b-1-100'")
+    text = render_report(tmp_path / "r.db")
+    assert "- a − b (bonafide 100)" in text and "2 seeds" in text
+
+
+def test_labels_cannot_mention_or_mail():
+    from bench.report import md
+
+    assert md("ping @someone or me@example.com") == "ping &#64;someone or me&#64;example.com"

@@ -77,3 +77,25 @@ def test_holm_adjusts_for_the_number_of_comparisons_and_keeps_their_order():
     assert holm([0.5]) == [0.5]
     interval = t_interval([0.02, 0.03, 0.025])
     assert 0 < paired_p_value(interval) < 0.05 and paired_p_value(t_interval([0.1])) == 1.0
+
+
+def test_a_row_without_an_interval_does_not_tie_every_row_together():
+    rows = {"a": t_interval([0.90, 0.91, 0.92]), "b": t_interval([0.60, 0.61, 0.62]), "c": t_interval([0.30])}
+    assert tied_ranks(rows, higher_is_better=True) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_bold_never_disagrees_with_a_shared_rank():
+    rows = {
+        "a": t_interval([0.90, 0.91, 0.92]),
+        "b": t_interval([0.80, 0.81, 0.82]),
+        "c": t_interval([0.2, 0.9, 0.3, 0.95]),
+    }
+    ranks = tied_ranks(rows, higher_is_better=True)
+    assert ranks["a"] == ranks["c"] and clearly_best(rows, higher_is_better=True) is None
+
+
+def test_holm_treats_an_undefined_p_value_as_rejecting_nothing_wherever_it_sits():
+    from bench.statistics import holm
+
+    assert holm([float("nan"), 0.001, 0.002]) == [1.0, 0.003, 0.004]
+    assert holm([0.001, float("nan"), 0.002]) == [0.003, 1.0, 0.004]
