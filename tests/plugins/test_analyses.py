@@ -413,15 +413,17 @@ def register_analyses(register):
 """
 
 
-def _third_party_registry(tmp_path, monkeypatch):
-    module = "third_analysis_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)
+def _third_party_registry(tmp_path, monkeypatch, source=THIRD_PARTY, entry="seed_spread", package="third-analysis"):
+    """The registry with `source` installed as a package of its own (a module named after the
+    test, so tests never share one), registered under `entry`."""
+    module = package.replace("-", "_") + "_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)
     site = tmp_path / "site"
     site.mkdir()
-    (site / f"{module}.py").write_text(THIRD_PARTY)
-    info = site / "third_analysis-0.1.dist-info"
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{package.replace('-', '_')}-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: third-analysis\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nseed_spread = {module}\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{entry} = {module}\n")
     monkeypatch.syspath_prepend(str(site))
     return build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
@@ -474,16 +476,7 @@ def register_analyses(register):
 
 @pytest.mark.third_party_plugins
 def test_an_analysis_measures_the_leaderboards_own_attacked_and_defended_models(tmp_path, monkeypatch, one_cpu_thread):
-    module = "repair_gap_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / f"{module}.py").write_text(ATTACKED_ANALYSIS)
-    info = site / "repair_gap-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: repair-gap\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nrepair_gap = {module}\n")
-    monkeypatch.syspath_prepend(str(site))
-    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    registry = _third_party_registry(tmp_path, monkeypatch, ATTACKED_ANALYSIS, "repair_gap", "repair-gap")
     suite = write_suite(
         tmp_path / "s.toml",
         models=[TINY],
