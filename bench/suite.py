@@ -140,16 +140,38 @@ def load_suite(path: str | Path, registry: Registry) -> Suite:
 
 
 def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
+    """A checked `Suite` from a suite file's parsed TOML, one table at a time; every problem is a
+    `SuiteError` naming the file and key."""
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise SuiteError(
                 f"{path}: unknown table '{key}'{did_you_mean(key, TOP_LEVEL_KEYS)}; valid: {', '.join(TOP_LEVEL_KEYS)}"
             )
-    settings_table = _table(data, "suite", path)
+    settings = _parse_settings(_table(data, "suite", path), path)
+    training = _parse_training(_table(data, "training", path), path)
+    plugins = {
+        table: _parse_plugin_table(data, table, kind, path, registry, settings) for table, kind in PLUGIN_TABLES.items()
+    }
+    exclude = _parse_exclude(data.get("exclude", []), path, settings, plugins)
+    if bool(plugins["attacks"]) != bool(plugins["defenses"]):
+        missing = "defenses" if plugins["attacks"] else "attacks"
+        raise SuiteError(
+            f"{path}: missing '{missing}': jobs need both [[attacks]] and [[defenses]] tables "
+            "(a suite of analyses only has neither)"
+        )
+    _check_size(plugins, settings, path)
+    analysis_models = {
+        spec.label: resolve_model_needs(spec, f"{path}: analyses ('{spec.label}')", registry)
+        for spec in plugins["analyses"]
+    }
+    return Suite(path, settings, training, plugins, exclude, analysis_models)
+
+
+def _parse_settings(table: dict, path: Path) -> SuiteSettings:
     for key in ("seeds", "bonafide_size"):
-        if isinstance(settings_table.get(key), int) and not isinstance(settings_table.get(key), bool):
-            settings_table[key] = [settings_table[key]]
-    settings = parse_options(SuiteSettings, settings_table, f"{path}: [suite]")
+        if isinstance(table.get(key), int) and not isinstance(table.get(key), bool):
+            table[key] = [table[key]]
+    settings = parse_options(SuiteSettings, table, f"{path}: [suite]")
     name = settings.name or path.stem
     if not SUITE_NAME.fullmatch(name) or len(name) > 100:
         where = "[suite].name" if settings.name else "the file name (set [suite].name)"
@@ -165,8 +187,10 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
             raise SuiteError(f"{path}: [suite].{key}: expected at least one value, got an empty list")
         if len(set(values)) != len(values):
             raise SuiteError(f"{path}: [suite].{key}: {values} repeats a value")
+    return settings
 
-    training = _table(data, "training", path)
+
+def _parse_training(training: dict, path: Path) -> dict:
     recipe_fields = {f.name: f for f in dataclasses.fields(TrainRecipe)}
     hints = typing.get_type_hints(TrainRecipe)
     for key, value in training.items():
@@ -176,44 +200,42 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
                 f"valid keys: {', '.join(recipe_fields)}"
             )
         training[key] = check_value(value, hints[key], recipe_fields[key].metadata, f"{path}: [training].{key}")
+    return training
 
-    plugins: dict[str, list[PluginSpec]] = {}
+
+def _parse_plugin_table(
+    data: dict, table: str, kind: str, path: Path, registry: Registry, settings: SuiteSettings
+) -> list[PluginSpec]:
+    entries = data.get(table)
     has_analyses = data.get("analyses") is not None
-    for table, kind in PLUGIN_TABLES.items():
-        entries = data.get(table)
-        if entries is None and (table in OPTIONAL_TABLES or (has_analyses and table in ("attacks", "defenses"))):
-            plugins[table] = []
+    if entries is None and (table in OPTIONAL_TABLES or (has_analyses and table in ("attacks", "defenses"))):
+        return []
+    if entries is None:
+        raise SuiteError(
+            f"{path}: missing '{table}'; add at least one [[{table}]] table with a name, "
+            f'e.g. name = "{registry.names(kind)[0] if registry.names(kind) else "..."}"'
+        )
+    if not isinstance(entries, list) or not entries:
+        raise SuiteError(f"{path}: '{table}' must be a non-empty array of tables ([[{table}]])")
+    specs = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: {table}[{index}]"
+        specs.extend(plugin_specs(entry, kind, where, registry, base=path.parent, limit=settings.max_jobs))
+    seen: dict[str, PluginSpec] = {}
+    for spec in specs:
+        other = seen.setdefault(spec.label, spec)
+        if other is spec:
             continue
-        if entries is None:
-            raise SuiteError(
-                f"{path}: missing '{table}'; add at least one [[{table}]] table with a name, "
-                f'e.g. name = "{registry.names(kind)[0] if registry.names(kind) else "..."}"'
-            )
-        if not isinstance(entries, list) or not entries:
-            raise SuiteError(f"{path}: '{table}' must be a non-empty array of tables ([[{table}]])")
-        specs = []
-        for index, entry in enumerate(entries):
-            specs.extend(
-                plugin_specs(
-                    entry, kind, f"{path}: {table}[{index}]", registry, base=path.parent, limit=settings.max_jobs
-                )
-            )
-        seen: dict[str, PluginSpec] = {}
-        for spec in specs:
-            other = seen.setdefault(spec.label, spec)
-            if other is spec:
-                continue
-            if other.config() == spec.config():
-                raise SuiteError(
-                    f"{path}: {table}: '{spec.label}' is configured twice with the same options; remove one"
-                )
-            raise SuiteError(
-                f"{path}: {table}: the label '{spec.label}' names two configurations with different "
-                "options; give each its own label"
-            )
-        plugins[table] = specs
+        if other.config() == spec.config():
+            raise SuiteError(f"{path}: {table}: '{spec.label}' is configured twice with the same options; remove one")
+        raise SuiteError(
+            f"{path}: {table}: the label '{spec.label}' names two configurations with different "
+            "options; give each its own label"
+        )
+    return specs
 
-    exclude = data.get("exclude", [])
+
+def _parse_exclude(exclude, path: Path, settings: SuiteSettings, plugins: dict) -> list:
     if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
         raise SuiteError(f"{path}: 'exclude' must be an array of tables ([[exclude]])")
     for index, entry in enumerate(exclude):
@@ -223,24 +245,7 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
                 + ", ".join(EXCLUDE_KEYS)
             )
         for key, value in entry.items():
-            where = f"{path}: exclude[{index}].{key}"
-            if key not in EXCLUDE_KEYS:
-                raise SuiteError(
-                    f"{where}: unknown key{did_you_mean(key, EXCLUDE_KEYS)}; valid keys: " + ", ".join(EXCLUDE_KEYS)
-                )
-            expected = int if key in ("seed", "bonafide_size") else str
-            check_value(value, expected, {}, where)
-            if key in PLUGIN_KINDS:
-                known = {n for spec in plugins[PLUGIN_KINDS[key]] for n in (spec.name, spec.label)}
-                if value not in known:
-                    raise SuiteError(
-                        f"{where}: '{value}' matches no configured {key}"
-                        f"{did_you_mean(value, sorted(known))}; configured: {', '.join(sorted(known))}"
-                    )
-            else:
-                configured = settings.seeds if key == "seed" else settings.bonafide_size
-                if value not in configured:
-                    raise SuiteError(f"{where}: {value} is not among the suite's {key} values {configured}")
+            _check_exclude_key(key, value, f"{path}: exclude[{index}].{key}", settings, plugins)
         if "bonafide_size" in entry and "defense" in entry:
             matching = [s for s in plugins["defenses"] if entry["defense"] in (s.name, s.label)]
             if matching and not any(s.cls.uses_bonafide for s in matching):
@@ -248,12 +253,31 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
                     f"{path}: exclude[{index}]: defense '{entry['defense']}' uses no bonafide data, so "
                     "its jobs have no bonafide_size; drop bonafide_size from this rule"
                 )
-    if bool(plugins["attacks"]) != bool(plugins["defenses"]):
-        missing = "defenses" if plugins["attacks"] else "attacks"
+    return exclude
+
+
+def _check_exclude_key(key: str, value, where: str, settings: SuiteSettings, plugins: dict) -> None:
+    if key not in EXCLUDE_KEYS:
         raise SuiteError(
-            f"{path}: missing '{missing}': jobs need both [[attacks]] and [[defenses]] tables "
-            "(a suite of analyses only has neither)"
+            f"{where}: unknown key{did_you_mean(key, EXCLUDE_KEYS)}; valid keys: " + ", ".join(EXCLUDE_KEYS)
         )
+    expected = int if key in ("seed", "bonafide_size") else str
+    check_value(value, expected, {}, where)
+    if key in PLUGIN_KINDS:
+        known = {n for spec in plugins[PLUGIN_KINDS[key]] for n in (spec.name, spec.label)}
+        if value not in known:
+            raise SuiteError(
+                f"{where}: '{value}' matches no configured {key}"
+                f"{did_you_mean(value, sorted(known))}; configured: {', '.join(sorted(known))}"
+            )
+        return
+    configured = settings.seeds if key == "seed" else settings.bonafide_size
+    if value not in configured:
+        raise SuiteError(f"{where}: {value} is not among the suite's {key} values {configured}")
+
+
+def _check_size(plugins: dict, settings: SuiteSettings, path: Path) -> None:
+    """Count the cross product before anything is built: a short file can describe millions."""
     product = math.prod(len(plugins[t]) for t in ("datasets", "models", "attacks", "defenses"))
     product *= len(settings.seeds) * len(settings.bonafide_size)
     product += math.prod(len(plugins[t]) for t in ("analyses", "datasets", "models")) * len(settings.seeds)
@@ -263,11 +287,6 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
             f"bonafide sizes, and analyses), more than [suite].max_jobs = {settings.max_jobs:,}; shorten a sweep "
             "or raise max_jobs"
         )
-    analysis_models = {
-        spec.label: resolve_model_needs(spec, f"{path}: analyses ('{spec.label}')", registry)
-        for spec in plugins["analyses"]
-    }
-    return Suite(path, settings, training, plugins, exclude, analysis_models)
 
 
 def _table(data: dict, key: str, path: Path) -> dict:
