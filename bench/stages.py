@@ -165,35 +165,55 @@ def check_finite_metrics(metrics: dict[str, float], where: str) -> None:
             raise BenchError(f"{where} reported the metric '{key}' = {value}; metrics must be finite numbers")
 
 
+@contextmanager
+def timed(timings: dict[str, float], env: JobEnvironment, name: str):
+    """Record the block's wall time under `name` (CUDA work finished at both ends)."""
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    start = time.perf_counter()
+    yield
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    timings[name] = round(time.perf_counter() - start, 4)
+
+
+class FurtherModels:
+    """`attacked_model_with_seed` for a defense, keeping the books: a further attacked model (MCR's
+    second endpoint) is part of the defense's cost, so what training it took is charged to the
+    defense however long reading it back from the cache took now."""
+
+    def __init__(self, job: Job, splits, env: JobEnvironment):
+        self.job, self.splits, self.env = job, splits, env
+        self.fetch_seconds: list[float] = []
+        self.train_seconds: list[float] = []
+
+    def __call__(self, seed: int) -> nn.Module:
+        start = time.perf_counter()
+        other = attacked_model(self.job, seed, self.splits, self.env)
+        self.fetch_seconds.append(time.perf_counter() - start)
+        self.train_seconds.append(other.train_seconds)
+        return other.model
+
+    def extra_seconds(self) -> float:
+        """What to add to the time the defense took: their training, less reading them back."""
+        return sum(self.train_seconds) - sum(self.fetch_seconds)
+
+
 def run_job(job: Job, env: JobEnvironment) -> Outcome:
     timings: dict[str, float] = {}
-
-    @contextmanager
-    def stage(name: str):
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
-        start = time.perf_counter()
-        yield
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
-        timings[name] = round(time.perf_counter() - start, 4)
-
     assert job.attack is not None  # a suite's jobs always have an attack
     attack: Attack = job.attack.instantiate()
     defense = job.defense.instantiate()
-    with stage("data"):
+    with timed(timings, env, "data"):
         splits = load_dataset(job, env.device)
     ctx = make_context(job, env, splits)
-
-    with stage("train"):
+    with timed(timings, env, "train"):
         model, attack_state, model_hit, _ = attacked_model(job, job.seed, splits, env)
     withheld = [attack_state[k] for k in ("poisoned_indices", "reserved_indices") if k in attack_state]
     bonafide, evaluation = split_bonafide(
         splits, torch.cat(withheld) if withheld else None, job.bonafide_source, job.bonafide_size, job.seed
     )
-
     check_finite_outputs(model, evaluation, ctx, "the attacked model")
-
     attack_label = job.attack.label
 
     def measure(predictor: nn.Module, what: str) -> dict[str, float]:
@@ -203,59 +223,77 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         check_finite_metrics(metrics, f"attack '{attack_label}'")
         return metrics
 
-    with stage("evaluate_before"):
-        before_key = content_hash(
-            {
-                "model": model_key(job, job.seed, splits, env.device),
-                "attack": job.attack.config(),
-                "attack_code": code_fingerprint(job.attack.cls),
-                "bonafide_source": job.bonafide_source.value,
-                "seed": job.seed,
-                "eval_batch_size": job.eval_batch_size,
-            }
-        )
+    with timed(timings, env, "evaluate_before"):
         before, before_hit = env.cache.get_or_create(
-            "evaluations", before_key, lambda: measure(model, "the attacked model")
+            "evaluations", _evaluation_key(job, splits, env), lambda: measure(model, "the attacked model")
         )
-
-    fetch_seconds, train_seconds = [], []
-
-    def attacked_model_with_seed(seed: int) -> nn.Module:
-        # A further attacked model (MCR's second endpoint) is part of the defense's cost: what
-        # training it took is charged to the defense, however long reading it back took now.
-        start = time.perf_counter()
-        other = attacked_model(job, seed, splits, env)
-        fetch_seconds.append(time.perf_counter() - start)
-        train_seconds.append(other.train_seconds)
-        return other.model
-
-    defense_ctx = DefenseContext(**vars(ctx), recipe=job.recipe, attacked_model_with_seed=attacked_model_with_seed)
+    further = FurtherModels(job, splits, env)
+    defense_ctx = DefenseContext(**vars(ctx), recipe=job.recipe, attacked_model_with_seed=further)
     defense_ctx.seed_global_rng("defense")
-
-    def extra_seconds() -> float:
-        return sum(train_seconds) - sum(fetch_seconds)
-
-    with stage("defense"):
-        result, cached_seconds = defended_model(job, model, bonafide, splits, env, defense_ctx, extra_seconds)
+    with timed(timings, env, "defense"):
+        result, cached_seconds = defended_model(job, model, bonafide, splits, env, defense_ctx, further.extra_seconds)
     defended = result.model
     unchanged = defense.returns_model_unchanged and isinstance(defended, type(model)) and _same_weights(defended, model)
+    what = f"defense '{job.defense.label}': the defended model"
     if not unchanged:
-        check_finite_outputs(defended, evaluation, ctx, f"defense '{job.defense.label}': the defended model")
+        check_finite_outputs(defended, evaluation, ctx, what)
     if cached_seconds is not None:  # the time it took to build, not to read it back
         timings["defense"] = cached_seconds
-    elif train_seconds:
-        timings["other_attacked_models"] = round(sum(train_seconds), 4)
-        timings["defense"] = round(timings["defense"] + extra_seconds(), 4)
-    with stage("evaluate"):
+    elif further.train_seconds:
+        timings["other_attacked_models"] = round(sum(further.train_seconds), 4)
+        timings["defense"] = round(timings["defense"] + further.extra_seconds(), 4)
+    with timed(timings, env, "evaluate"):
         # Attacking the same model again would repeat the before-defense numbers exactly.
-        after = dict(before) if unchanged else measure(defended, f"defense '{job.defense.label}': the defended model")
+        after = dict(before) if unchanged else measure(defended, what)
     series = {name: list(records) for name, records in result.series.items()}
     if result.points is not None:
-        with stage("evaluate_points"):
+        with timed(timings, env, "evaluate_points"):
             for name, coordinates, point_model in result.points():
                 measured = measure(point_model, f"defense '{job.defense.label}': the model at {coordinates}")
                 series.setdefault(name, []).append({**coordinates, **measured})
+    metrics, info = _job_metrics(job, attack, defense, before, after, result.values)
+    notes = {
+        "model_cache": "hit" if model_hit else "miss",
+        "evaluation_cache": "hit" if before_hit else "miss",
+        "defended_model_cache": "hit" if cached_seconds is not None else "miss",
+        "data_source": splits.source,
+        "machine": machine_description(env.device),
+        "bonafide_images": len(bonafide),
+        "evaluation_images": len(evaluation),
+        "attack_protocol": attack.describe_protocol(),
+        "extra_models_trained": len(defense.other_attacked_seeds(job.seed)),
+        "methods": method_links(job.attack, job.defense),
+    }
+    return Outcome(
+        status="ok",
+        metrics=metrics,
+        metric_info=info,
+        timings=timings,
+        series=series,
+        notes=notes,
+        device=_device_name(env.device),
+        versions=versions(job),
+    )
 
+
+def _evaluation_key(job: Job, splits, env: JobEnvironment) -> str:
+    """Everything the attacked model's pre-defense metrics depend on."""
+    assert job.attack is not None
+    return content_hash(
+        {
+            "model": model_key(job, job.seed, splits, env.device),
+            "attack": job.attack.config(),
+            "attack_code": code_fingerprint(job.attack.cls),
+            "bonafide_source": job.bonafide_source.value,
+            "seed": job.seed,
+            "eval_batch_size": job.eval_batch_size,
+        }
+    )
+
+
+def _job_metrics(job: Job, attack: Attack, defense, before: dict, after: dict, values: dict) -> tuple[dict, dict]:
+    """(metrics, their descriptions): after the defense, `*_before`, DER from the attack's
+    success metric, and the defense's own values."""
     metrics = dict(after)
     metrics.update({f"{k}_before": v for k, v in before.items()})
     info = {"clean_acc": CLEAN_ACCURACY.info()}
@@ -267,31 +305,11 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         )
         info["der"] = DER.info()
     declared = {m.key: m for m in defense.metrics}
-    check_finite_metrics(result.values, f"defense '{job.defense.label}'")
-    for key, value in result.values.items():
+    check_finite_metrics(values, f"defense '{job.defense.label}'")
+    for key, value in values.items():
         metrics[key] = float(value)
         info[key] = declared[key].info()
-    return Outcome(
-        status="ok",
-        metrics=metrics,
-        metric_info=info,
-        timings=timings,
-        series=series,
-        notes={
-            "model_cache": "hit" if model_hit else "miss",
-            "evaluation_cache": "hit" if before_hit else "miss",
-            "defended_model_cache": "hit" if cached_seconds is not None else "miss",
-            "data_source": splits.source,
-            "machine": machine_description(env.device),
-            "bonafide_images": len(bonafide),
-            "evaluation_images": len(evaluation),
-            "attack_protocol": attack.describe_protocol(),
-            "extra_models_trained": len(defense.other_attacked_seeds(job.seed)),
-            "methods": method_links(job.attack, job.defense),
-        },
-        device=_device_name(env.device),
-        versions=versions(job),
-    )
+    return metrics, info
 
 
 def _same_weights(model: nn.Module, other: nn.Module) -> bool:
@@ -332,11 +350,12 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
                 model_job.seed,
             )
             ctx = make_context(model_job, env, splits)
-            defense_ctx = DefenseContext(
-                **vars(ctx), recipe=model_job.recipe, attacked_model_with_seed=_models_of(model_job, splits, env)
-            )
+            further = FurtherModels(model_job, splits, env)
+            defense_ctx = DefenseContext(**vars(ctx), recipe=model_job.recipe, attacked_model_with_seed=further)
             defense_ctx.seed_global_rng("defense")
-            result, cached_seconds = defended_model(model_job, model, bonafide, splits, env, defense_ctx)
+            result, cached_seconds = defended_model(
+                model_job, model, bonafide, splits, env, defense_ctx, further.extra_seconds
+            )
             model = result.model
             notes[f"{name}_defense_cache"] = "hit" if cached_seconds is not None else "miss"
         check_finite_outputs(model, evaluation, make_context(model_job, env, splits), f"model '{name}'")
@@ -386,11 +405,6 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
         device=_device_name(env.device),
         versions=versions(job),
     )
-
-
-def _models_of(job: Job, splits, env: JobEnvironment) -> Callable[[int], nn.Module]:
-    """`attacked_model_with_seed` for a defense that makes a model an analysis asked for."""
-    return lambda seed: attacked_model(job, seed, splits, env).model
 
 
 def versions(job: Job | AnalysisJob) -> dict[str, str]:
