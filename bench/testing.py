@@ -82,16 +82,19 @@ def trained_digits_model(epochs: int = 3, width: int = 8, seed: int = 0):
     import torch
 
     from bench.context import DefenseContext
+    from bench.expansion import plugin_specs
     from bench.models import Classifier, InputShape
     from bench.training import train_classifier
-    from bench_plugins.datasets.digits import Digits
-    from bench_plugins.models.small_cnn import SmallCNN
 
-    splits = Digits().load()
+    # the installed `digits` and `small_cnn` plugins, looked up like any plugin (the core imports none)
+    registry = load_plugins()
+    (dataset,) = plugin_specs({"name": "digits"}, "dataset", "trained_digits_model", registry)
+    (network,) = plugin_specs({"name": "small_cnn", "width": width}, "model", "trained_digits_model", registry)
+    splits = dataset.instantiate().load()
     torch.manual_seed(seed)
-    net = SmallCNN(SmallCNN.Options(width=width)).build(InputShape(1, 8, 8, splits.num_classes))
+    net = network.instantiate().build(InputShape(1, 8, 8, splits.num_classes))
     model = Classifier(net, splits.mean, splits.std)
-    recipe = dataclasses.replace(SmallCNN.recipe, epochs=epochs)
+    recipe = dataclasses.replace(network.cls.recipe, epochs=epochs)
     ctx = DefenseContext(
         device=torch.device("cpu"),
         seed=seed,
