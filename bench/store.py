@@ -296,8 +296,7 @@ class ResultStore:
             "bonafide_size": job.bonafide_size,
             "config": json.dumps(job.config(), sort_keys=True),
             "timings": json.dumps(outcome.timings),
-            # the defense's time already holds the further models' training (its whole cost)
-            "wall_time": sum(v for k, v in outcome.timings.items() if k != "other_attacked_models"),
+            "wall_time": sum(outcome.timings.values()),
             "device": outcome.device,
             "versions": json.dumps(outcome.versions, sort_keys=True),
             "metric_info": json.dumps(outcome.metric_info),  # keeps the column order
@@ -332,8 +331,7 @@ class ResultStore:
             "series": json.dumps(outcome.series),
             "figures": json.dumps(outcome.notes.get("figures", [])),
             "timings": json.dumps(outcome.timings),
-            # the defense's time already holds the further models' training (its whole cost)
-            "wall_time": sum(v for k, v in outcome.timings.items() if k != "other_attacked_models"),
+            "wall_time": sum(outcome.timings.values()),
             "device": outcome.device,
             "versions": json.dumps(outcome.versions, sort_keys=True),
             "notes": json.dumps({k: v for k, v in outcome.notes.items() if k != "figures"}, sort_keys=True),

@@ -360,8 +360,8 @@ class ModeConnectivityRepair(bench.Defense):
     def apply(self, model, bonafide, ctx):
         o = self.options
         training, held_out = self._split(bonafide, ctx)
-        # the second endpoint from every bonafide image, as MCR's control builds it
-        curve = ParameterCurve(model, second_endpoint(model, bonafide, ctx, o, name=self.name), o.curve)
+        # a `finetuned` endpoint learns from the curve's images only: the held-out ones choose t
+        curve = ParameterCurve(model, second_endpoint(model, training, ctx, o, name=self.name), o.curve)
         losses = self._train(model, curve, training, ctx)
         path_ts = [round(i / (o.path_points - 1), 6) for i in range(o.path_points)]
         series = {"mcr_training": [{"epoch": i + 1, "loss": loss} for i, loss in enumerate(losses)]}

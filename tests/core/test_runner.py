@@ -371,7 +371,7 @@ def test_a_defense_that_needs_a_second_model_is_charged_for_training_it(tmp_path
         suite = write_suite(tmp_path / f"s{epochs}.toml", defenses=[defense], store=tmp_path / "r.db")
         (rows[epochs],) = [r for r in run_suite_file(suite, tmp_path) if r["suite"] == f"s{epochs}"]
     assert all(r["status"] == "ok" for r in rows.values())
-    trained, cached = rows[1]["timings"]["other_attacked_models"], rows[2]["timings"]["other_attacked_models"]
+    trained, cached = rows[1]["notes"]["extra_models_train_seconds"], rows[2]["notes"]["extra_models_train_seconds"]
     assert trained > 0 and cached == trained  # the stored training time, not the time to read it back
     assert all(r["timings"]["defense"] > trained for r in rows.values())
     assert all(r["notes"]["extra_models_trained"] == 1 for r in rows.values())

@@ -11,23 +11,15 @@ from torch import nn
 
 import bench
 from bench.errors import BenchError
-from bench.models import Classifier
 from bench_plugins.defenses import weight_average_finetune
 from bench_plugins.defenses.mcr import Endpoint, ModeConnectivityRepair, recompute_batchnorm
 from bench_plugins.defenses.weight_average_finetune import WeightAverageFineTune
-from bench_plugins.models.small_cnn import SmallCNN
-
-CPU = torch.device("cpu")
-SHAPE = bench.InputShape(1, 8, 8, 10)
-
-
-def tiny_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return Classifier(SmallCNN(SmallCNN.Options(width=4)).build(SHAPE), (0.5,), (0.25,)).eval()
+from test_mcr import context as mcr_context
+from test_mcr import tiny_model
 
 
 def context(**kwargs) -> bench.DefenseContext:
-    return bench.DefenseContext(**{"device": CPU, "seed": 3, "num_classes": 10, "recipe": SmallCNN.recipe, **kwargs})
+    return mcr_context(**{"seed": 3, **kwargs})
 
 
 def bonafide_images(count: int = 48) -> bench.ImageData:
