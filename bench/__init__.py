@@ -28,7 +28,7 @@ and the package declares the module in its pyproject.toml:
     median_filter = "my_package.median_filter"
 
 After `pip install`, `bench plugins` lists it and suites can name it. The hooks are in
-`bench.hookspecs`; test helpers for plugin authors are in `bench.testing`.
+`bench.hookspecs`; test helpers for plugin authors are in `bench_plugins.testing`.
 """
 
 import importlib.metadata
@@ -52,9 +52,10 @@ _PUBLIC = {
     "Figure": "bench.analyses",
     "Finding": "bench.analyses",
     "ModelRecipe": "bench.analyses",
+    "SUITE_ATTACKS": "bench.jobs",
     "Attack": "bench.attacks",
-    "Metric": "bench.attacks",
-    "MetricKind": "bench.attacks",
+    "Metric": "bench.metrics",
+    "MetricKind": "bench.metrics",
     "Stage": "bench.attacks",
     "DefenseContext": "bench.context",
     "RunContext": "bench.context",
@@ -110,6 +111,7 @@ __all__ = [
     "MetricKind",
     "Model",
     "ModelRecipe",
+    "SUITE_ATTACKS",
     "OptionError",
     "RunContext",
     "Stage",

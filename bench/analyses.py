@@ -3,7 +3,7 @@ one model's front to another's back, accuracy against an attack budget) rather t
 defense. An analysis runs once per dataset x model x seed of its suite.
 
 An analysis declares the models it needs by recipe (`models()`: name -> `ModelRecipe`), such as
-"the regular model" and "the model `adversarial_training` makes of it"; the core builds them
+"the regular model" and "the model a named defense makes of it"; the core builds them
 through the same content-hash cache as the jobs (`bench.artifacts`), so a model trained for a
 leaderboard is reused by an analysis and the other way round. `run(models, data, ctx)` returns
 an `AnalysisResult`: scalars (declared in `metrics`, shown in the report's table), series
@@ -23,6 +23,7 @@ from torch import nn
 from bench.attacks import Metric
 from bench.context import RunContext
 from bench.data import DatasetSplits
+from bench.jobs import SUITE_ATTACKS  # noqa: F401  (re-exported: `ModelRecipe(attack=SUITE_ATTACKS)`)
 from bench.plugin import Plugin
 
 
@@ -35,7 +36,9 @@ class ModelRecipe:
     the test set; `AnalysisData.evaluation` leaves out what any defender was given). With
     `attack` (a plugin name, and `attack_options` as a suite table would give them) the model is
     the attacked one a leaderboard job with that attack and seed trains, from the same cache;
-    the attack's own draws (poisoned images, faults) use the model's seed."""
+    the attack's own draws (poisoned images, faults) use the model's seed. `attack="*"`
+    (`bench.SUITE_ATTACKS`) means each of the suite's `[[attacks]]`: the analysis then runs once
+    per attack, labelled "<analysis> / <attack>", on the very models that attack's jobs use."""
 
     attack: str = ""
     attack_options: dict[str, Any] = field(default_factory=dict)

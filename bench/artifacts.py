@@ -11,12 +11,14 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from bench.attacks import Attack, Stage
+from bench.locations import cache_root
 from bench.context import DefenseContext, RunContext
 from bench.data import DatasetSplits, ImageData
 from bench.defenses import Defended
@@ -59,6 +61,7 @@ class JobEnvironment:
     show_progress: bool | None = None
     deterministic: bool = True  # deterministic CUDA kernels (set up by whoever runs the jobs)
     device_policy: str = "auto"  # what the suite asked for (auto, cpu, cuda): remote workers resolve it
+    cache_root: Path | None = None  # datasets' cache folder (None: $BENCH_CACHE_DIR or the default)
 
 
 def make_cuda_deterministic() -> None:
@@ -77,6 +80,7 @@ def make_context(job: Job, env: JobEnvironment, splits: DatasetSplits, seed: int
         eval_batch_size=job.eval_batch_size,
         horizontal_flip=job.dataset.cls.horizontal_flip,
         show_progress=env.show_progress,
+        cache_dir=env.cache_root or cache_root(),
     )
 
 

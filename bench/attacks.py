@@ -12,7 +12,6 @@ defense effectiveness rating (DER) is computed from.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +20,10 @@ from torch import nn
 from bench.context import RunContext
 from bench.data import DatasetSplits, ImageData
 from bench.errors import BenchError
+from bench.metrics import Metric, MetricKind
 from bench.plugin import Plugin
+
+__all__ = ["Attack", "Metric", "MetricKind", "Stage", "check_target_class"]
 
 
 def check_target_class(attack_name: str, target_class: int, num_classes: int) -> None:
@@ -36,45 +38,6 @@ class Stage(enum.Enum):
     TRAINING = "training"
     POST_TRAINING = "post_training"
     TEST_TIME = "test_time"
-
-
-class MetricKind(enum.Enum):
-    """How a metric's value is shown: the report renders by kind, never by key name."""
-
-    PERCENT = "percent"  # a share in [0, 1], shown in percent
-    FLAG = "flag"  # 0 or 1, shown as a warning mark where set
-    NUMBER = "number"  # shown as it is (a chosen t, a count, a norm)
-    SECONDS = "seconds"
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A metric an attack (or a defense, about itself) reports: its key in the store, its
-    leaderboard label, whether a higher value is better for the defender (None: neither, e.g.
-    a chosen hyper-parameter; never bolded), how it is shown, and whether it is a diagnostic
-    (per-attack detail, shown in a second table under the headline one, never bolded). `doc`
-    says what it measures, in a phrase (the leaderboard's glossary line); `headline` marks the
-    metric a table is ranked by (an evasion attack's robust accuracy; the core's DER for attacks
-    with a `success_metric`). The report reads all of it from the store, never from the plugin."""
-
-    key: str
-    label: str
-    higher_is_better: bool | None
-    kind: MetricKind = MetricKind.PERCENT
-    diagnostic: bool = False
-    doc: str = ""
-    headline: bool = False
-
-    def info(self) -> dict:
-        """The metric's description as stored with every result."""
-        return {
-            "label": self.label,
-            "higher_is_better": self.higher_is_better,
-            "kind": self.kind.value,
-            "diagnostic": self.diagnostic,
-            "doc": self.doc,
-            "headline": self.headline,
-        }
 
 
 class Attack(Plugin):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -105,33 +104,12 @@ def run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, exe
     for bad input (nothing is run or written), 3 when --time-limit left jobs to run, 130 when
     interrupted.
     """
-    previous = os.environ.get("BENCH_CACHE_DIR")
-    if cache_dir is not None:  # one root for everything: dataset plugins read it from the environment
+    if cache_dir is not None:  # one root for everything, handed to the run (no environment is rewritten)
         try:
-            resolved = Path(cache_dir).expanduser().resolve()
+            cache_dir = Path(cache_dir).expanduser().resolve()
         except (RuntimeError, OSError) as exc:  # a symlink loop
             _fail(f"--cache-dir {cache_dir}: cannot use this cache folder ({exc}); check the symlinks on its path")
-        os.environ["BENCH_CACHE_DIR"] = str(resolved)
-        cache_dir = resolved / "artifacts"
-    try:
-        _run(
-            suite_file,
-            store,
-            device,
-            cache_dir,
-            dry_run,
-            progress,
-            time_limit,
-            executor,
-            ray_address,
-            ray_retries,
-            rerun,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("BENCH_CACHE_DIR", None)
-        else:
-            os.environ["BENCH_CACHE_DIR"] = previous
+    _run(suite_file, store, device, cache_dir, dry_run, progress, time_limit, executor, ray_address, ray_retries, rerun)
 
 
 def _run(
@@ -145,7 +123,7 @@ def _run(
         registry = load_plugins()
         suite = load_suite(suite_file, registry)
         if dry_run:
-            jobs = check_suite(suite, registry, device=device, artifact_dir=cache_dir)
+            jobs = check_suite(suite, registry, device=device, cache_root=cache_dir)
             for i, job in enumerate(jobs, 1):
                 click.echo(f"{i:4d}  {job.key}  {job.describe()}")
             click.echo(f"{len(jobs)} jobs; store: {store or suite.store_path}")
@@ -163,7 +141,7 @@ def _run(
             registry,
             store_path=store,
             device=device,
-            artifact_dir=cache_dir,
+            cache_root=cache_dir,
             show_progress=progress,
             echo=click.echo,
             executor=runner,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -29,6 +30,8 @@ class RunContext:
     eval_batch_size: int = 1024
     horizontal_flip: bool = True  # whether a mirrored image keeps its class (the dataset says)
     show_progress: bool | None = None  # None: only when stderr is a terminal
+    # the run's cache folder (`bench run --cache-dir`), for a plugin that keeps files of its own
+    cache_dir: Path | None = None
 
     def generator(self, stream: str) -> torch.Generator:
         """A generator on the job's device, seeded from the job seed and a stream name, so each

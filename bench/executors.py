@@ -22,6 +22,7 @@ import torch
 from bench.artifact_cache import ArtifactCache
 from bench.artifacts import JobEnvironment, load_dataset, make_cuda_deterministic
 from bench.errors import BenchError
+from bench.locations import using_cache_root
 from bench.jobs import AnalysisJob, Job, Outcome, content_hash
 from bench.stages import _device_name, _now, execute_job, versions
 
@@ -46,7 +47,8 @@ class InProcessExecutor:
 class WorkerEnvironment:
     """Everything a job needs besides its spec, as plain data for another process or node."""
 
-    cache_root: str
+    cache_root: str  # the artifact cache
+    data_root: str | None  # the datasets' cache root given to the run (None: the worker's default)
     device_policy: str  # auto, cpu or cuda: resolved by the worker, which may have a GPU the driver lacks
     deterministic: bool
     cpu_threads: int
@@ -61,6 +63,7 @@ class WorkerEnvironment:
                 variables[name] = str(Path(value).resolve()) if name.endswith(("_ROOT", "_DIR")) and value else value
         return cls(
             str(Path(env.cache.root).resolve()),
+            None if env.cache_root is None else str(Path(env.cache_root).resolve()),
             env.device_policy,
             env.deterministic,
             torch.get_num_threads(),
@@ -86,6 +89,7 @@ class WorkerEnvironment:
             show_progress=False,
             deterministic=self.deterministic,
             device_policy=self.device_policy,
+            cache_root=None if self.data_root is None else Path(self.data_root),
         )
 
 
@@ -100,7 +104,8 @@ def train_attacked_models(job: Job, seeds: tuple[int, ...], worker: WorkerEnviro
     from bench.artifacts import attacked_model
 
     env = worker.job_environment()
-    splits = load_dataset(job, env.device)
+    with using_cache_root(env.cache_root):
+        splits = load_dataset(job, env.device)
     for seed in seeds:
         attacked_model(job, seed, splits, env)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.analyses import ModelRecipe
 from bench.errors import SuiteError
-from bench.jobs import AnalysisJob, BonafideSource, Job, ModelNeed, PluginSpec
+from bench.jobs import SUITE_ATTACKS, AnalysisJob, BonafideSource, Job, ModelNeed, PluginSpec
 from bench.options import is_scalar_option, parse_options, to_plain
 from bench.registry import Registry
 
@@ -28,19 +28,7 @@ def plugin_specs(
     """The specs of one `[[datasets]]`/`[[models]]`/... table: one per point of its option
     sweeps (a list given for a single-valued option), each validated, labelled and resolved
     to the class and provider that registered the name."""
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, dict):
-        raise SuiteError(f"{where}: expected a table with a 'name', got {entry!r}")
-    entry = dict(entry)
-    if "name" not in entry:
-        raise SuiteError(f"{where}: missing 'name' (a string naming the {kind} plugin)")
-    name = entry.pop("name")
-    if not isinstance(name, str):
-        raise SuiteError(f"{where}.name: expected a string naming the {kind} plugin, got {name!r}")
-    label = entry.pop("label", None)
-    if label is not None and not isinstance(label, str):
-        raise SuiteError(f"{where}.label: expected a string, got {label!r}")
+    entry, name, label = _entry_name_and_label(entry, kind, where)
     info = registry.get(kind, name, where)
     where = f"{where} ('{name}')"
     options_cls = info.cls.Options
@@ -68,24 +56,45 @@ def plugin_specs(
         table = {**entry, **dict(zip(sweeps, combo))}
         parsed = parse_options(options_cls, table, where)
         options = to_plain(parsed)
-        defaults = to_plain(options_cls())
-        changed = {k: v for k, v in options.items() if v != defaults[k]}
-        spec_label = label or name
-        if label is None and changed:  # a swept value equal to the default is not repeated
-            spec_label += "(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) + ")"
-        elif label is not None and sweeps:  # a label names the sweep; each point still needs its own
-            spec_label += "(" + ", ".join(f"{k}={json.dumps(options[k])}" for k in sweeps) + ")"
-        if len(spec_label) > MAX_LABEL:
-            raise SuiteError(
-                f"{where}: the label '{spec_label[:40]}...' is {len(spec_label)} characters long (at most "
-                f"{MAX_LABEL}); give this entry a short `label`"
-            )
-        specs.append(
-            PluginSpec(
-                kind, name, options, spec_label, info.cls, parsed, provider=f"{info.package} {info.version}".strip()
-            )
-        )
+        spec_label = _spec_label(name, label, options, to_plain(options_cls()), list(sweeps), where)
+        provider = f"{info.package} {info.version}".strip()
+        specs.append(PluginSpec(kind, name, options, spec_label, info.cls, parsed, provider=provider))
     return specs
+
+
+def _entry_name_and_label(entry: Any, kind: str, where: str) -> tuple[dict, str, str | None]:
+    """A plugin table (or a bare name) split into its options, its `name` and its `label`."""
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict):
+        raise SuiteError(f"{where}: expected a table with a 'name', got {entry!r}")
+    entry = dict(entry)
+    if "name" not in entry:
+        raise SuiteError(f"{where}: missing 'name' (a string naming the {kind} plugin)")
+    name = entry.pop("name")
+    if not isinstance(name, str):
+        raise SuiteError(f"{where}.name: expected a string naming the {kind} plugin, got {name!r}")
+    label = entry.pop("label", None)
+    if label is not None and not isinstance(label, str):
+        raise SuiteError(f"{where}.label: expected a string, got {label!r}")
+    return entry, name, label
+
+
+def _spec_label(name: str, label: str | None, options: dict, defaults: dict, sweeps: list[str], where: str) -> str:
+    """The name with the options that differ from the defaults, or the given label with the
+    swept values (each point of a sweep needs its own label)."""
+    changed = {k: v for k, v in options.items() if v != defaults[k]}
+    spec_label = label or name
+    if label is None and changed:  # a swept value equal to the default is not repeated
+        spec_label += "(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) + ")"
+    elif label is not None and sweeps:
+        spec_label += "(" + ", ".join(f"{k}={json.dumps(options[k])}" for k in sweeps) + ")"
+    if len(spec_label) > MAX_LABEL:
+        raise SuiteError(
+            f"{where}: the label '{spec_label[:40]}...' is {len(spec_label)} characters long (at most "
+            f"{MAX_LABEL}); give this entry a short `label`"
+        )
+    return spec_label
 
 
 def resolve_model_needs(spec: PluginSpec, where: str, registry: Registry) -> tuple[tuple[str, ModelNeed], ...]:
@@ -110,34 +119,59 @@ def resolve_model_needs(spec: PluginSpec, where: str, registry: Registry) -> tup
             ) from None
         if recipe.bonafide_size < 0 or recipe.seed_offset < 0:
             raise SuiteError(f"{place}: bonafide_size and seed_offset must be 0 or more")
-        attack = None
-        if recipe.attack:
+        attack, suite_attack = None, recipe.attack == SUITE_ATTACKS
+        if suite_attack and recipe.attack_options:
+            raise SuiteError(
+                f"{place}: attack '{SUITE_ATTACKS}' takes the suite's attacks as they are; drop attack_options"
+            )
+        if recipe.attack and not suite_attack:
             (attack,) = plugin_specs({"name": recipe.attack, **recipe.attack_options}, "attack", place, registry)
-        needs.append((name, ModelNeed(defense, recipe.seed_offset, recipe.bonafide_size, source, attack)))
+        need = ModelNeed(defense, recipe.seed_offset, recipe.bonafide_size, source, attack, suite_attack)
+        needs.append((name, need))
     return tuple(needs)
 
 
 def expand_analyses(suite) -> list[AnalysisJob]:
-    """One analysis job per analysis spec x dataset x model x seed of `suite`, in a stable order."""
+    """One analysis job per analysis spec (per suite attack, for one asking for the suite's
+    attacks) x dataset x model x seed of `suite`, in a stable order."""
     settings = suite.settings
     jobs = []
-    for analysis, dataset, model, seed in itertools.product(
-        suite.plugins.get("analyses", []), suite.plugins["datasets"], suite.plugins["models"], settings.seeds
-    ):
-        recipe = dataclasses.replace(model.cls.recipe, **suite.training)
-        jobs.append(
-            AnalysisJob(
-                suite.name,
-                analysis,
-                dataset,
-                model,
-                seed,
-                dataclasses.asdict(recipe),
-                settings.eval_batch_size,
-                suite.analysis_models[analysis.label],
+    for analysis, needs in _analyses_per_attack(suite):
+        for dataset, model, seed in itertools.product(
+            suite.plugins["datasets"], suite.plugins["models"], settings.seeds
+        ):
+            recipe = dataclasses.replace(model.cls.recipe, **suite.training)
+            jobs.append(
+                AnalysisJob(
+                    suite.name,
+                    analysis,
+                    dataset,
+                    model,
+                    seed,
+                    dataclasses.asdict(recipe),
+                    settings.eval_batch_size,
+                    needs,
+                )
             )
-        )
     return jobs
+
+
+def _analyses_per_attack(suite) -> list[tuple[PluginSpec, tuple[tuple[str, ModelNeed], ...]]]:
+    """Each analysis with its model needs; one asking for the suite's attacks once per attack,
+    labelled "<analysis> / <attack>", its needs given that attack."""
+    out = []
+    for analysis in suite.plugins.get("analyses", []):
+        needs = suite.analysis_models[analysis.label]
+        if not any(need.suite_attack for _, need in needs):
+            out.append((analysis, needs))
+            continue
+        for attack in suite.plugins["attacks"]:
+            filled = tuple(
+                (name, dataclasses.replace(need, attack=attack, suite_attack=False) if need.suite_attack else need)
+                for name, need in needs
+            )
+            out.append((dataclasses.replace(analysis, label=f"{analysis.label} / {attack.label}"), filled))
+    return out
 
 
 def expand(suite) -> list[Job]:

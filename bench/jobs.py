@@ -126,6 +126,7 @@ class ModelNeed:
     bonafide_size: int
     bonafide_source: BonafideSource
     attack: PluginSpec | None = None  # the attack the model is trained (or tampered) with, if any
+    suite_attack: bool = False  # the recipe said SUITE_ATTACKS: `attack` is filled in per suite attack
 
     def config(self) -> dict:
         out = {
@@ -137,6 +138,10 @@ class ModelNeed:
         if self.attack is not None:  # absent otherwise: keys of models without an attack stay as they were
             out["attack"] = self.attack.config()
         return out
+
+
+# A `ModelRecipe.attack` meaning "each attack of the suite": the analysis runs once per attack.
+SUITE_ATTACKS = "*"
 
 
 @dataclass(frozen=True)

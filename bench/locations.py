@@ -5,13 +5,37 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
+
+# The cache root of the run in progress (`bench run --cache-dir`), set for the run's own context
+# only: no environment variable is rewritten, so two runs in one process (a notebook, a test)
+# cannot leak their folders into each other.
+_RUN_CACHE_ROOT: ContextVar[Path | None] = ContextVar("bench_run_cache_root", default=None)
 
 
 def cache_root() -> Path:
-    """The cache folder, $BENCH_CACHE_DIR, else ~/.cache/robustness-bench (not created)."""
+    """The cache folder: the running suite's (`using_cache_root`), else $BENCH_CACHE_DIR, else
+    ~/.cache/robustness-bench (not created)."""
+    run_root = _RUN_CACHE_ROOT.get()
+    if run_root is not None:
+        return run_root
     return Path(os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "robustness-bench").expanduser()
+
+
+@contextmanager
+def using_cache_root(root: Path | str | None) -> Iterator[None]:
+    """Within the block (and only in this context), `cache_root()` is `root`; None changes nothing."""
+    if root is None:
+        yield
+        return
+    token = _RUN_CACHE_ROOT.set(Path(root))
+    try:
+        yield
+    finally:
+        _RUN_CACHE_ROOT.reset(token)
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object], *, fsync: bool = False) -> None:

@@ -158,6 +158,65 @@ def load_plugins() -> Registry:
     return _registry
 
 
+def _loaded(ep, pm: pluggy.PluginManager, registry: Registry, package: str) -> bool:
+    """Load one entry point's module and register it with pluggy; a module that fails to load,
+    has an invalid hook, or registers nothing is a `LoadProblem` (and False when it is left out)."""
+    try:
+        module = ep.load()
+        pm.register(module, name=ep.name)
+    except (Exception, SystemExit) as exc:  # a broken plugin (even one calling sys.exit) spares the others
+        registry.problems.append(LoadProblem(ep.name, package, f"failed to load: {type(exc).__name__}: {exc}"))
+        return False
+    for warning in unmarked_hooks(module):
+        registry.problems.append(LoadProblem(ep.name, package, warning))
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(name=ep.name)
+        hook_names = [name for name in dir(hookspecs) if name.startswith("register_")]
+        hints = "".join(
+            did_you_mean(name, hook_names)
+            for name, value in vars(module).items()
+            if hasattr(value, hookspecs.PROJECT + "_impl") and name not in hook_names
+        )
+        registry.problems.append(LoadProblem(ep.name, package, f"invalid hook: {exc}{hints}"))
+        return False
+    if not pm.get_hookcallers(module):
+        hooks = ", ".join(name for name in dir(hookspecs) if name.startswith("register_"))
+        registry.problems.append(
+            LoadProblem(ep.name, package, f"implements none of the hooks ({hooks}): it registers nothing")
+        )
+    return True
+
+
+def _call_register_hooks(pm: pluggy.PluginManager, registry: Registry, origin: dict, trace: bool) -> None:
+    """Call every plugin's register_* hooks, each class attributed to its package; one bad
+    class or hook is a `LoadProblem` and spares the rest."""
+    for kind, hook_name in HOOKS.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            package, version = origin.get(impl.plugin_name, ("<unknown package>", ""))
+
+            def register(cls, _plugin=impl.plugin_name, _package=package, _version=version):
+                try:
+                    registry.register(cls, plugin=_plugin, package=_package, version=_version)
+                except PluginLoadError as exc:
+                    registry.problems.append(LoadProblem(_plugin, _package, str(exc)))
+                except (Exception, SystemExit) as exc:  # one bad class must not hide the ones after it
+                    registry.problems.append(
+                        LoadProblem(_plugin, _package, f"registering {cls!r} failed: {type(exc).__name__}: {exc}")
+                    )
+                if trace:
+                    print(f"bench: {hook_name} -> {kind} '{getattr(cls, 'name', cls)}' ({_plugin})", file=sys.stderr)
+                return cls
+
+            try:
+                impl.function(**({"register": register} if "register" in impl.argnames else {}))
+            except (Exception, SystemExit) as exc:
+                registry.problems.append(
+                    LoadProblem(impl.plugin_name, package, f"{hook_name} failed: {type(exc).__name__}: {exc}")
+                )
+
+
 def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Registry:
     registry = Registry()
     trace = os.environ.get("BENCH_TRACE_PLUGINS", "") not in ("", "0")
@@ -186,56 +245,11 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint]) -> Reg
                 )
             )
             continue
-        try:
-            module = ep.load()
-            pm.register(module, name=ep.name)
-        except (Exception, SystemExit) as exc:  # a broken plugin (even one calling sys.exit) spares the others
-            registry.problems.append(LoadProblem(ep.name, package, f"failed to load: {type(exc).__name__}: {exc}"))
+        if not _loaded(ep, pm, registry, package):
             continue
-        for warning in unmarked_hooks(module):
-            registry.problems.append(LoadProblem(ep.name, package, warning))
-        try:
-            pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            pm.unregister(name=ep.name)
-            hook_names = [name for name in dir(hookspecs) if name.startswith("register_")]
-            hints = "".join(
-                did_you_mean(name, hook_names)
-                for name, value in vars(module).items()
-                if hasattr(value, hookspecs.PROJECT + "_impl") and name not in hook_names
-            )
-            registry.problems.append(LoadProblem(ep.name, package, f"invalid hook: {exc}{hints}"))
-            continue
-        if not pm.get_hookcallers(module):
-            hooks = ", ".join(name for name in dir(hookspecs) if name.startswith("register_"))
-            registry.problems.append(
-                LoadProblem(ep.name, package, f"implements none of the hooks ({hooks}): it registers nothing")
-            )
         origin[ep.name] = (package, version)
         if trace:
             print(f"bench: loaded plugin '{ep.name}' from {package} {version}", file=sys.stderr)
 
-    for kind, hook_name in HOOKS.items():
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            package, version = origin.get(impl.plugin_name, ("<unknown package>", ""))
-
-            def register(cls, _plugin=impl.plugin_name, _package=package, _version=version):
-                try:
-                    registry.register(cls, plugin=_plugin, package=_package, version=_version)
-                except PluginLoadError as exc:
-                    registry.problems.append(LoadProblem(_plugin, _package, str(exc)))
-                except (Exception, SystemExit) as exc:  # one bad class must not hide the ones after it
-                    registry.problems.append(
-                        LoadProblem(_plugin, _package, f"registering {cls!r} failed: {type(exc).__name__}: {exc}")
-                    )
-                if trace:
-                    print(f"bench: {hook_name} -> {kind} '{getattr(cls, 'name', cls)}' ({_plugin})", file=sys.stderr)
-                return cls
-
-            try:
-                impl.function(**({"register": register} if "register" in impl.argnames else {}))
-            except (Exception, SystemExit) as exc:
-                registry.problems.append(
-                    LoadProblem(impl.plugin_name, package, f"{hook_name} failed: {type(exc).__name__}: {exc}")
-                )
+    _call_register_hooks(pm, registry, origin, trace)
     return registry

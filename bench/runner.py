@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from bench.artifact_cache import ArtifactCache
 from bench.artifacts import JobEnvironment, make_cuda_deterministic
-from bench.locations import cache_root
+from bench.locations import cache_root as default_cache_root, using_cache_root
 from bench.errors import BenchError, SuiteError
 from bench.executors import Executor, InProcessExecutor
 from bench.expansion import expand, expand_analyses
@@ -64,6 +64,7 @@ def prepare(
     show_progress: bool | None = None,
     store_path: Path | None = None,
     remote: bool = False,
+    cache_root: Path | None = None,
 ) -> tuple[list[Job | AnalysisJob], JobEnvironment]:
     """Everything checked before a job runs, writing nothing: the jobs, the device, the store
     (when given, before any data loads), then the preflight on the data and models. With
@@ -81,24 +82,32 @@ def prepare(
         check_store_path(store_path)
     if torch_device.type == "cuda" and suite.settings.deterministic:
         make_cuda_deterministic()
+    root = Path(cache_root).expanduser() if cache_root is not None else None
+    with using_cache_root(root):
+        artifacts = Path(artifact_dir).expanduser() if artifact_dir else default_cache_root() / "artifacts"
     env = JobEnvironment(
-        cache=ArtifactCache(
-            resolved_cache_dir(Path(artifact_dir).expanduser() if artifact_dir else cache_root() / "artifacts")
-        ),
+        cache=ArtifactCache(resolved_cache_dir(artifacts)),
+        cache_root=root,
         device=torch_device,
         show_progress=show_progress,
         deterministic=suite.settings.deterministic,
         device_policy=policy,
     )
-    preflight(suite, jobs, env)
+    with using_cache_root(root):
+        preflight(suite, jobs, env)
     return jobs, env
 
 
 def check_suite(
-    suite: Suite, registry: Registry, *, device: str | None = None, artifact_dir: Path | None = None
+    suite: Suite,
+    registry: Registry,
+    *,
+    device: str | None = None,
+    artifact_dir: Path | None = None,
+    cache_root: Path | None = None,
 ) -> list[Job | AnalysisJob]:
     """`bench run --dry-run`: the same checks as a run (data, models, options), nothing written."""
-    return prepare(suite, registry, device=device, artifact_dir=artifact_dir)[0]
+    return prepare(suite, registry, device=device, artifact_dir=artifact_dir, cache_root=cache_root)[0]
 
 
 def run_suite(
@@ -113,8 +122,11 @@ def run_suite(
     echo: Callable[[str], None] = print,
     time_limit: float | None = None,
     only_failed: bool = False,
+    cache_root: Path | None = None,
 ) -> RunSummary:
-    """Run the suite's unfinished jobs. With `time_limit` (seconds), no job is started once
+    """Run the suite's unfinished jobs, with the cache under `cache_root` (datasets) and
+    `artifact_dir` (models and evaluations; default `<cache root>/artifacts`); neither changes
+    any process-wide setting. With `time_limit` (seconds), no job is started once
     the time spent plus the longest job so far would pass the limit (the first job always
     starts); the jobs left are reported in `RunSummary.left` and a later run resumes them."""
     if time_limit is not None and time_limit <= 0:
@@ -129,6 +141,7 @@ def run_suite(
         show_progress=show_progress,
         store_path=store_path,
         remote=getattr(executor, "remote", False),
+        cache_root=cache_root,
     )
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     with ResultStore(store_path) as store, user_interrupts_marked(), claims_renewed(store, owner):
@@ -147,49 +160,71 @@ def run_suite(
             f"{suite.name}: {len(jobs)} jobs, {len(done & {j.key for j in jobs})} already in {store_path}, "
             f"{len(todo)} {'failed ' if only_failed else ''}to run on {env.device}"
         )
-        failed: list[tuple[Job | AnalysisJob, str]] = []
-        succeeded, left = 0, 0
-        elsewhere: list[Job | AnalysisJob] = []
-
-        def claimed(candidates):
-            """The jobs this process gets to run, claimed one by one as the executor asks."""
-            for job in candidates:
-                if store.claim(job.key, owner, CLAIM_LEASE_SECONDS):
-                    yield job
-                else:
-                    if job.key not in store.finished_keys():
-                        elsewhere.append(job)
-                    bar.update(1)
-
-        disable = None if show_progress is None else not show_progress
-        previous, longest = time.monotonic(), 0.0
-        with tqdm(total=len(todo), desc="jobs", unit="job", disable=disable, dynamic_ncols=True) as bar:
-            runs = (executor or InProcessExecutor()).run(claimed(todo), env)
-            for done_count, (job, outcome) in enumerate(runs, 1):
-                store.record(job, outcome)
-                if outcome.status == "ok":
-                    succeeded += 1
-                else:
-                    failed.append((job, outcome.error or ""))
-                    first_line = (outcome.error or "").splitlines()[0] if outcome.error else "unknown error"
-                    where = failure_location(outcome.error or "")
-                    bar.write(f"FAILED {job.describe()}: {first_line}" + (f"\n  at {where}" if where else ""))
-                bar.update(1)
-                now = time.monotonic()
-                longest, previous = max(longest, now - previous), now
-                if time_limit is not None and done_count < len(todo) and now - started + longest > time_limit:
-                    left = len(todo) - done_count - len(elsewhere)
-                    bar.write(
-                        f"time limit: {now - started:.0f} s spent and the longest job took {longest:.0f} s; "
-                        f"jobs not started: {left}"
-                    )
-                    break  # executors are lazy: leaving the loop starts no further job
-    if elsewhere:
+        deadline = None if time_limit is None else (started, time_limit)
+        tally = _run_claimed(store, owner, todo, env, executor or InProcessExecutor(), show_progress, deadline)
+    if tally.elsewhere:
         echo(
-            f"{len(elsewhere)} jobs were running in another bench run process on this store; run again "
+            f"{len(tally.elsewhere)} jobs were running in another bench run process on this store; run again "
             "after it ends to check they finished"
         )
-    return RunSummary(len(jobs), len(done & {j.key for j in jobs}), succeeded, failed, store_path, left, len(elsewhere))
+    already = len(done & {j.key for j in jobs})
+    return RunSummary(len(jobs), already, tally.succeeded, tally.failed, store_path, tally.left, len(tally.elsewhere))
+
+
+@dataclass
+class _Tally:
+    succeeded: int = 0
+    failed: list[tuple[Job | AnalysisJob, str]] = field(default_factory=list)
+    left: int = 0  # not started for the time limit
+    elsewhere: list[Job | AnalysisJob] = field(default_factory=list)  # claimed by another process
+
+
+def _run_claimed(
+    store: ResultStore,
+    owner: str,
+    todo: list[Job | AnalysisJob],
+    env: JobEnvironment,
+    executor: Executor,
+    show_progress: bool | None,
+    deadline: tuple[float, float] | None,
+) -> _Tally:
+    """Run the jobs this process can claim, recording each outcome as it arrives; stop starting
+    jobs when the time spent (since `deadline[0]`) plus the longest job would pass `deadline[1]`."""
+    tally = _Tally()
+
+    def claimed(candidates):
+        """The jobs this process gets to run, claimed one by one as the executor asks."""
+        for job in candidates:
+            if store.claim(job.key, owner, CLAIM_LEASE_SECONDS):
+                yield job
+            else:
+                if job.key not in store.finished_keys():
+                    tally.elsewhere.append(job)
+                bar.update(1)
+
+    disable = None if show_progress is None else not show_progress
+    previous, longest = time.monotonic(), 0.0
+    with tqdm(total=len(todo), desc="jobs", unit="job", disable=disable, dynamic_ncols=True) as bar:
+        for done_count, (job, outcome) in enumerate(executor.run(claimed(todo), env), 1):
+            store.record(job, outcome)
+            if outcome.status == "ok":
+                tally.succeeded += 1
+            else:
+                tally.failed.append((job, outcome.error or ""))
+                first_line = (outcome.error or "").splitlines()[0] if outcome.error else "unknown error"
+                where = failure_location(outcome.error or "")
+                bar.write(f"FAILED {job.describe()}: {first_line}" + (f"\n  at {where}" if where else ""))
+            bar.update(1)
+            now = time.monotonic()
+            longest, previous = max(longest, now - previous), now
+            if deadline is not None and done_count < len(todo) and now - deadline[0] + longest > deadline[1]:
+                tally.left = len(todo) - done_count - len(tally.elsewhere)
+                bar.write(
+                    f"time limit: {now - deadline[0]:.0f} s spent and the longest job took {longest:.0f} s; "
+                    f"jobs not started: {tally.left}"
+                )
+                break  # executors are lazy: leaving the loop starts no further job
+    return tally
 
 
 CLAIM_LEASE_SECONDS = 120.0  # a claim not renewed for this long (its process died) can be taken over

@@ -34,6 +34,7 @@ from bench.data import ImageData
 from bench.errors import BenchError
 from bench.evaluation import clean_accuracy, to_model_input
 from bench.jobs import AnalysisJob, BonafideSource, Job, Outcome, content_hash
+from bench.locations import cache_root, using_cache_root
 from bench.metrics import defense_effectiveness_rating
 
 CLEAN_ACCURACY = Metric("clean_acc", "C-Acc", higher_is_better=True, doc="clean accuracy")
@@ -77,7 +78,8 @@ def execute_job(job: Job | AnalysisJob, env: JobEnvironment) -> Outcome:
     KeyboardInterrupt itself fails its job only."""
     started = _now()
     try:
-        outcome = RUNNERS[job.table](job, env)
+        with using_cache_root(env.cache_root):
+            outcome = RUNNERS[job.table](job, env)
         check_storable(outcome)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) and _user_interrupt.is_set():
@@ -228,19 +230,11 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
             "evaluations", _evaluation_key(job, splits, env), lambda: measure(model, "the attacked model")
         )
     further = FurtherModels(job, splits, env)
-    defense_ctx = DefenseContext(**vars(ctx), recipe=job.recipe, attacked_model_with_seed=further)
-    defense_ctx.seed_global_rng("defense")
-    with timed(timings, env, "defense"):
-        result, cached_seconds = defended_model(job, model, bonafide, splits, env, defense_ctx, further.extra_seconds)
+    result, unchanged, cached_seconds = _defend(job, defense, model, bonafide, splits, env, ctx, further, timings)
     defended = result.model
-    unchanged = defense.returns_model_unchanged and isinstance(defended, type(model)) and _same_weights(defended, model)
     what = f"defense '{job.defense.label}': the defended model"
     if not unchanged:
         check_finite_outputs(defended, evaluation, ctx, what)
-    if cached_seconds is not None:  # the time it took to build, not to read it back
-        timings["defense"] = cached_seconds
-    elif further.train_seconds:
-        timings["defense"] = round(timings["defense"] + further.extra_seconds(), 4)
     with timed(timings, env, "evaluate"):
         # Attacking the same model again would repeat the before-defense numbers exactly.
         after = dict(before) if unchanged else measure(defended, what)
@@ -251,20 +245,9 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
                 measured = measure(point_model, f"defense '{job.defense.label}': the model at {coordinates}")
                 series.setdefault(name, []).append({**coordinates, **measured})
     metrics, info = _job_metrics(job, attack, defense, before, after, result.values)
-    notes = {
-        "model_cache": "hit" if model_hit else "miss",
-        "evaluation_cache": "hit" if before_hit else "miss",
-        "defended_model_cache": "hit" if cached_seconds is not None else "miss",
-        "data_source": splits.source,
-        "machine": machine_description(env.device),
-        "bonafide_images": len(bonafide),
-        "evaluation_images": len(evaluation),
-        "attack_protocol": attack.describe_protocol(),
-        "extra_models_trained": len(defense.other_attacked_seeds(job.seed)),
-        # part of the defense's time (its whole cost), so not a stage of its own
-        "extra_models_train_seconds": round(sum(further.train_seconds), 4),
-        "methods": method_links(job.attack, job.defense),
-    }
+    caches = {"model_cache": model_hit, "evaluation_cache": before_hit}
+    caches["defended_model_cache"] = cached_seconds is not None
+    notes = _job_notes(job, attack, defense, splits, env, caches, len(bonafide), len(evaluation), further)
     return Outcome(
         status="ok",
         metrics=metrics,
@@ -275,6 +258,41 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         device=_device_name(env.device),
         versions=versions(job),
     )
+
+
+def _defend(job: Job, defense, model, bonafide, splits, env: JobEnvironment, ctx, further, timings):
+    """The defended model (from the cache when it was built before), whether it is the attacked
+    model untouched, and the seconds a cached one took to build (None when built now). The
+    defense's time is its whole cost: further attacked models it trained count too."""
+    defense_ctx = DefenseContext(**vars(ctx), recipe=job.recipe, attacked_model_with_seed=further)
+    defense_ctx.seed_global_rng("defense")
+    with timed(timings, env, "defense"):
+        result, cached_seconds = defended_model(job, model, bonafide, splits, env, defense_ctx, further.extra_seconds)
+    defended = result.model
+    unchanged = defense.returns_model_unchanged and isinstance(defended, type(model)) and _same_weights(defended, model)
+    if cached_seconds is not None:  # the time it took to build, not to read it back
+        timings["defense"] = cached_seconds
+    elif further.train_seconds:
+        timings["defense"] = round(timings["defense"] + further.extra_seconds(), 4)
+    return result, unchanged, cached_seconds
+
+
+def _job_notes(
+    job: Job, attack, defense, splits, env, caches: dict[str, bool], bonafide: int, evaluation: int, further
+) -> dict[str, Any]:
+    """What the store keeps beside a job's numbers: cache hits, data, machine, protocol, methods."""
+    return {
+        **{key: "hit" if hit else "miss" for key, hit in caches.items()},
+        "data_source": splits.source,
+        "machine": machine_description(env.device),
+        "bonafide_images": bonafide,
+        "evaluation_images": evaluation,
+        "attack_protocol": attack.describe_protocol(),
+        "extra_models_trained": len(defense.other_attacked_seeds(job.seed)),
+        # part of the defense's time (its whole cost), so not a stage of its own
+        "extra_models_train_seconds": round(sum(further.train_seconds), 4),
+        "methods": method_links(job.attack, job.defense),
+    }
 
 
 def _evaluation_key(job: Job, splits, env: JobEnvironment) -> str:
@@ -325,8 +343,54 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
     start = time.perf_counter()
     splits = load_dataset(job, env.device)
     timings["data"] = round(time.perf_counter() - start, 4)
-    models: dict[str, nn.Module] = {}
     notes: dict[str, Any] = {}
+    start = time.perf_counter()
+    models, evaluation = _analysis_models(job, splits, env, notes)
+    timings["models"] = round(time.perf_counter() - start, 4)
+
+    analysis = job.analysis.instantiate()
+    ctx = RunContext(
+        device=env.device,
+        seed=job.seed,
+        num_classes=splits.num_classes,
+        eval_batch_size=job.eval_batch_size,
+        horizontal_flip=job.dataset.cls.horizontal_flip,
+        show_progress=env.show_progress,
+        cache_dir=env.cache_root or cache_root(),
+    )
+    ctx.seed_global_rng("analysis")
+    start = time.perf_counter()
+    result = analysis.run(models, AnalysisData(splits, evaluation), ctx)
+    timings["analysis"] = round(time.perf_counter() - start, 4)
+    if not isinstance(result, AnalysisResult):
+        raise BenchError(f"{analysis.name}: run() returned a {type(result).__name__}, not a bench.AnalysisResult")
+    declared = _checked_analysis_result(analysis, result, job)
+    notes.update(
+        {
+            "figures": [f.info() for f in result.figures],
+            "findings": [f.info() for f in result.findings],
+            "data_source": splits.source,
+            "machine": machine_description(env.device),
+            "evaluation_images": len(evaluation),
+            "methods": method_links(job.analysis),
+        }
+    )
+    return Outcome(
+        status="ok",
+        metrics={k: float(v) for k, v in result.values.items()},
+        metric_info={k: declared[k].info() for k in result.values},
+        timings=timings,
+        series={name: list(records) for name, records in result.series.items()},
+        notes=notes,
+        device=_device_name(env.device),
+        versions=versions(job),
+    )
+
+
+def _analysis_models(job: AnalysisJob, splits, env: JobEnvironment, notes: dict[str, Any]):
+    """The models the analysis asked for, attacked and defended through the jobs' cache (cache
+    hits noted in `notes`), and the test images none of their defenders was given."""
+    models: dict[str, nn.Module] = {}
     unseen = torch.ones(len(splits.test), dtype=torch.bool)  # test images no defender was given
     needs = []
     for name, need in job.needs:
@@ -336,7 +400,6 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
             unseen[bonafide_test_indices(splits, need.bonafide_size, job.seed + need.seed_offset)] = False
         needs.append((name, need))
     evaluation = splits.test.subset(unseen.nonzero().squeeze(1))
-    start = time.perf_counter()
     for name, need in needs:
         model_job = job.model_job(need)
         model, attack_state, hit, _ = attacked_model(model_job, model_job.seed, splits, env)
@@ -361,23 +424,11 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
             notes[f"{name}_defense_cache"] = "hit" if cached_seconds is not None else "miss"
         check_finite_outputs(model, evaluation, make_context(model_job, env, splits), f"model '{name}'")
         models[name] = model.eval()
-    timings["models"] = round(time.perf_counter() - start, 4)
+    return models, evaluation
 
-    analysis = job.analysis.instantiate()
-    ctx = RunContext(
-        device=env.device,
-        seed=job.seed,
-        num_classes=splits.num_classes,
-        eval_batch_size=job.eval_batch_size,
-        horizontal_flip=job.dataset.cls.horizontal_flip,
-        show_progress=env.show_progress,
-    )
-    ctx.seed_global_rng("analysis")
-    start = time.perf_counter()
-    result = analysis.run(models, AnalysisData(splits, evaluation), ctx)
-    timings["analysis"] = round(time.perf_counter() - start, 4)
-    if not isinstance(result, AnalysisResult):
-        raise BenchError(f"{analysis.name}: run() returned a {type(result).__name__}, not a bench.AnalysisResult")
+
+def _checked_analysis_result(analysis, result, job: AnalysisJob) -> dict[str, Metric]:
+    """The analysis's declared metrics by key, once its result is checked against them."""
     declared = {m.key: m for m in analysis.metrics}
     undeclared = sorted(set(result.values) - set(declared))
     if undeclared:
@@ -386,26 +437,7 @@ def run_analysis(job: AnalysisJob, env: JobEnvironment) -> Outcome:
     for figure in result.figures:
         if figure.series not in result.series:
             raise BenchError(f"{analysis.name}: a figure draws the series '{figure.series}', which it did not return")
-    notes.update(
-        {
-            "figures": [f.info() for f in result.figures],
-            "findings": [f.info() for f in result.findings],
-            "data_source": splits.source,
-            "machine": machine_description(env.device),
-            "evaluation_images": len(evaluation),
-            "methods": method_links(job.analysis),
-        }
-    )
-    return Outcome(
-        status="ok",
-        metrics={k: float(v) for k, v in result.values.items()},
-        metric_info={k: declared[k].info() for k in result.values},
-        timings=timings,
-        series={name: list(records) for name, records in result.series.items()},
-        notes=notes,
-        device=_device_name(env.device),
-        versions=versions(job),
-    )
+    return declared
 
 
 def versions(job: Job | AnalysisJob) -> dict[str, str]:

@@ -12,14 +12,14 @@ A suite is a TOML file:
     epochs = 8
 
     [[datasets]]
-    name = "digits"
+    name = "<a dataset plugin>"
 
     [[attacks]]
-    name = "badnets"
+    name = "<an attack plugin>"
     poison_rate = [0.05, 0.1]        # a list for a single-valued option is a sweep
 
     [[exclude]]                      # drop jobs matching every key given
-    defense = "finetune"
+    defense = "<a defense plugin>"
     bonafide_size = 50
 
 Everything is checked before anything runs; each error names the file, the key, the value and
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from bench.errors import SuiteError, did_you_mean
 from bench.expansion import plugin_specs, resolve_model_needs
-from bench.jobs import BonafideSource, PluginSpec
+from bench.jobs import SUITE_ATTACKS, BonafideSource, PluginSpec
 from bench.models import TrainRecipe
 from bench.options import check_value, option, parse_options
 from bench.registry import Registry
@@ -164,6 +164,12 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
         spec.label: resolve_model_needs(spec, f"{path}: analyses ('{spec.label}')", registry)
         for spec in plugins["analyses"]
     }
+    for label, needs in analysis_models.items():
+        if any(need.suite_attack for _, need in needs) and not plugins["attacks"]:
+            raise SuiteError(
+                f"{path}: analyses ('{label}') asks for the suite's attacks (ModelRecipe attack "
+                f"'{SUITE_ATTACKS}'), but the suite has no [[attacks]] table"
+            )
     return Suite(path, settings, training, plugins, exclude, analysis_models)
 
 

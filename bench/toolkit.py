@@ -4,7 +4,7 @@ besides the names in `bench` itself. The built-in plugins use only `bench` and `
 core may change without notice.
 
 `API_VERSION` grows by one whenever a name here changes incompatibly; a plugin that depends on
-the toolkit can state what it was written for with `bench.toolkit.require_api(1)`, which fails
+the toolkit can state what it was written for with `bench.toolkit.require_api(2)`, which fails
 with a clear message on an incompatible robustness-bench.
 
 What is here:
@@ -16,9 +16,13 @@ What is here:
   epoch);
 - prediction: `to_model_input`, `predict`, `clean_accuracy`, `is_stochastic`, `eval_mode`,
   `STOCHASTIC_PROBE_IMAGES`, `accuracy`;
-- attack bases: `AllToOneBackdoor` (trigger backdoors), `EvasionAttack`, `ProtocolOptions`,
-  `EvasionSettings`, `Norm` (evasion attacks with the shared protocol), and `pgd_attack`,
-  `robust_accuracy`, `attack_success_rate`, `import_torchattacks`;
+- attacks: `check_target_class`, `backdoor_success_rate`, `backdoor_robust_accuracy` (ASR and
+  RA of a triggered test set); the evasion primitives `pgd_attack` (PGD/FGSM, CE or DLR `Loss`,
+  `Norm`, EOT), `dlr_loss`, `robust_accuracy` (per-image `PassCounts` of an attack, a
+  `PerturbFn`), `worst_case`, `attack_success_rate`. The built-in attack families build on
+  these in plugin modules a third party may subclass: `bench_plugins.attacks.trigger_backdoor`
+  (`AllToOneBackdoor`) and `bench_plugins.attacks.evasion_protocol` (`EvasionAttack`,
+  `ProtocolOptions`, the masking checks);
 - models: `GridAvgPool` (deterministic global pooling);
 - plugins using plugins: `build_plugin` (an installed plugin by kind, name and options, validated
   like a suite table), `layer_names` (a model's submodule names, for hooks);
@@ -28,23 +32,24 @@ What is here:
 """
 
 from bench.adversarial import (
-    EvasionAttack,
-    EvasionSettings,
+    Loss,
     Norm,
-    ProtocolOptions,
+    PassCounts,
+    PerturbFn,
     attack_success_rate,
-    import_torchattacks,
+    dlr_loss,
     pgd_attack,
     robust_accuracy,
+    worst_case,
 )
-from bench.backdoor import AllToOneBackdoor
+from bench.attacks import check_target_class
 from bench.context import derived_seed
 from bench.artifact_cache import cache_dir, save_arrays_atomically
 from bench.locations import record_written
 from bench.data import channel_stats
 from bench.errors import BenchError, did_you_mean
 from bench.evaluation import STOCHASTIC_PROBE_IMAGES, clean_accuracy, eval_mode, is_stochastic, predict, to_model_input
-from bench.metrics import accuracy
+from bench.metrics import accuracy, backdoor_robust_accuracy, backdoor_success_rate
 from bench.models import GridAvgPool
 from bench.statistics import (
     detrended_correlation,
@@ -63,7 +68,7 @@ from bench.training import (
     train_classifier,
 )
 
-API_VERSION = 1
+API_VERSION = 2  # 2: the backdoor and evasion bases moved to bench_plugins.attacks
 
 
 def require_api(oldest: int, newest: int | None = None) -> None:
@@ -81,12 +86,11 @@ def require_api(oldest: int, newest: int | None = None) -> None:
 
 __all__ = [
     "API_VERSION",
-    "AllToOneBackdoor",
-    "EvasionAttack",
-    "EvasionSettings",
     "GridAvgPool",
     "Norm",
-    "ProtocolOptions",
+    "Loss",
+    "PassCounts",
+    "PerturbFn",
     "REFERENCE_SAMPLES_PER_EPOCH",
     "STOCHASTIC_PROBE_IMAGES",
     "accuracy",
@@ -106,7 +110,11 @@ __all__ = [
     "did_you_mean",
     "epoch_order",
     "eval_mode",
-    "import_torchattacks",
+    "backdoor_robust_accuracy",
+    "backdoor_success_rate",
+    "check_target_class",
+    "dlr_loss",
+    "worst_case",
     "is_stochastic",
     "layer_names",
     "pgd_attack",
@@ -126,7 +134,7 @@ def build_plugin(kind: str, name: str, **options):
     """An instance of the installed plugin `name` of `kind` ("attack", "defense", "dataset",
     "model", "analysis"), with `options` validated as a suite table's would be (a typo or a
     wrong type is a `BenchError` naming it). For a plugin that uses another, e.g. a defense
-    that runs an attack on its own model: `build_plugin("attack", "pgd", eps=0.03)`."""
+    that runs an attack on its own model: `build_plugin("attack", "<attack name>", eps=0.03)`."""
     from bench.expansion import plugin_specs
     from bench.registry import load_plugins
 

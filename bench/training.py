@@ -94,6 +94,45 @@ def lr_schedule(recipe: TrainRecipe, total_steps: int):
     return factor
 
 
+def sgd_optimizer(model: nn.Module, recipe: TrainRecipe, nesterov: bool | None = None) -> torch.optim.SGD:
+    """SGD with the recipe's learning rate and momentum, weight decay on weights only (not on
+    biases and norm parameters); Nesterov whenever momentum is used unless `nesterov` says."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.momentum > 0 if nesterov is None else nesterov and recipe.momentum > 0,
+    )
+
+
+def _train_epoch(model, data, order, recipe, ctx, optimizer, scheduler, flip, generator, perturb) -> torch.Tensor:
+    """One pass over `order` in batches; returns the summed loss as a device tensor (no sync)."""
+    loss_sum = torch.zeros((), device=ctx.device)
+    for start in range(0, len(order), recipe.batch_size):
+        idx = order[start : start + recipe.batch_size]
+        xb = data.x[idx]
+        if recipe.augment:
+            xb = random_crop_flip(xb, recipe.crop_padding, flip, generator)
+        inputs = to_model_input(xb)
+        if perturb is not None:
+            inputs = perturb(inputs, data.y[idx], generator)
+        with ctx.autocast():
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), data.y[idx], label_smoothing=recipe.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+    return loss_sum
+
+
 def train_classifier(
     model: nn.Module,
     data: ImageData,
@@ -121,17 +160,7 @@ def train_classifier(
         raise ValueError("train_classifier: choose reference_schedule or cosine_schedule, not both")
     generator = ctx.generator(stream)
     model.train()
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() <= 1 else decay).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr,
-        momentum=recipe.momentum,
-        nesterov=recipe.momentum > 0 if nesterov is None else nesterov and recipe.momentum > 0,
-    )
+    optimizer = sgd_optimizer(model, recipe, nesterov)
     total_steps = recipe.epochs * steps_per_epoch(len(data), recipe.batch_size, samples_per_epoch)
     per_epoch = reference_lr_factor if reference_schedule else cosine_lr_factor if cosine_schedule else None
     if per_epoch is not None:
@@ -145,24 +174,7 @@ def train_classifier(
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr * per_epoch(epoch, recipe.epochs)
         order = epoch_order(len(data), samples_per_epoch, generator, ctx.device)
-        loss_sum = torch.zeros((), device=ctx.device)
-        for start in range(0, len(order), recipe.batch_size):
-            idx = order[start : start + recipe.batch_size]
-            xb = data.x[idx]
-            if recipe.augment:
-                xb = random_crop_flip(xb, recipe.crop_padding, flip, generator)
-            inputs = to_model_input(xb)
-            if perturb is not None:
-                inputs = perturb(inputs, data.y[idx], generator)
-            with ctx.autocast():
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), data.y[idx], label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += loss.detach() * len(idx)
+        loss_sum = _train_epoch(model, data, order, recipe, ctx, optimizer, scheduler, flip, generator, perturb)
         epoch_losses.append(loss_sum.item() / len(order))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")

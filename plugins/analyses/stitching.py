@@ -74,8 +74,9 @@ def stitching_findings(records: list[dict], values: dict[str, float], own: dict,
     for front_name, back_name, pair in PAIRS[:2]:
         rows = [r for r in records if r["pair"] == pair]
         back = own[back_name]["robust_acc"]
-        intervals = [relative_interval(r["robust_acc"], back, images) for r in rows]
-        if any(i is None for i in intervals):
+        resolved = [relative_interval(r["robust_acc"], back, images) for r in rows]
+        intervals = [i for i in resolved if i is not None]
+        if len(intervals) < len(resolved):
             verdicts.append(False)
             low, high = wilson_interval(round(back * images), images)
             evidence.append(
@@ -132,9 +133,11 @@ class Front(nn.Module):
 
     def __init__(self, model: nn.Module, layer: int):
         super().__init__()
-        self.register_buffer("mean", model.mean.clone())
-        self.register_buffer("std", model.std.clone())
-        self.layers = nn.Sequential(*list(model.net)[: layer + 1])
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", model.get_buffer("mean").clone())
+        self.register_buffer("std", model.get_buffer("std").clone())
+        self.layers = nn.Sequential(*list(model.get_submodule("net").children())[: layer + 1])
 
     def forward(self, x):
         return self.layers((x - self.mean) / self.std)
@@ -150,17 +153,20 @@ class DonorBatchNorm(enum.Enum):
     FROZEN = "frozen"  # eval mode: running statistics fixed (the reference's --no-bn, "not recommended")
 
 
-def stitching_layer(features: torch.Tensor, init: Init = Init.IDENTITY, seed: int = 0) -> nn.Module:
+def stitching_layer(features: torch.Tensor, init: Init = Init.IDENTITY, seed: int = 0) -> nn.Conv2d | nn.Linear:
     """The affine stitching layer for these features (4D: 1x1 conv with bias; 2D: linear),
     initialised to the identity or, seeded, as PyTorch initialises such a layer."""
     channels = features.shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        layer = nn.Conv2d(channels, channels, 1) if features.dim() == 4 else nn.Linear(channels, channels)
+        layer: nn.Conv2d | nn.Linear = (
+            nn.Conv2d(channels, channels, 1) if features.dim() == 4 else nn.Linear(channels, channels)
+        )
     if init is Init.IDENTITY:
         with torch.no_grad():
             layer.weight.copy_(torch.eye(channels).view_as(layer.weight))
-            layer.bias.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
     return layer.to(features.device)
 
 
@@ -191,7 +197,7 @@ def stitch(
     copies' batch-norm statistics follow the stitching data when `donor_batch_norm` is `train`,
     as in the reference's trainer, which puts the whole stitched network in train mode)."""
     front = Front(copy.deepcopy(a), layer).eval().requires_grad_(False)
-    back = nn.Sequential(*list(copy.deepcopy(b).net)[layer + 1 :]).eval().requires_grad_(False)
+    back = nn.Sequential(*list(copy.deepcopy(b).get_submodule("net").children())[layer + 1 :]).eval().requires_grad_(False)
     with torch.no_grad(), ctx.autocast():
         sample = front(to_model_input(train.x[:2])).float()
     layer_module = stitching_layer(sample, init, seed=derived_seed(ctx.seed, f"stitch_init_{layer}"))

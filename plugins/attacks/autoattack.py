@@ -22,7 +22,7 @@ in which the adversarial image is misclassified.
 
 The plugin reaches into torchattacks' internals (`AutoAttack._autoattack.attacks` and the
 members' attribute names), so it supports the torchattacks releases in
-`bench.adversarial.TORCHATTACKS_REQUIREMENT` (3.5.x) only: a missing package or another
+`bench_plugins.attacks.evasion_protocol.TORCHATTACKS_REQUIREMENT` (3.5.x) only: a missing package or another
 version stops a suite before it runs (and `build` at run time) with a `bench.BenchError`.
 
 ART's `AutoAttack` runs a different default set, so it is not used. The attacks run in float32
@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench.toolkit import Norm, attack_success_rate, eval_mode, import_torchattacks, is_stochastic, robust_accuracy
+from bench.toolkit import Norm, attack_success_rate, eval_mode, is_stochastic, robust_accuracy
+from bench_plugins.attacks.evasion_protocol import import_torchattacks
 from bench.toolkit import derived_seed
 from bench.toolkit import STOCHASTIC_PROBE_IMAGES, to_model_input
 

@@ -20,7 +20,7 @@ import torch
 
 import bench
 from bench import BenchError
-from bench.toolkit import AllToOneBackdoor
+from bench_plugins.attacks.trigger_backdoor import AllToOneBackdoor
 
 
 class Corner(enum.Enum):

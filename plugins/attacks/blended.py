@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench.toolkit import AllToOneBackdoor
+from bench_plugins.attacks.trigger_backdoor import AllToOneBackdoor
 
 
 class Trigger(enum.Enum):
@@ -76,7 +76,8 @@ class Blended(AllToOneBackdoor):
         return make_trigger(o.trigger, shape, o.trigger_seed, o.stripe_width)
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
-        return blend(x, self.trigger_image(tuple(x.shape[1:])), self.options.alpha)
+        channels, height, width = x.shape[1:]
+        return blend(x, self.trigger_image((channels, height, width)), self.options.alpha)
 
 
 @bench.hookimpl

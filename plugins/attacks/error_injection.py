@@ -287,6 +287,7 @@ class ErrorInjection(bench.Attack):
         forward = _logits_from_owner(model, param, x)
         for p in trainable:
             p.requires_grad_(p is param)
+        optimizer: torch.optim.Optimizer
         if o.optimizer is Optimizer.ADAM:
             optimizer = torch.optim.Adam([param], lr=o.lr)
         else:

@@ -3,7 +3,7 @@
 One step of size `eps` along the gradient's sign (L-inf) or its normalized direction (L2),
 from the clean image or, with `random_start`, from a random point in the ball (then
 projected back). It runs through the same core function and protocol as `pgd`
-(`bench.adversarial.evaluate_evasion`; see the pgd plugin), so it reports the same metrics:
+(`bench_plugins.attacks.evasion_protocol.evaluate_evasion`; see the pgd plugin), so it reports the same metrics:
 EOT-FGSM for stochastic models (declared, or detected by two differing forward passes), and
 the masking check on the first `check_subset` images, where CE-PGD and DLR-PGD take
 `check_steps_factor` steps (10 by default) with restarts, and Square runs when torchattacks is
@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import bench
-from bench.toolkit import EvasionAttack, EvasionSettings, Norm, ProtocolOptions
+from bench.toolkit import Norm
+from bench_plugins.attacks.evasion_protocol import EvasionAttack, EvasionSettings, ProtocolOptions
 
 
 class FGSM(EvasionAttack):

@@ -1,7 +1,7 @@
 """`pgd`: projected gradient descent (Madry et al. 2018), L-inf or L2, untargeted or targeted,
 with random restarts, EOT for stochastic models, and a gradient-masking check.
 
-The protocol (`bench.adversarial.evaluate_evasion`), on the first `subset` evaluation images
+The protocol (`bench_plugins.attacks.evasion_protocol.evaluate_evasion`), on the first `subset` evaluation images
 (0: all; the default 1,000 keeps CPU runs short, set 0 for a full evaluation; a targeted
 attack with a fixed `target_class` leaves out the images of that class):
 
@@ -54,7 +54,7 @@ attack with a fixed `target_class` leaves out the images of that class):
 The per-attack numbers, the gap, the clean diagnostics and `stochastic` are diagnostic metrics
 (the leaderboard's second table); `robust_acc`, `asr` and `unreliable` are the headline.
 Without torchattacks (`pip install 'robustness-bench[autoattack]'`), or with a version
-outside `bench.adversarial.TORCHATTACKS_REQUIREMENT`, Square does not run, and
+outside `bench_plugins.attacks.evasion_protocol.TORCHATTACKS_REQUIREMENT`, Square does not run, and
 `robust_acc_check_square` is absent: the protocol line under the leaderboard table, written
 when the job runs, then says "NO Square check" and why. `check_square_queries = 0` turns
 Square off the same visible way.
@@ -70,7 +70,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import bench
-from bench.toolkit import EvasionAttack, EvasionSettings, Norm, ProtocolOptions
+from bench.toolkit import Norm
+from bench_plugins.attacks.evasion_protocol import EvasionAttack, EvasionSettings, ProtocolOptions
 
 
 class PGD(EvasionAttack):

@@ -36,10 +36,10 @@ class Method(enum.Enum):
 def reset_parameters(model: torch.nn.Module) -> None:
     """Re-initialise every layer that knows how (conv, linear, batch norm)."""
     for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-        if hasattr(module, "reset_running_stats"):
-            module.reset_running_stats()
+        for method in ("reset_parameters", "reset_running_stats"):
+            reset = getattr(module, method, None)
+            if callable(reset):
+                reset()
 
 
 class AdversarialTraining(bench.Defense):

@@ -53,6 +53,7 @@ class ChannelMask(nn.Module):
     def __init__(self, module: nn.Module, channels: int, device: torch.device):
         super().__init__()
         self.module = module
+        self.mask: torch.Tensor
         self.register_buffer("mask", torch.ones(channels, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,8 @@ def find_prune_point(net: nn.Module, sample: torch.Tensor, layer: str = "") -> t
     if layer and layer not in modules:
         names = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d) + _ACTIVATIONS)]
         raise BenchError(f"fine_pruning: the model has no module '{layer}'; candidates: " + ", ".join(names))
-    finished, calls = [], Counter()
+    finished: list[tuple[str, tuple[int, ...]]] = []
+    calls: Counter[str] = Counter()
 
     def recorder(name):
         def record(module, inputs, output):

@@ -101,7 +101,7 @@ class ParameterCurve:
                     f"mcr: the two endpoint models differ at parameter '{name}'; both must have the same architecture"
                 )
             # outermost dimension first; among equal strides a size-1 dimension goes inside
-            order = sorted(range(p.dim()), key=lambda d: (-p.stride(d), p.shape[d] == 1, d))
+            order = sorted(range(p.dim()), key=lambda d: (-p.stride()[d], p.shape[d] == 1, d))
             if not p.permute(order).is_contiguous():
                 order = list(range(p.dim()))
             self.names.append(name)

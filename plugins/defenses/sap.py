@@ -142,7 +142,7 @@ class ActivationPruning(nn.Module):
 
 def is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return isinstance(modules[node.target], nn.ReLU)
+        return isinstance(modules[str(node.target)], nn.ReLU)
     if node.op == "call_function":
         return node.target in RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")

@@ -32,7 +32,8 @@ VGG16_LAYOUT = (1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M")
 class Vgg(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, width: int, layout=VGG16_LAYOUT):
         super().__init__()
-        layers, c_in = [], in_channels
+        layers: list[nn.Module] = []
+        c_in = in_channels
         for item in layout:
             if item == "M":
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))

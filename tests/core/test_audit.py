@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from bench.store import ResultStore
-from bench.testing import write_suite
+from bench_plugins.testing import write_suite
 
 QUICK_FINETUNE = {"name": "finetune", "epochs": 2, "samples_per_epoch": 0}
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -15,7 +15,7 @@ from bench.cli import main
 from bench.registry import ENTRY_POINT_GROUP, build_registry
 from bench.report import render_report
 from bench.store import ResultStore
-from bench.testing import write_suite
+from bench_plugins.testing import write_suite
 
 
 class ExitingDefense(bench.Defense):

@@ -129,7 +129,7 @@ def test_symlink_loops_and_dangling_stores_are_one_line_errors(tmp_path):
     with pytest.raises(BenchError, match="check the symlinks on its path"):
         check_store_path(tmp_path / "loop1" / "r.db")
     suite = tmp_path / "s.toml"
-    from bench.testing import write_suite
+    from bench_plugins.testing import write_suite
 
     write_suite(suite)
     result = invoke("run", suite, "--cache-dir", tmp_path / "loop1", "--dry-run")

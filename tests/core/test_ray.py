@@ -12,7 +12,7 @@ import time
 import pytest
 
 from bench.store import ResultStore
-from bench.testing import write_suite
+from bench_plugins.testing import write_suite
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.third_party_plugins  # the jobs use a plugin package of the test's own
@@ -160,7 +160,7 @@ def test_an_unreachable_ray_address_is_one_line_and_touches_no_store(tmp_path):
     from click.testing import CliRunner
 
     from bench.cli import main
-    from bench.testing import write_suite
+    from bench_plugins.testing import write_suite
 
     suite = write_suite(tmp_path / "s.toml", store=tmp_path / "r.db")
     start = time.perf_counter()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.registry import ENTRY_POINT_GROUP, build_registry
-from bench.testing import write_suite
+from bench_plugins.testing import write_suite
 import importlib.metadata
 
 BUILT_INS = {
@@ -372,7 +372,7 @@ def register_defenses(register):
 
 def test_defenses_can_be_tested_directly_on_a_small_trained_model():
     from bench.evaluation import clean_accuracy
-    from bench.testing import trained_digits_model
+    from bench_plugins.testing import trained_digits_model
     from bench_plugins.defenses.finetune import FineTune
 
     model, splits, ctx = trained_digits_model(epochs=2)

@@ -18,7 +18,7 @@ from bench.registry import ENTRY_POINT_GROUP, build_registry
 
 from bench.cli import main
 from bench.store import ResultStore
-from bench.testing import run_suite_file, write_suite
+from bench_plugins.testing import run_suite_file, write_suite
 
 # Fine-tuning's default is the MCR reference's budget (a million samples); a test needs a few passes.
 QUICK_FINETUNE = {"name": "finetune", "epochs": 2, "samples_per_epoch": 0}
@@ -397,3 +397,42 @@ def test_cache_clear_removes_only_what_bench_wrote_and_says_what_first(tmp_path)
     cleared = CliRunner().invoke(main, ["cache", "clear", "--cache-dir", str(project), "--datasets", "--yes"])
     assert cleared.exit_code == 0 and not (project / "digits-decoded.npz").exists()
     assert (project / "data.npz").exists() and (project / "artifacts" / "mine.txt").exists()
+
+
+class CacheRootRecorder(bench.Defense):
+    """Records where the run says its cache is, from the context and from the toolkit."""
+
+    name = "cache_root_recorder"
+    description = "returns the model unchanged; records the cache folders it is shown"
+    seen: list = []
+
+    def apply(self, model, bonafide, ctx):
+        CacheRootRecorder.seen.append((ctx.cache_dir, bench.toolkit.cache_dir()))
+        return model
+
+
+def test_two_runs_in_one_process_keep_their_cache_folders_apart(tmp_path):
+    """`cache_root` reaches the plugins of its own run only: no environment variable is rewritten,
+    and the next run (or the code after it) sees its own folder again."""
+    import bench.toolkit
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    registry = build_registry(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    registry.register(CacheRootRecorder, plugin="test", package="tests")
+    before = os.environ.get("BENCH_CACHE_DIR")
+    suite = write_suite(tmp_path / "s.toml", defenses=["cache_root_recorder"])
+    CacheRootRecorder.seen.clear()
+    for name in ("a", "b"):
+        run_suite(
+            load_suite(suite, registry),
+            registry,
+            store_path=tmp_path / f"{name}.db",
+            cache_root=tmp_path / name,
+            show_progress=False,
+            echo=lambda _: None,
+        )
+        assert len(list((tmp_path / name / "artifacts" / "models").glob("*.pt"))) == 1
+    assert CacheRootRecorder.seen == [(tmp_path / "a", tmp_path / "a"), (tmp_path / "b", tmp_path / "b")]
+    assert os.environ.get("BENCH_CACHE_DIR") == before
+    assert bench.toolkit.cache_dir() == bench.toolkit.cache_dir().__class__(before)

@@ -407,7 +407,7 @@ def test_dry_run_makes_the_same_checks_as_a_run(tmp_path):
 def test_a_label_too_long_for_a_table_or_a_file_name_is_refused_at_load(tmp_path, registry):
     from bench.errors import SuiteError
     from bench.suite import load_suite
-    from bench.testing import write_suite
+    from bench_plugins.testing import write_suite
 
     path = write_suite(tmp_path / "s.toml", defenses=[{"name": "none", "label": "x" * 500}])
     with pytest.raises(SuiteError, match="500 characters long"):
@@ -419,7 +419,7 @@ def test_a_suite_expanding_to_too_many_jobs_is_refused_before_any_is_built(tmp_p
 
     from bench.errors import SuiteError
     from bench.suite import load_suite
-    from bench.testing import write_suite
+    from bench_plugins.testing import write_suite
 
     sweep = {"name": "finetune", "epochs": list(range(1, 1001)), "lr": [0.01 * i for i in range(1, 1001)]}
     path = write_suite(tmp_path / "s.toml", defenses=[sweep])

@@ -1,7 +1,8 @@
 """The public plugin API: `bench` and `bench.toolkit`, and the built-ins use nothing else."""
 
-import os
 import ast
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,13 @@ def bench_imports(path: Path) -> set[str]:
     return modules
 
 
+# bench_plugins.testing is no plugin: its helpers drive the runner and the store as the CLI does.
+PLUGIN_MODULES = [p for p in sorted((ROOT / "plugins").rglob("*.py")) if p != ROOT / "plugins" / "testing.py"]
+
+
 @pytest.mark.parametrize(
     "path",
-    sorted((ROOT / "plugins").rglob("*.py")) + [ROOT / "examples" / "bench-median-filter" / "bench_median_filter.py"],
+    PLUGIN_MODULES + [ROOT / "examples" / "bench-median-filter" / "bench_median_filter.py"],
     ids=lambda p: p.name,
 )
 def test_plugins_import_only_the_public_api(path):
@@ -75,7 +80,7 @@ def test_a_test_without_the_third_party_mark_loads_only_this_projects_plugins():
 
 
 def test_a_plugin_can_build_another_by_name_and_list_a_models_layers():
-    from bench.testing import trained_digits_model
+    from bench_plugins.testing import trained_digits_model
 
     attack = bench.toolkit.build_plugin("attack", "pgd", eps=0.05, steps=2)
     assert attack.name == "pgd" and attack.options.eps == 0.05 and attack.options.steps == 2
@@ -85,3 +90,44 @@ def test_a_plugin_can_build_another_by_name_and_list_a_models_layers():
     names = dict(bench.toolkit.layer_names(model))
     assert names["net"] == "Sequential" and any(kind == "Conv2d" for kind in names.values())
     assert all(model.get_submodule(name) is not None for name in names)
+
+
+def builtin_names_and_metric_keys() -> set[str]:
+    """Every built-in plugin's name and every metric key a built-in declares, but two words that
+    are the core's own: `none`, the no-defense reference row (the report puts it first), and
+    `stochastic`, the attribute by which a model declares randomness (an evasion metric echoes it)."""
+    from bench.registry import load_plugins
+
+    registry = load_plugins()
+    words = set()
+    for kind in ("dataset", "model", "attack", "defense", "analysis"):
+        for name in registry.names(kind):
+            cls = registry.get(kind, name).cls
+            words |= {name} | {metric.key for metric in getattr(cls, "metrics", ())}
+    return words - {"none", "stochastic"}
+
+
+def test_no_core_module_names_a_builtin_plugin_or_its_metrics():
+    """The core describes plugins only through what they declare (names, options, metrics):
+    not in code, not in docstrings, not in examples."""
+    words = builtin_names_and_metric_keys()
+    assert {"badnets", "mcr", "digits", "asr", "robust_acc", "mcr_t"} <= words  # the lookup works
+    pattern = re.compile(r"[\"'`](%s)[\"'`]" % "|".join(map(re.escape, sorted(words))))
+    found = [
+        f"{path.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}: {m.group(0)}"
+        for path in sorted((ROOT / "bench").rglob("*.py"))
+        for text in [path.read_text()]
+        for m in pattern.finditer(text)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_no_core_function_is_longer_than_60_lines():
+    """A newcomer can hold any function of the core in their head: split a longer one by stage."""
+    long = [
+        f"{path.relative_to(ROOT)}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted((ROOT / "bench").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert not long, "\n".join(long)

@@ -10,9 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import bench
 from bench.cli import main
+from bench.suite import load_suite
 from bench.registry import ENTRY_POINT_GROUP, build_registry
-from bench.testing import run_suite_file, trained_digits_model, write_suite
+from bench_plugins.testing import run_suite_file, trained_digits_model, write_suite
 from bench_plugins.analyses.budget_curve import budget_findings
 from bench_plugins.analyses.robust_path import (
     CORRELATION_LEVEL,
@@ -492,3 +494,41 @@ def test_an_analysis_measures_the_leaderboards_own_attacked_and_defended_models(
     assert analysis["notes"]["repaired_model_cache"] == "hit" and analysis["notes"]["repaired_defense_cache"] == "hit"
     job = [r for r in rows if r.get("defense") == "finetune"][0]
     assert 0 <= analysis["metrics"]["gap"] <= 1 and job["metrics"]["clean_acc"] > 0
+
+
+@pytest.mark.third_party_plugins
+def test_an_analysis_asking_for_the_suites_attacks_runs_once_per_attack_on_its_jobs_models(
+    tmp_path, monkeypatch, one_cpu_thread
+):
+    source = ATTACKED_ANALYSIS.replace('attack="badnets", attack_options=ATTACK', "attack=bench.SUITE_ATTACKS")
+    assert source.count("bench.SUITE_ATTACKS") == 2
+    registry = _third_party_registry(tmp_path, monkeypatch, source, "repair_gap", "repair-gap")
+    attacks = [{"name": "badnets", "poison_rate": 0.1, "trigger_size": 2}, {"name": "blended", "poison_rate": 0.1}]
+    suite = write_suite(
+        tmp_path / "s.toml",
+        models=[TINY],
+        attacks=attacks,
+        defenses=["none", {"name": "finetune", "epochs": 1, "samples_per_epoch": 0}],
+        bonafide_size=50,
+        analyses=["repair_gap"],
+    )
+    rows = run_suite_file(suite, tmp_path, registry=registry)
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    analyses = {r["analysis_label"]: r for r in rows if "analysis" in r}
+    assert sorted(analyses) == ["repair_gap / badnets(trigger_size=2)", "repair_gap / blended"]
+    for row in analyses.values():  # each on the models its attack's jobs built
+        assert row["notes"]["attacked_model_cache"] == "hit" and row["notes"]["repaired_defense_cache"] == "hit"
+
+
+@pytest.mark.third_party_plugins
+def test_a_suite_without_attacks_refuses_an_analysis_asking_for_them(tmp_path, monkeypatch):
+    registry = _third_party_registry(
+        tmp_path,
+        monkeypatch,
+        ATTACKED_ANALYSIS.replace('attack="badnets", attack_options=ATTACK', "attack=bench.SUITE_ATTACKS"),
+        "repair_gap",
+        "repair-gap",
+    )
+    suite = write_suite(tmp_path / "s.toml", models=[TINY], attacks=(), defenses=(), analyses=["repair_gap"])
+    with pytest.raises(bench.SuiteError, match=r"asks for the suite's attacks .* no \[\[attacks\]\] table"):
+        load_suite(suite, registry)

@@ -134,7 +134,7 @@ def test_a_missing_torchattacks_is_reported_before_the_suite_runs(tmp_path, monk
     from click.testing import CliRunner
 
     from bench.cli import main
-    from bench.testing import write_suite
+    from bench_plugins.testing import write_suite
 
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # import torchattacks now raises ImportError
     suite = write_suite(tmp_path / "s.toml", attacks=[{"name": "autoattack", "subset": 10}], store=tmp_path / "r.db")

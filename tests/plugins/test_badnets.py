@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from bench import BenchError, ImageData, RunContext
-from bench.testing import run_suite_file, write_suite
+from bench_plugins.testing import run_suite_file, write_suite
 from bench_plugins.attacks.badnets import BadNets, Corner, stamp_trigger
 
 CPU = RunContext(device=torch.device("cpu"), seed=0, num_classes=10)

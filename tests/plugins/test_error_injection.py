@@ -9,7 +9,7 @@ from bench import BenchError, RunContext
 from bench.evaluation import clean_accuracy, predict
 from bench.models import Classifier
 from bench.registry import ENTRY_POINT_GROUP, build_registry
-from bench.testing import run_suite_file, write_suite
+from bench_plugins.testing import run_suite_file, write_suite
 from bench.training import train_classifier
 from bench_plugins.attacks.error_injection import ErrorInjection, Optimizer, Penalty, hinge
 from bench_plugins.datasets.digits import Digits

@@ -1,7 +1,7 @@
 """Helpers for testing plugins the way the built-ins are tested: write a small suite, run it
 on the CPU, read the stored rows; or call a defense's `apply` directly on a small trained model.
 
-    from bench.testing import write_suite, run_suite_file
+    from bench_plugins.testing import write_suite, run_suite_file
 
     def test_my_defense(tmp_path):
         suite = write_suite(tmp_path / "suite.toml", defenses=["none", {"name": "my_defense"}])
@@ -86,7 +86,7 @@ def trained_digits_model(epochs: int = 3, width: int = 8, seed: int = 0):
     from bench.models import Classifier, InputShape
     from bench.training import train_classifier
 
-    # the installed `digits` and `small_cnn` plugins, looked up like any plugin (the core imports none)
+    # the installed `digits` and `small_cnn` plugins, looked up like any plugin
     registry = load_plugins()
     (dataset,) = plugin_specs({"name": "digits"}, "dataset", "trained_digits_model", registry)
     (network,) = plugin_specs({"name": "small_cnn", "width": width}, "model", "trained_digits_model", registry)

@@ -12,11 +12,8 @@ from typing import ClassVar
 
 import torch
 
-from bench.attacks import Attack, Metric, Stage, check_target_class
-from bench.data import ImageData
-from bench.errors import BenchError
-from bench.evaluation import predict
-from bench.metrics import backdoor_robust_accuracy, backdoor_success_rate
+from bench import Attack, BenchError, ImageData, Metric, Stage
+from bench.toolkit import backdoor_robust_accuracy, backdoor_success_rate, check_target_class, predict
 
 
 class AllToOneBackdoor(Attack):
