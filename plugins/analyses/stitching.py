@@ -197,7 +197,8 @@ def stitch(
     copies' batch-norm statistics follow the stitching data when `donor_batch_norm` is `train`,
     as in the reference's trainer, which puts the whole stitched network in train mode)."""
     front = Front(copy.deepcopy(a), layer).eval().requires_grad_(False)
-    back = nn.Sequential(*list(copy.deepcopy(b).get_submodule("net").children())[layer + 1 :]).eval().requires_grad_(False)
+    back_layers = list(copy.deepcopy(b).get_submodule("net").children())[layer + 1 :]
+    back = nn.Sequential(*back_layers).eval().requires_grad_(False)
     with torch.no_grad(), ctx.autocast():
         sample = front(to_model_input(train.x[:2])).float()
     layer_module = stitching_layer(sample, init, seed=derived_seed(ctx.seed, f"stitch_init_{layer}"))
