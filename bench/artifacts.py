@@ -10,9 +10,10 @@ import copy
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -65,11 +66,36 @@ class JobEnvironment:
 
 
 def make_cuda_deterministic() -> None:
-    """Deterministic cuDNN and cuBLAS kernels, so a rerun job reproduces its numbers."""
+    """Deterministic cuDNN and cuBLAS kernels, so a rerun job reproduces its numbers (for a
+    process that only runs jobs, such as a Ray worker; a run in a caller's process uses
+    `cuda_determinism`, which restores the settings after)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextmanager
+def cuda_determinism(enabled: bool) -> Iterator[None]:
+    """`make_cuda_deterministic` within the block, and the caller's settings back after it, so
+    a run inside a notebook or another program leaves its kernels as they were."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    make_cuda_deterministic()
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
 
 
 def make_context(job: Job, env: JobEnvironment, splits: DatasetSplits, seed: int | None = None) -> RunContext:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.artifact_cache import ArtifactCache
-from bench.artifacts import JobEnvironment, make_cuda_deterministic
+from bench.artifacts import JobEnvironment, cuda_determinism
 from bench.locations import cache_root as default_cache_root, using_cache_root
 from bench.errors import BenchError, SuiteError
 from bench.executors import Executor, InProcessExecutor
@@ -80,8 +80,6 @@ def prepare(
         raise SuiteError(f"{suite.path}: [suite].device: {exc}" if device is None else str(exc)) from None
     if store_path is not None:
         check_store_path(store_path)
-    if torch_device.type == "cuda" and suite.settings.deterministic:
-        make_cuda_deterministic()
     root = Path(cache_root).expanduser() if cache_root is not None else None
     with using_cache_root(root):
         artifacts = Path(artifact_dir).expanduser() if artifact_dir else default_cache_root() / "artifacts"
@@ -144,7 +142,13 @@ def run_suite(
         cache_root=cache_root,
     )
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    with ResultStore(store_path) as store, user_interrupts_marked(), claims_renewed(store, owner):
+    deterministic = env.device.type == "cuda" and env.deterministic
+    with (
+        ResultStore(store_path) as store,
+        user_interrupts_marked(),
+        claims_renewed(store, owner),
+        cuda_determinism(deterministic),
+    ):
         store.record_suite(
             suite.name,
             str(suite.path),

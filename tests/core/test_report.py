@@ -564,3 +564,43 @@ def test_labels_cannot_mention_or_mail():
     from bench.report import md
 
     assert md("ping @someone or me@example.com") == "ping &#64;someone or me&#64;example.com"
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_the_figures_draw_the_same_means_and_intervals_as_the_tables(tmp_path, monkeypatch):
+    """One leaderboard model behind every output: the bonafide figure's points and error bars
+    are the JSON (and markdown) cells' means and 95% intervals, for every defense and size."""
+    import json
+
+    import matplotlib.axes
+
+    with ResultStore(tmp_path / "r.db") as store:
+        for seed, size in itertools.product((0, 1, 2), (50, 100)):
+            asr = 0.1 * seed + (0.3 if size == 50 else 0.05) + 0.01 * seed * seed
+            store.record(
+                fake_job("finetune", seed, size),
+                Outcome(
+                    status="ok",
+                    metrics={"clean_acc": 0.9, "asr": asr, "clean_acc_before": 0.9, "asr_before": 1.0, "der": 0.5},
+                    metric_info=INFO,
+                    device="cpu (test)",
+                    versions={"robustness-bench": "0.1.0"},
+                    started_at="2026-11-23T10:00:00",
+                    finished_at="2026-11-23T10:01:00",
+                ),
+            )
+    drawn = {}
+
+    def errorbar(self, xs, mean, yerr=None, label=None, **kwargs):
+        drawn[label] = {x: (m, h) for x, m, h in zip(xs, mean, yerr)}
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    out = tmp_path / "board.md"
+    assert CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "-o", str(out)]).exit_code == 0
+    data = json.loads(CliRunner().invoke(main, ["report", str(tmp_path / "r.db"), "--format", "json"]).output)
+    cells = {row["bonafide_size"]: row["metrics"]["asr"] for row in data["tables"][0]["rows"]}
+    assert set(drawn["finetune"]) == set(cells) == {50, 100}
+    for size, (mean, half) in drawn["finetune"].items():
+        assert mean == pytest.approx(100 * cells[size]["mean"])
+        assert half == pytest.approx(100 * (cells[size]["ci_high"] - cells[size]["mean"]))
+    assert "±" in out.read_text()

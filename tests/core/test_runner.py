@@ -436,3 +436,18 @@ def test_two_runs_in_one_process_keep_their_cache_folders_apart(tmp_path):
     assert CacheRootRecorder.seen == [(tmp_path / "a", tmp_path / "a"), (tmp_path / "b", tmp_path / "b")]
     assert os.environ.get("BENCH_CACHE_DIR") == before
     assert bench.toolkit.cache_dir() == bench.toolkit.cache_dir().__class__(before)
+
+
+def test_deterministic_kernels_are_set_for_a_run_and_restored_after_it(monkeypatch):
+    from bench.artifacts import cuda_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    before_algorithms = torch.are_deterministic_algorithms_enabled()
+    with cuda_determinism(True):
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == before
+    assert torch.are_deterministic_algorithms_enabled() == before_algorithms
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
