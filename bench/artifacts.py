@@ -22,7 +22,7 @@ from bench.attacks import Attack, Stage
 from bench.locations import cache_root
 from bench.context import DefenseContext, RunContext
 from bench.data import DatasetSplits, ImageData
-from bench.defenses import Defended
+from bench.defenses import DefenderData, Defended
 from bench.errors import BenchError
 from bench.jobs import AnalysisJob, Job
 from bench.artifact_cache import (  # noqa: F401  (re-exported)
@@ -228,18 +228,12 @@ def defended_model(
     `apply` took for the cost it does not show (further attacked models read from the cache)."""
     defense = job.defense.instantiate()
     if defense.returns_model_unchanged:
-        return as_defended(defense.apply(copy.deepcopy(model), bonafide, defense_ctx), defense), None
+        given, data = defender_inputs(job, defense, model, bonafide, splits, env)
+        return as_defended(defense.apply(given, data, defense_ctx), defense), None
     key = defended_key(job, splits, env.device)
 
     def cached() -> tuple[Defended, float] | None:
-        entry = env.cache.get("defended", key)
-        if entry is None:
-            return None
-        restored = build_model(job, splits)
-        restored.load_state_dict(entry["state_dict"])
-        return Defended(defense_ctx.prepare(restored).eval(), series=entry["series"], values=entry["values"]), entry[
-            "seconds"
-        ]
+        return _cached_defended(job, key, splits, env, defense_ctx)
 
     hit = cached()
     if hit is not None:
@@ -249,7 +243,8 @@ def defended_model(
         if hit is not None:
             return hit
         start = time.perf_counter()
-        result = as_defended(defense.apply(copy.deepcopy(model), bonafide, defense_ctx), defense)
+        given, data = defender_inputs(job, defense, model, bonafide, splits, env)
+        result = as_defended(defense.apply(given, data, defense_ctx), defense)
         seconds = time.perf_counter() - start + extra_seconds()
         if result.points is None and _same_structure(result.model, model):
             env.cache.put(
@@ -260,9 +255,66 @@ def defended_model(
                     "series": result.series,
                     "values": dict(result.values),
                     "seconds": round(seconds, 4),
+                    "removed_training_indices": None
+                    if result.removed_training_indices is None
+                    else result.removed_training_indices.cpu(),
                 },
             )
     return result, None
+
+
+def _cached_defended(job: Job, key: str, splits, env: JobEnvironment, ctx) -> tuple[Defended, float] | None:
+    """The defended model stored under `key` and the seconds it took to build, or None."""
+    entry = env.cache.get("defended", key)
+    if entry is None:
+        return None
+    restored = build_model(job, splits)
+    restored.load_state_dict(entry["state_dict"])
+    removed = entry.get("removed_training_indices")
+    defended = Defended(
+        ctx.prepare(restored).eval(),
+        series=entry["series"],
+        values=entry["values"],
+        removed_training_indices=None if removed is None else removed.to(env.device),
+    )
+    return defended, entry["seconds"]
+
+
+def defender_inputs(
+    job: Job, defense, model: nn.Module, bonafide: ImageData, splits: DatasetSplits, env: JobEnvironment
+) -> tuple[nn.Module, ImageData]:
+    """What `defense.apply` gets, as its `defender_data` declares: a copy of the attacked model
+    and the bonafide images; a copy and no images (data-free); or a freshly initialised model of
+    the architecture and the training set as the attack poisoned it (never which images were)."""
+    if defense.defender_data is DefenderData.NONE:
+        return copy.deepcopy(model), bonafide.subset(torch.arange(0, device=bonafide.y.device))
+    if defense.defender_data is DefenderData.POISONED_TRAINING_SET:
+        return untrained_model(job, splits, env), poisoned_training_set(job, splits, env)
+    return copy.deepcopy(model), bonafide
+
+
+def poisoned_training_set(job: Job, splits: DatasetSplits, env: JobEnvironment) -> ImageData:
+    """The training set as the job's attack poisoned it for the job's attacked model: the same
+    draws (the attack's generators are seeded by the job seed), recomputed, not stored."""
+    attack = job.attack.instantiate() if job.attack is not None else None
+    if attack is None or attack.stage is not Stage.TRAINING:
+        raise BenchError(
+            f"defense '{job.defense.label}' trains on the poisoned training set, but attack "
+            f"'{job.attack.label if job.attack else None}' poisons no training data"
+        )
+    ctx = make_context(job, env, splits)
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        ctx.seed_global_rng("model")
+        train, _ = attack.poison(splits.train, ctx)
+    return train
+
+
+def untrained_model(job: Job, splits: DatasetSplits, env: JobEnvironment) -> nn.Module:
+    """A freshly initialised model of the job's architecture (seeded by the job seed), on the device."""
+    ctx = make_context(job, env, splits)
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        ctx.seed_global_rng("defender_model")
+        return ctx.prepare(build_model(job, splits))
 
 
 def to_device(value: Any, device) -> Any:

@@ -70,6 +70,8 @@ def describe_registry(registry) -> dict[str, Any]:
                 "description": p.description,
                 "paper": p.cls.paper,
                 "code": p.cls.code,
+                # what a defense may use (bench.DefenderData); None for other kinds
+                "defender_data": p.cls.defender_data.value if p.kind == "defense" else None,
                 # through JSON and back, so that a fresh catalog prints exactly as a cached one
                 "options": [
                     json.loads(json.dumps({**o, "default": _plain(o["default"]), "choices": _choices(o["choices"])}))

@@ -342,8 +342,11 @@ def plugins(show_options, kind, as_json, reload):
     if as_json:
         click.echo(json.dumps(chosen, indent=2))
     else:
-        rows = [[p["kind"], p["name"], p["package"], p["version"], p["description"]] for p in chosen]
-        click.echo(tabulate(rows, headers=["kind", "name", "package", "version", "description"]))
+        rows = [
+            [p["kind"], p["name"], p["package"], p["version"], p.get("defender_data") or "", p["description"]]
+            for p in chosen
+        ]
+        click.echo(tabulate(rows, headers=["kind", "name", "package", "version", "defender data", "description"]))
     if show_options and not as_json:
         for p in chosen:
             if not p["options"]:

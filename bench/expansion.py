@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.analyses import ModelRecipe
+from bench.attacks import Stage
+from bench.defenses import DefenderData
 from bench.errors import SuiteError
 from bench.jobs import SUITE_ATTACKS, AnalysisJob, BonafideSource, Job, ModelNeed, PluginSpec
 from bench.options import is_scalar_option, parse_options, to_plain
@@ -203,6 +205,12 @@ def expand(suite) -> list[Job]:
         )
         if job.key in seen or _excluded(job, suite.exclude):
             continue
+        if defense.cls.defender_data is DefenderData.POISONED_TRAINING_SET and attack.cls.stage is not Stage.TRAINING:
+            raise SuiteError(
+                f"{suite.path}: defense '{defense.label}' trains its own model on the poisoned training set, but "
+                f"attack '{attack.label}' ({attack.cls.stage.value}) poisons no training data; drop the pair with "
+                f'[[exclude]] attack = "{attack.name}", defense = "{defense.name}"'
+            )
         seen.add(job.key)
         jobs.append(job)
     return jobs

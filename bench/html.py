@@ -201,7 +201,7 @@ def _table(table: dict) -> str:
         cells = [
             f"<td data-value='{'' if row['rank'] is None else row['rank']}'>{rank}</td>",
             f"<td class='text'>{e(row['defense'])}</td>",
-            f"<td data-value='{row['bonafide_size']}'>{row['bonafide_size'] or '-'}</td>",
+            f"<td data-value='{row['bonafide_size']}'>{e(row['data_text'])}</td>",
             f"<td data-value='{len(row['seeds'])}'>{len(row['seeds'])}</td>",
         ]
         for k in keys:

@@ -223,6 +223,8 @@ def _row_data(board: dict, row: tuple) -> dict:
     return {
         "defense": row[0],
         "bonafide_size": row[1],
+        "defender_data": defender_data(runs),
+        "data_text": data_text(row[1], runs),
         "rank": board["ranks"][row],
         "flagged_unreliable": board["flagged"][row],
         "extra_models_trained": max(int(r["notes"].get(EXTRA_MODELS, 0)) for r in runs),
@@ -770,6 +772,24 @@ def _paired_lines(board: dict) -> str:
     return "\n".join(lines)
 
 
+def defender_data(runs: list[dict]) -> str:
+    """What the row's defense used (`bench.DefenderData`'s value, stored with each result;
+    rows stored before it existed used bonafide images or, with size 0, none)."""
+    kinds = {r["notes"].get("defender_data") for r in runs} - {None}
+    if kinds:
+        return sorted(kinds)[0]
+    return "bonafide" if any(r["bonafide_size"] for r in runs) else "none"
+
+
+def data_text(bonafide: int, runs: list[dict]) -> str:
+    """The Bonafide column's cell: the bonafide size, "training set" for a defense that trains on
+    the poisoned training set, "-" for a data-free one."""
+    kind = defender_data(runs)
+    if kind == "poisoned_training_set":
+        return "training set"
+    return str(bonafide) if bonafide else "-"
+
+
 def _render(board: dict, specs: list[tuple[str, dict]], ranks: bool = False) -> str:
     extra = any(r["notes"].get(EXTRA_MODELS) for runs in board["runs"].values() for r in runs)
     table = []
@@ -780,7 +800,7 @@ def _render(board: dict, specs: list[tuple[str, dict]], ranks: bool = False) -> 
         if ranks:
             rank = board["ranks"][row]
             cells["Rank"] = "ref" if rank is None else str(rank)
-        cells.update({"Defense": md(defense), "Bonafide": bonafide if bonafide else "-", "Seeds": len(runs)})
+        cells.update({"Defense": md(defense), "Bonafide": data_text(bonafide, runs), "Seeds": len(runs)})
         for key, info in specs:
             interval: Interval = board["intervals"][row][key]
             if info["kind"] == "flag":

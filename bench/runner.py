@@ -149,17 +149,7 @@ def run_suite(
         claims_renewed(store, owner),
         cuda_determinism(deterministic),
     ):
-        store.record_suite(
-            suite.name,
-            str(suite.path),
-            [job.key for job in jobs],
-            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        )
-        done = store.finished_keys()
-        todo = [job for job in jobs if job.key not in done]
-        if only_failed:  # --rerun failed: the failed jobs only, not the ones never run
-            failed_before = store.failed_keys()
-            todo = [job for job in todo if job.key in failed_before]
+        done, todo = _jobs_to_run(store, suite, jobs, only_failed)
         echo(
             f"{suite.name}: {len(jobs)} jobs, {len(done & {j.key for j in jobs})} already in {store_path}, "
             f"{len(todo)} {'failed ' if only_failed else ''}to run on {env.device}"
@@ -173,6 +163,24 @@ def run_suite(
         )
     already = len(done & {j.key for j in jobs})
     return RunSummary(len(jobs), already, tally.succeeded, tally.failed, store_path, tally.left, len(tally.elsewhere))
+
+
+def _jobs_to_run(
+    store: ResultStore, suite: Suite, jobs: list[Job | AnalysisJob], only_failed: bool
+) -> tuple[set[str], list[Job | AnalysisJob]]:
+    """Record the suite's jobs in the store; return the keys already finished and the jobs to run."""
+    store.record_suite(
+        suite.name,
+        str(suite.path),
+        [job.key for job in jobs],
+        datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    done = store.finished_keys()
+    todo = [job for job in jobs if job.key not in done]
+    if only_failed:  # --rerun failed: the failed jobs only, not the ones never run
+        failed_before = store.failed_keys()
+        todo = [job for job in todo if job.key in failed_before]
+    return done, todo
 
 
 @dataclass

@@ -45,6 +45,20 @@ DER = Metric(
     doc="defense effectiveness rating (BackdoorBench: (max(0, ASR drop) − max(0, C-Acc drop) + 1) / 2)",
     headline=True,
 )
+# A filtering defense's removed training images against the attack's poisoned ones.
+DETECTION_METRICS = (
+    Metric(
+        "detection_tpr", "Detection TPR", True, diagnostic=True, doc="share of the poisoned training images removed"
+    ),
+    Metric("detection_fpr", "Detection FPR", False, diagnostic=True, doc="share of the clean training images removed"),
+    Metric(
+        "detection_precision",
+        "Detection precision",
+        True,
+        diagnostic=True,
+        doc="share of the removed training images that were poisoned",
+    ),
+)
 
 
 _user_interrupt = threading.Event()
@@ -245,6 +259,9 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
                 measured = measure(point_model, f"defense '{job.defense.label}': the model at {coordinates}")
                 series.setdefault(name, []).append({**coordinates, **measured})
     metrics, info = _job_metrics(job, attack, defense, before, after, result.values)
+    if result.removed_training_indices is not None and "poisoned_indices" in attack_state:
+        metrics.update(detection_rates(result.removed_training_indices, attack_state["poisoned_indices"], splits))
+        info.update({m.key: m.info() for m in DETECTION_METRICS if m.key in metrics})
     caches = {"model_cache": model_hit, "evaluation_cache": before_hit}
     caches["defended_model_cache"] = cached_seconds is not None
     notes = _job_notes(job, attack, defense, splits, env, caches, len(bonafide), len(evaluation), further)
@@ -277,6 +294,25 @@ def _defend(job: Job, defense, model, bonafide, splits, env: JobEnvironment, ctx
     return result, unchanged, cached_seconds
 
 
+def detection_rates(removed: torch.Tensor, poisoned: torch.Tensor, splits) -> dict[str, float]:
+    """TPR, FPR and precision of the removed training images against the poisoned ones; a rate
+    with nothing to divide by (no poisoned image, nothing removed) is left out, not NaN."""
+    total = len(splits.train)
+    is_removed = torch.zeros(total, dtype=torch.bool)
+    is_removed[removed.cpu().long()] = True
+    is_poisoned = torch.zeros(total, dtype=torch.bool)
+    is_poisoned[poisoned.cpu().long()] = True
+    hits = (is_removed & is_poisoned).sum().item()
+    clean = total - int(is_poisoned.sum())
+
+    rates = {
+        "detection_tpr": (hits, int(is_poisoned.sum())),
+        "detection_fpr": (int(is_removed.sum()) - hits, clean),
+        "detection_precision": (hits, int(is_removed.sum())),
+    }
+    return {key: part / whole for key, (part, whole) in rates.items() if whole}
+
+
 def _job_notes(
     job: Job, attack, defense, splits, env, caches: dict[str, bool], bonafide: int, evaluation: int, further
 ) -> dict[str, Any]:
@@ -289,6 +325,7 @@ def _job_notes(
         "evaluation_images": evaluation,
         "attack_protocol": attack.describe_protocol(),
         "extra_models_trained": len(defense.other_attacked_seeds(job.seed)),
+        "defender_data": defense.defender_data.value,
         # part of the defense's time (its whole cost), so not a stage of its own
         "extra_models_train_seconds": round(sum(further.train_seconds), 4),
         "methods": method_links(job.attack, job.defense),

@@ -160,6 +160,16 @@ def parse_suite(data: dict, path: Path, registry: Registry) -> Suite:
             "(a suite of analyses only has neither)"
         )
     _check_size(plugins, settings, path)
+    if (
+        plugins["defenses"]
+        and len(settings.bonafide_size) > 1
+        and not any(d.cls.uses_bonafide for d in plugins["defenses"])
+    ):
+        kinds = ", ".join(f"{d.label}: {d.cls.defender_data.value}" for d in plugins["defenses"])
+        raise SuiteError(
+            f"{path}: [suite].bonafide_size sweeps {settings.bonafide_size}, but no defense of this suite uses "
+            f"bonafide images ({kinds}); give one value"
+        )
     analysis_models = {
         spec.label: resolve_model_needs(spec, f"{path}: analyses ('{spec.label}')", registry)
         for spec in plugins["analyses"]

@@ -19,6 +19,7 @@ and `der`), `metric_info` (key -> label, higher_is_better, kind, diagnostic), `t
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -131,3 +132,80 @@ def run_suite_file(
     )
     with ResultStore(store) as results:
         return results.rows() + results.analysis_rows()
+
+
+@dataclass
+class Backdoored:
+    """A small CNN trained on digits poisoned by an attack (BadNets unless told), with what a
+    defense test needs: the model, the splits, a `bench.DefenseContext` on the CPU, the
+    defender's bonafide images and the evaluation images (the other half of the test set), the
+    attack and its state. `asr(model)` and `accuracy(model)` measure a model on the evaluation
+    images as the leaderboard would."""
+
+    model: Any
+    splits: Any
+    ctx: Any
+    bonafide: Any
+    evaluation: Any
+    attack: Any
+    attack_state: dict
+    poisoned_train: Any
+
+    def asr(self, model) -> float:
+        return self.attack.evaluate(model.eval(), self.evaluation, self.ctx, self.attack_state)["asr"]
+
+    def accuracy(self, model) -> float:
+        from bench.evaluation import clean_accuracy
+
+        return clean_accuracy(model.eval(), self.evaluation, self.ctx)
+
+
+def backdoored_digits_model(
+    epochs: int = 8,
+    width: int = 8,
+    seed: int = 0,
+    attack: dict | None = None,
+    bonafide_size: int = 100,
+    model: str = "small_cnn",
+) -> Backdoored:
+    """A `Backdoored` model for a defense's property test (a few seconds on one CPU thread):
+    the named attack (default BadNets, 10% poisoned, 2x2 trigger) poisons the digits training
+    set, the model trains `epochs` epochs with its recipe, and `bonafide_size` test images (a
+    seeded half of the test set is the pool) go to the defender."""
+    import dataclasses
+
+    import torch
+
+    from bench.bonafide import split_bonafide
+    from bench.context import DefenseContext
+    from bench.expansion import plugin_specs
+    from bench.jobs import BonafideSource
+    from bench.models import Classifier, InputShape
+    from bench.training import train_classifier
+
+    registry = load_plugins()
+    (dataset,) = plugin_specs({"name": "digits"}, "dataset", "backdoored_digits_model", registry)
+    options = {"width": width} if model == "small_cnn" else {}
+    (network,) = plugin_specs({"name": model, **options}, "model", "backdoored_digits_model", registry)
+    (attack_spec,) = plugin_specs(attack or TINY_ATTACK, "attack", "backdoored_digits_model", registry)
+    splits = dataset.instantiate().load()
+    recipe = dataclasses.replace(network.cls.recipe, epochs=epochs)
+    ctx = DefenseContext(
+        device=torch.device("cpu"),
+        seed=seed,
+        num_classes=splits.num_classes,
+        horizontal_flip=False,
+        show_progress=False,
+        recipe=recipe,
+    )
+    attack_plugin = attack_spec.instantiate()
+    poisoned, state = attack_plugin.poison(splits.train, ctx)
+    torch.manual_seed(seed)
+    net = network.instantiate().build(InputShape(1, 8, 8, splits.num_classes))
+    classifier = Classifier(net, splits.mean, splits.std)
+    train_classifier(classifier, poisoned, recipe, ctx, flip=False)
+    withheld = [state[k] for k in ("poisoned_indices", "reserved_indices") if k in state]
+    bonafide, evaluation = split_bonafide(
+        splits, torch.cat(withheld) if withheld else None, BonafideSource.TEST_HALF, bonafide_size, seed
+    )
+    return Backdoored(classifier.eval(), splits, ctx, bonafide, evaluation, attack_plugin, state, poisoned)

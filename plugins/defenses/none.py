@@ -8,7 +8,7 @@ import bench
 class NoDefense(bench.Defense):
     name = "none"
     description = "No defense: evaluates the attacked model as it is"
-    uses_bonafide = False
+    defender_data = bench.DefenderData.NONE
     returns_model_unchanged = True
 
     def apply(self, model, bonafide, ctx):

@@ -195,7 +195,7 @@ class SAP(bench.Defense):
     name = "sap"
     description = "Stochastic Activation Pruning after every ReLU (no retraining); a stochastic predictor"
     paper = "https://arxiv.org/abs/1803.01442"
-    uses_bonafide = False
+    defender_data = bench.DefenderData.NONE
 
     @dataclass(frozen=True)
     class Options:
