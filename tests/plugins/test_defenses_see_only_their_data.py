@@ -24,6 +24,13 @@ QUICK = {
     "ft_sam": {"epochs": 1, "samples_per_epoch": 0},
     "anp": {"iterations": 20},
     "rnp": {"unlearning_epochs": 2, "recovering_epochs": 1, "samples_per_epoch": 0},
+    "neural_cleanse": {
+        "reverse_epochs": 3,
+        "reverse_samples_per_epoch": 60,
+        "anomaly_threshold": 0.5,  # flag something, so that unlearning runs too
+        "epochs": 1,
+        "samples_per_epoch": 0,
+    },
 }
 RETURNED: dict[str, list[str]] = {}
 
