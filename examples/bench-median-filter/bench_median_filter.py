@@ -26,7 +26,7 @@ class MedianFiltered(nn.Module):
 class MedianFilter(bench.Defense):
     name = "median_filter"
     description = "Median-filter the inputs before the model (feature squeezing)"
-    uses_bonafide = False
+    defender_data = bench.DefenderData.NONE  # what it may use: here, the model alone
 
     @dataclass(frozen=True)
     class Options:

@@ -60,8 +60,8 @@ def test_the_suite_in_the_readme_is_valid(registry):
     ]
     suite = parse_suite(tomllib.loads(block), Path("my-suite.toml"), registry)
     jobs = expand(suite)
-    # 3 seeds x 2 poison rates x (none once + finetune-short at 2500 and 500; 50 is excluded)
-    assert len(jobs) == 3 * 2 * 3
+    # 3 seeds x 2 poison rates x (none once + finetune-short at each of the 3 bonafide sizes)
+    assert len(jobs) == 3 * 2 * 4
     assert len(expand_analyses(suite)) == 3  # budget_curve once per seed
 
 

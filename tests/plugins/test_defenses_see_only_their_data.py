@@ -31,6 +31,9 @@ QUICK = {
         "epochs": 1,
         "samples_per_epoch": 0,
     },
+    "abl": {"isolation_epochs": 1, "finetuning_epochs": 1, "unlearning_epochs": 1},
+    "activation_clustering": {"epochs": 1},
+    "spectral_signature": {"epochs": 1},
 }
 RETURNED: dict[str, list[str]] = {}
 
@@ -48,7 +51,6 @@ def test_the_defended_model_does_not_depend_on_the_evaluation_images_or_the_test
     name, tmp_path, monkeypatch, registry, one_cpu_thread
 ):
     cls = registry.get("defense", name).cls
-    assert cls.defender_data in (bench.DefenderData.BONAFIDE, bench.DefenderData.NONE)
     original_apply = cls.apply
 
     def recording_apply(self, model, data, ctx):
