@@ -33,9 +33,9 @@ attack_success_threshold 0.98, 80 reverse-engineering epochs (nc_epoch) of batch
 epoch is 2,500 samples (BackdoorBench's epoch: one pass over its 2,500 bonafide CIFAR-10
 images), the bonafide images repeated to fill it, so the budget does not shrink with the
 bonafide size. Unlearning follows BackdoorBench (epochs 100, SGD lr 0.01 with plain momentum
-0.9, weight decay 5e-4, batch 256, per-epoch cosine annealing); an epoch is 10,000 samples, as
-for `finetune` and `fine_pruning`, so the repair defenses compete on equal budgets (BackdoorBench:
-100 passes over 2,500 images). The paper itself unlearns for one epoch on 10% of the training set.
+0.9, weight decay 5e-4, batch 256, per-epoch cosine annealing); an epoch is 2,500 samples,
+BackdoorBench's budget (100 passes over its 2,500 images), the unlearning set repeated to fill
+it. The paper itself unlearns for one epoch on 10% of the training set.
 
 Deviations: BackdoorBench saves the reversed mask and trigger as min-max normalised PNGs and
 stamps those; here the optimised mask and pattern are stamped as they are (then rounded to
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bench
-from bench.toolkit import REFERENCE_SAMPLES_PER_EPOCH, epoch_order, to_model_input, train_classifier
+from bench.toolkit import epoch_order, to_model_input, train_classifier
 
 MAD_CONSISTENCY = 1.4826  # MAD to standard deviation under a normal distribution (the paper)
 BACKDOORBENCH_BONAFIDE = 2_500  # BackdoorBench's defender set: 5% of CIFAR-10's training images
@@ -308,8 +308,9 @@ class NeuralCleanse(bench.Defense):
         )
         epochs: int = bench.option(100, "unlearning epochs of samples_per_epoch samples (BackdoorBench: 100)", min=1)
         samples_per_epoch: int = bench.option(
-            REFERENCE_SAMPLES_PER_EPOCH,
-            "unlearning samples per epoch, the unlearning set repeated to fill it, as finetune; 0: one pass",
+            BACKDOORBENCH_BONAFIDE,
+            "unlearning samples per epoch, the unlearning set repeated to fill it (BackdoorBench: one pass "
+            "over its 2,500 images); 0: one pass",
             min=0,
         )
         lr: float = bench.option(

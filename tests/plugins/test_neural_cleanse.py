@@ -24,7 +24,7 @@ from bench_plugins.defenses.neural_cleanse import (
 from bench_plugins.testing import backdoored_digits_model
 
 # Few reverse-engineering steps: 40 epochs of 5 steps of 32 images per class (the default is 80
-# epochs of 10 steps of 256), and 10 unlearning epochs of 1,000 samples (default 100 of 10,000).
+# epochs of 10 steps of 256), and 10 unlearning epochs of 1,000 samples (default 100 of 2,500).
 FAST = dict(
     reverse_epochs=40,
     reverse_samples_per_epoch=160,
