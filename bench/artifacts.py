@@ -161,8 +161,17 @@ def attacked_model(job: Job, seed: int, splits: DatasetSplits, env: JobEnvironme
             if attack is not None and attack.stage is Stage.TRAINING:
                 train, state = attack.poison(splits.train, attack_ctx)
             model = ctx.prepare(build_model(job, splits))
+            batches = None
+            if attack is not None and attack.controls_training:
+                batches = lambda x, y, g: attack.training_batch(model, x, y, g, attack_ctx, state)  # noqa: E731
             losses = train_classifier(
-                model, train, job.recipe, ctx, flip=ctx.horizontal_flip, desc=f"train {job.model.label} seed={seed}"
+                model,
+                train,
+                job.recipe,
+                ctx,
+                flip=ctx.horizontal_flip,
+                desc=f"train {job.model.label} seed={seed}",
+                batch_transform=batches,
             )
             if attack is not None and attack.stage is Stage.POST_TRAINING:
                 if seed != job.seed:  # a second model of this job carries the job's own tampering

@@ -1,6 +1,8 @@
 """The attack plugin kind. An attack acts at one of three stages:
 
 - `Stage.TRAINING`: `poison()` changes the training set before the model is trained (BadNets);
+  an attack that controls training (`controls_training = True`: WaNet's noise mode) also
+  changes every training batch, through `training_batch()`, inside the core's training loop;
 - `Stage.POST_TRAINING`: `tamper()` changes the trained model's weights (error injection);
 - `Stage.TEST_TIME`: only `evaluate()` acts, perturbing test inputs (PGD).
 
@@ -71,6 +73,27 @@ class Attack(Plugin):
         "poisoned_indices", and those of any other training images the attack's metrics use under
         "reserved_indices": a bonafide set drawn from training data leaves both out."""
         return train, {}
+
+    controls_training: ClassVar[bool] = False
+
+    def training_batch(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        ctx: RunContext,
+        state: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRAINING stage, with `controls_training = True`: the attacker is the trainer. Called
+        on every batch of the attacked model's training, after the recipe's augmentation, with
+        the model being trained (in train mode: an attack with networks of its own, such as
+        Input-aware's trigger generator, may train them against it here), float images in
+        [0, 1] on the device, their labels, the training loop's generator (for the batch's
+        random draws) and the state `poison` returned; returns the batch to train on (same
+        size). The core keeps the recipe (schedule, budget, augmentation, the cache);
+        the attack only decides what each batch holds."""
+        return x, y
 
     def tamper(self, model: nn.Module, data: DatasetSplits, ctx: RunContext, state: dict[str, Any]) -> dict[str, Any]:
         """POST_TRAINING stage: modify `model` in place; return the (updated) state. For a second

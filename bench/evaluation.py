@@ -74,7 +74,7 @@ def predict(model: nn.Module, x_uint8: torch.Tensor, ctx: RunContext, passes: in
     was_training = model.training
     model.eval()
     outputs = []
-    with ctx.autocast():
+    with torch.no_grad(), ctx.autocast():
         for start in range(0, len(x_uint8), ctx.eval_batch_size):
             x = to_model_input(x_uint8[start : start + ctx.eval_batch_size])
             if passes == 1:

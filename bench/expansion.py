@@ -205,7 +205,14 @@ def expand(suite) -> list[Job]:
         )
         if job.key in seen or _excluded(job, suite.exclude):
             continue
-        if defense.cls.defender_data is DefenderData.POISONED_TRAINING_SET and attack.cls.stage is not Stage.TRAINING:
+        trains = defense.cls.defender_data is DefenderData.POISONED_TRAINING_SET
+        if trains and attack.cls.stage is Stage.TRAINING and attack.cls.controls_training:
+            raise SuiteError(
+                f"{suite.path}: defense '{defense.label}' trains its own model, but attack '{attack.label}' "
+                "controls training (the attacker is the trainer), so there is no poisoned training set to give "
+                f'it; drop the pair with [[exclude]] attack = "{attack.name}", defense = "{defense.name}"'
+            )
+        if trains and attack.cls.stage is not Stage.TRAINING:
             raise SuiteError(
                 f"{suite.path}: defense '{defense.label}' trains its own model on the poisoned training set, but "
                 f"attack '{attack.label}' ({attack.cls.stage.value}) poisons no training data; drop the pair with "

@@ -110,7 +110,9 @@ def sgd_optimizer(model: nn.Module, recipe: TrainRecipe, nesterov: bool | None =
     )
 
 
-def _train_epoch(model, data, order, recipe, ctx, optimizer, scheduler, flip, generator, perturb) -> torch.Tensor:
+def _train_epoch(
+    model, data, order, recipe, ctx, optimizer, scheduler, flip, generator, perturb, batch_transform=None
+) -> torch.Tensor:
     """One pass over `order` in batches; returns the summed loss as a device tensor (no sync)."""
     loss_sum = torch.zeros((), device=ctx.device)
     for start in range(0, len(order), recipe.batch_size):
@@ -118,12 +120,14 @@ def _train_epoch(model, data, order, recipe, ctx, optimizer, scheduler, flip, ge
         xb = data.x[idx]
         if recipe.augment:
             xb = random_crop_flip(xb, recipe.crop_padding, flip, generator)
-        inputs = to_model_input(xb)
+        inputs, labels = to_model_input(xb), data.y[idx]
+        if batch_transform is not None:
+            inputs, labels = batch_transform(inputs, labels, generator)
         if perturb is not None:
-            inputs = perturb(inputs, data.y[idx], generator)
+            inputs = perturb(inputs, labels, generator)
         with ctx.autocast():
             logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), data.y[idx], label_smoothing=recipe.label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -147,15 +151,19 @@ def train_classifier(
     reference_schedule: bool = False,
     cosine_schedule: bool = False,
     nesterov: bool | None = None,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    | None = None,
 ) -> list[float]:
-    """Train `model` in place on `data` (already on `ctx.device`) following `recipe`.
-    `perturb(x, y, generator)`, if given, replaces each augmented float batch before the step
-    (adversarial training). `samples_per_epoch` repeats small data to fill each epoch (see
-    `epoch_order`). `reference_schedule` replaces the recipe's warm-up and linear decay by the
-    MCR reference's per-epoch schedule (`reference_lr_factor`), `cosine_schedule` by per-epoch
-    cosine annealing (`cosine_lr_factor`). `nesterov` (default: whenever momentum is used) picks
-    Nesterov or plain momentum; the reference baselines use plain. Returns the mean training
-    loss of each epoch."""
+    """Train `model` in place on `data` (already on `ctx.device`) following `recipe`. `perturb(x,
+    y, generator)`, if given, replaces each augmented float batch before the step (adversarial
+    training); `batch_transform(x, y, generator) -> (x, y)`, if given, changes each augmented
+    float batch and its labels first (an attack that controls training, such as WaNet's warped
+    and noise-warped images; the batch keeps its size). `samples_per_epoch` repeats small data
+    to fill each epoch (see `epoch_order`). `reference_schedule` replaces the recipe's warm-up
+    and linear decay by the MCR reference's per-epoch schedule (`reference_lr_factor`),
+    `cosine_schedule` by per-epoch cosine annealing (`cosine_lr_factor`). `nesterov` (default:
+    whenever momentum is used) picks Nesterov or plain momentum; the reference baselines use
+    plain. Returns the mean training loss of each epoch."""
     if reference_schedule and cosine_schedule:
         raise ValueError("train_classifier: choose reference_schedule or cosine_schedule, not both")
     generator = ctx.generator(stream)
@@ -174,7 +182,9 @@ def train_classifier(
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr * per_epoch(epoch, recipe.epochs)
         order = epoch_order(len(data), samples_per_epoch, generator, ctx.device)
-        loss_sum = _train_epoch(model, data, order, recipe, ctx, optimizer, scheduler, flip, generator, perturb)
+        loss_sum = _train_epoch(
+            model, data, order, recipe, ctx, optimizer, scheduler, flip, generator, perturb, batch_transform
+        )
         epoch_losses.append(loss_sum.item() / len(order))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")

@@ -203,7 +203,13 @@ def backdoored_digits_model(
     torch.manual_seed(seed)
     net = network.instantiate().build(InputShape(1, 8, 8, splits.num_classes))
     classifier = Classifier(net, splits.mean, splits.std)
-    train_classifier(classifier, poisoned, recipe, ctx, flip=False)
+    batches = None
+    if attack_plugin.controls_training:  # the attacker is the trainer: every batch goes through it
+
+        def batches(x, y, generator):
+            return attack_plugin.training_batch(classifier, x, y, generator, ctx, state)
+
+    train_classifier(classifier, poisoned, recipe, ctx, flip=False, batch_transform=batches)
     withheld = [state[k] for k in ("poisoned_indices", "reserved_indices") if k in state]
     bonafide, evaluation = split_bonafide(
         splits, torch.cat(withheld) if withheld else None, BonafideSource.TEST_HALF, bonafide_size, seed

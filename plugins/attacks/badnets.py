@@ -20,7 +20,7 @@ import torch
 
 import bench
 from bench import BenchError
-from bench_plugins.attacks.trigger_backdoor import AllToOneBackdoor
+from bench_plugins.attacks.trigger_backdoor import TargetMode, TriggerBackdoor
 
 
 class Corner(enum.Enum):
@@ -46,7 +46,7 @@ def stamp_trigger(x: torch.Tensor, size: int, corner: Corner, margin: int, value
     return out
 
 
-class BadNets(AllToOneBackdoor):
+class BadNets(TriggerBackdoor):
     name = "badnets"
     description = "BadNets backdoor: square trigger patch, poisoned images relabelled to one target class"
     paper = "https://arxiv.org/abs/1708.06733"
@@ -59,6 +59,10 @@ class BadNets(AllToOneBackdoor):
         trigger_corner: Corner = bench.option(Corner.BOTTOM_RIGHT, "corner the trigger is placed near")
         trigger_margin: int = bench.option(1, "pixels between the trigger and the image border", min=0)
         trigger_value: int = bench.option(255, "pixel value of the trigger (255: white)", min=0, max=255)
+        target_mode: TargetMode = bench.option(
+            TargetMode.ALL_TO_ONE,
+            "all_to_one: poisoned images get target_class; all_to_all: label y becomes (y + 1) mod classes",
+        )
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         o = self.options

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import bench
-from bench_plugins.attacks.trigger_backdoor import AllToOneBackdoor
+from bench_plugins.attacks.trigger_backdoor import TargetMode, TriggerBackdoor
 
 
 class Trigger(enum.Enum):
@@ -55,7 +55,7 @@ def blend(x: torch.Tensor, trigger: torch.Tensor, alpha: float) -> torch.Tensor:
     return mixed.round_().clamp_(0, 255).to(torch.uint8)
 
 
-class Blended(AllToOneBackdoor):
+class Blended(TriggerBackdoor):
     name = "blended"
     description = "Blended backdoor: a trigger image alpha-blended over the whole input, relabelled to one class"
     paper = "https://arxiv.org/abs/1712.05526"
@@ -70,6 +70,10 @@ class Blended(AllToOneBackdoor):
         trigger: Trigger = bench.option(Trigger.NOISE, "trigger image: seeded uniform noise, or vertical stripes")
         trigger_seed: int = bench.option(0, "seed of the noise trigger (fixed across job seeds)", min=0)
         stripe_width: int = bench.option(2, "width in pixels of each stripe of the stripes trigger", min=1)
+        target_mode: TargetMode = bench.option(
+            TargetMode.ALL_TO_ONE,
+            "all_to_one: poisoned images get target_class; all_to_all: label y becomes (y + 1) mod classes",
+        )
 
     def trigger_image(self, shape: tuple[int, int, int]) -> torch.Tensor:
         o = self.options

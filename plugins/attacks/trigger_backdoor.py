@@ -1,13 +1,26 @@
-"""The all-to-one poisoning backdoor, shared by trigger-based attacks (BadNets, Blended, and a
-third party's): a subclass only says how its trigger is applied.
+"""The poisoning backdoors shared by trigger-based attacks (BadNets, Blended, SIG, and a third
+party's): a subclass only says how its trigger is applied (`apply_trigger`).
 
-`poison_rate` of the training images, drawn from the classes other than the target, get the
-trigger and the target label. At test time every test image of another class gets the trigger:
-ASR is the share classified as the target, RA the share still classified as their true class.
+`TriggerBackdoor` (dirty-label) poisons `poison_rate` of all training images:
+- all-to-one (`target_mode = "all_to_one"`, default): the images are drawn from the classes other
+  than `target_class`, get the trigger and the target label. At test time every test image of
+  another class gets the trigger: ASR is the share classified as the target, RA the share still
+  classified as its true class;
+- all-to-all (`target_mode = "all_to_all"`, if the subclass's `Options` has that field): the
+  images are drawn from every class and relabelled y -> (y + 1) mod K (BackdoorBench's mapping).
+  At test time every test image gets the trigger: ASR is the share classified as (y + 1) mod K,
+  RA the share still classified as y. `target_class` is not used.
+
+`CleanLabelBackdoor` poisons only images of the target class and keeps their labels (SIG,
+label-consistent): `poison_rate` is the share of the *target class's* training images that get
+the trigger, not a share of the whole set (BackdoorBench measures it against the whole set, so
+10% poisons every target image on CIFAR-10: its issues #13 and #36). A rate that rounds to no
+image is refused. At test time the trigger is put on images of the other classes, as all-to-one.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import ClassVar
 
 import torch
@@ -16,9 +29,15 @@ from bench import Attack, BenchError, ImageData, Metric, Stage
 from bench.toolkit import backdoor_robust_accuracy, backdoor_success_rate, check_target_class, predict
 
 
-class AllToOneBackdoor(Attack):
+class TargetMode(enum.Enum):
+    ALL_TO_ONE = "all_to_one"
+    ALL_TO_ALL = "all_to_all"
+
+
+class TriggerBackdoor(Attack):
     """Subclasses define `apply_trigger(x)` for uint8 [N, C, H, W] images on any device, and an
-    `Options` dataclass with at least `poison_rate` and `target_class`."""
+    `Options` dataclass with at least `poison_rate` and `target_class` (and `target_mode`, a
+    `TargetMode`, to offer all-to-all)."""
 
     stage: ClassVar[Stage] = Stage.TRAINING
     metrics: ClassVar[tuple[Metric, ...]] = (
@@ -31,18 +50,35 @@ class AllToOneBackdoor(Attack):
         """A triggered copy of uint8 images [N, C, H, W]."""
         raise NotImplementedError
 
+    @property
+    def all_to_all(self) -> bool:
+        return getattr(self.options, "target_mode", TargetMode.ALL_TO_ONE) is TargetMode.ALL_TO_ALL
+
     def _check_target(self, num_classes: int) -> None:
-        check_target_class(self.name, self.options.target_class, num_classes)
+        if not self.all_to_all:
+            check_target_class(self.name, self.options.target_class, num_classes)
+
+    def candidates(self, train: ImageData) -> torch.Tensor:
+        """Indices of the training images the attack may poison."""
+        if self.all_to_all:
+            return torch.arange(len(train), device=train.y.device)
+        return (train.y != self.options.target_class).nonzero().squeeze(1)
 
     def _poison_count(self, train: ImageData) -> int:
         count = int(round(self.options.poison_rate * len(train)))
-        outside = int((train.y != self.options.target_class).sum())
-        if count > outside:
+        available = len(self.candidates(train))
+        if count > available:
             raise BenchError(
                 f"{self.name}: poison_rate {self.options.poison_rate} asks for {count} poisoned "
-                f"images, but only {outside} training images are outside the target class"
+                f"images, but only {available} training images are outside the target class"
             )
         return count
+
+    def poisoned_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The labels the poisoned images get (all-to-all: the next class)."""
+        if self.all_to_all:
+            return (y + 1) % num_classes
+        return torch.full_like(y, self.options.target_class)
 
     def check_dataset(self, splits):
         self._check_target(splits.num_classes)
@@ -50,22 +86,27 @@ class AllToOneBackdoor(Attack):
         self.apply_trigger(splits.test.x[:1])  # raises if the trigger does not fit the images
 
     def withheld_training_images(self, splits):
-        return int(round(self.options.poison_rate * len(splits.train)))
+        return self._poison_count(splits.train)
 
     def poison(self, train, ctx):
         self._check_target(ctx.num_classes)
-        target = self.options.target_class
         count = self._poison_count(train)
-        candidates = (train.y != target).nonzero().squeeze(1)
+        candidates = self.candidates(train)
         order = torch.randperm(len(candidates), device=candidates.device, generator=ctx.generator(self.name))
         poisoned = candidates[order[:count]].sort().values
         x, y = train.x.clone(), train.y.clone()
         x[poisoned] = self.apply_trigger(x[poisoned])
-        y[poisoned] = target
+        y[poisoned] = self.poisoned_labels(y[poisoned], ctx.num_classes)
         return ImageData(x, y), {"poisoned_indices": poisoned}
 
     def evaluate(self, model, test, ctx, state):
         self._check_target(ctx.num_classes)
+        if self.all_to_all:
+            predictions = predict(model, self.apply_trigger(test.x), ctx)
+            targets = self.poisoned_labels(test.y, ctx.num_classes)
+            hits = (predictions == targets).float().mean().item() if len(test.y) else float("nan")
+            kept = (predictions == test.y).float().mean().item() if len(test.y) else float("nan")
+            return {"asr": hits, "ra": kept}
         target = self.options.target_class
         others = test.y != target
         predictions = predict(model, self.apply_trigger(test.x[others]), ctx)
@@ -74,3 +115,42 @@ class AllToOneBackdoor(Attack):
             "asr": backdoor_success_rate(predictions, labels, target),
             "ra": backdoor_robust_accuracy(predictions, labels, target),
         }
+
+
+AllToOneBackdoor = TriggerBackdoor  # the earlier name (all-to-one was its only mode)
+
+
+class CleanLabelBackdoor(TriggerBackdoor):
+    """Poisons `poison_rate` of the target class's training images (labels kept); subclasses
+    define `apply_trigger`, and may override `prepare(x, ctx)` to change the chosen images before
+    the trigger (label-consistent's adversarial perturbation)."""
+
+    def candidates(self, train: ImageData) -> torch.Tensor:
+        return (train.y == self.options.target_class).nonzero().squeeze(1)
+
+    def _poison_count(self, train: ImageData) -> int:
+        available = len(self.candidates(train))
+        count = int(round(self.options.poison_rate * available))
+        if self.options.poison_rate > 0 and count == 0:
+            raise BenchError(
+                f"{self.name}: poison_rate {self.options.poison_rate} of the target class's {available} training "
+                "images rounds to no image; a clean-label rate is a share of the target class"
+            )
+        return count
+
+    def poisoned_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        return y  # clean-label: the labels stay true
+
+    def prepare(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """The chosen target-class images before the trigger is added (as they are by default)."""
+        return x
+
+    def poison(self, train, ctx):
+        self._check_target(ctx.num_classes)
+        count = self._poison_count(train)
+        candidates = self.candidates(train)
+        order = torch.randperm(len(candidates), device=candidates.device, generator=ctx.generator(self.name))
+        poisoned = candidates[order[:count]].sort().values
+        x = train.x.clone()
+        x[poisoned] = self.apply_trigger(self.prepare(x[poisoned], ctx))
+        return ImageData(x, train.y.clone()), {"poisoned_indices": poisoned}

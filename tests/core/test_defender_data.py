@@ -105,3 +105,11 @@ def test_a_bonafide_sweep_without_a_defense_that_uses_bonafide_images_is_refused
     suite = write_suite(tmp_path / "s.toml", defenses=["none", "data_free_probe"], bonafide_size=[50, 20])
     with pytest.raises(bench.SuiteError, match=r"bonafide_size sweeps \[50, 20\].*data_free_probe: none"):
         load_suite(suite, registry)
+
+
+def test_a_training_set_defense_is_refused_against_an_attack_that_controls_training(tmp_path, registry):
+    from bench.runner import check_suite
+
+    suite = write_suite(tmp_path / "s.toml", attacks=["wanet"], defenses=["own_training_probe"])
+    with pytest.raises(bench.SuiteError, match="'wanet' controls training"):
+        check_suite(load_suite(suite, registry), registry, device="cpu")
