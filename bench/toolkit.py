@@ -23,7 +23,8 @@ What is here:
   these in plugin modules a third party may subclass: `bench_plugins.attacks.trigger_backdoor`
   (`AllToOneBackdoor`) and `bench_plugins.attacks.evasion_protocol` (`EvasionAttack`,
   `ProtocolOptions`, the masking checks);
-- models: `GridAvgPool` (deterministic global pooling);
+- models: `Classifier` (a network behind a fixed normalisation, taking images in [0, 1]: the
+  form every model has; for a plugin that builds a network of its own), `GridAvgPool`;
 - plugins using plugins: `build_plugin` (an installed plugin by kind, name and options, validated
   like a suite table), `layer_names` (a model's submodule names, for hooks);
 - errors and seeds: `did_you_mean`, `derived_seed`;
@@ -50,7 +51,7 @@ from bench.data import channel_stats
 from bench.errors import BenchError, did_you_mean
 from bench.evaluation import STOCHASTIC_PROBE_IMAGES, clean_accuracy, eval_mode, is_stochastic, predict, to_model_input
 from bench.metrics import accuracy, backdoor_robust_accuracy, backdoor_success_rate
-from bench.models import GridAvgPool
+from bench.models import Classifier, GridAvgPool
 from bench.statistics import (
     detrended_correlation,
     equivalence_test,
@@ -86,6 +87,7 @@ def require_api(oldest: int, newest: int | None = None) -> None:
 
 __all__ = [
     "API_VERSION",
+    "Classifier",
     "GridAvgPool",
     "Norm",
     "Loss",

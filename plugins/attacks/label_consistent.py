@@ -51,6 +51,7 @@ from torch import nn
 import bench
 from bench import BenchError
 from bench.toolkit import (
+    Classifier,
     Norm,
     build_plugin,
     channel_stats,
@@ -80,22 +81,6 @@ def four_corner_pattern(height: int, width: int) -> torch.Tensor:
         pattern[rows, :size] = block
         pattern[rows, width - size :] = block.flip(1)
     return pattern
-
-
-class Normalized(nn.Module):
-    """A network behind a fixed per-channel normalisation, taking images in [0, 1]."""
-
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
 
 
 class LabelConsistent(CleanLabelBackdoor):
@@ -160,7 +145,7 @@ class LabelConsistent(CleanLabelBackdoor):
         with torch.random.fork_rng(devices=devices):
             ctx.seed_global_rng("label_consistent_robust_model")
             net = plugin.build(bench.InputShape(channels, height, width, ctx.num_classes))
-        model = ctx.prepare(Normalized(net, *channel_stats(train.x)))
+        model = ctx.prepare(Classifier(net, *channel_stats(train.x)))
         recipe = plugin.recipe if not o.robust_epochs else dataclasses.replace(plugin.recipe, epochs=o.robust_epochs)
 
         def adversarial(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

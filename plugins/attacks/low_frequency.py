@@ -83,11 +83,9 @@ from torch import nn
 import bench
 from bench import ImageData
 from bench.toolkit import (
-    backdoor_robust_accuracy,
-    backdoor_success_rate,
+    Classifier,
     build_plugin,
     channel_stats,
-    predict,
     train_classifier,
 )
 from bench_plugins.attacks.trigger_backdoor import TriggerBackdoor
@@ -152,22 +150,6 @@ def search_trigger(
     return v.detach()
 
 
-class _Normalized(nn.Module):
-    """A network behind a fixed per-channel normalisation: takes images in [0, 1]."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
-
-
 class LowFrequency(TriggerBackdoor):
     name = "low_frequency"
     description = "Low-frequency backdoor: a band-limited universal adversarial trigger, relabelled to one class"
@@ -224,7 +206,7 @@ class LowFrequency(TriggerBackdoor):
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             ctx.seed_global_rng(f"{self.name}.surrogate")
             net = plugin.build(bench.InputShape(channels, height, width, ctx.num_classes))
-            model = ctx.prepare(_Normalized(net, mean, std))
+            model = ctx.prepare(Classifier(net, mean, std))
             train_classifier(
                 model,
                 train,
@@ -261,28 +243,11 @@ class LowFrequency(TriggerBackdoor):
             "surrogate_target_rate": target_rate(surrogate, add_trigger(search, trigger).float() / 255, o.target_class),
         }
 
-    def poison(self, train, ctx):
-        self._check_target(ctx.num_classes)
-        count = self._poison_count(train)
-        state = self.trigger(train, ctx)
-        candidates = self.candidates(train)
-        order = torch.randperm(len(candidates), device=candidates.device, generator=ctx.generator(self.name))
-        poisoned = candidates[order[:count]].sort().values
-        x, y = train.x.clone(), train.y.clone()
-        x[poisoned] = add_trigger(x[poisoned], state["trigger"])
-        y[poisoned] = self.options.target_class
-        return ImageData(x, y), {"poisoned_indices": poisoned, **state}
+    def trigger_state(self, train, ctx):
+        return self.trigger(train, ctx)
 
-    def evaluate(self, model, test, ctx, state):
-        self._check_target(ctx.num_classes)
-        target = self.options.target_class
-        others = test.y != target
-        predictions = predict(model, add_trigger(test.x[others], state["trigger"]), ctx)
-        labels = test.y[others]
-        return {
-            "asr": backdoor_success_rate(predictions, labels, target),
-            "ra": backdoor_robust_accuracy(predictions, labels, target),
-        }
+    def triggered(self, x, state):
+        return add_trigger(x, state["trigger"])
 
 
 @bench.hookimpl

@@ -50,6 +50,15 @@ class TriggerBackdoor(Attack):
         """A triggered copy of uint8 images [N, C, H, W]."""
         raise NotImplementedError
 
+    def trigger_state(self, train: ImageData, ctx) -> dict:
+        """What the trigger depends on beyond the options, made once before poisoning (e.g. a
+        perturbation searched against a surrogate); kept in the attack state, so cached."""
+        return {}
+
+    def triggered(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """A triggered copy of uint8 images, given the attack state (default: `apply_trigger`)."""
+        return self.apply_trigger(x)
+
     @property
     def all_to_all(self) -> bool:
         return getattr(self.options, "target_mode", TargetMode.ALL_TO_ONE) is TargetMode.ALL_TO_ALL
@@ -91,25 +100,26 @@ class TriggerBackdoor(Attack):
     def poison(self, train, ctx):
         self._check_target(ctx.num_classes)
         count = self._poison_count(train)
+        state = self.trigger_state(train, ctx)
         candidates = self.candidates(train)
         order = torch.randperm(len(candidates), device=candidates.device, generator=ctx.generator(self.name))
         poisoned = candidates[order[:count]].sort().values
         x, y = train.x.clone(), train.y.clone()
-        x[poisoned] = self.apply_trigger(x[poisoned])
+        x[poisoned] = self.triggered(x[poisoned], state)
         y[poisoned] = self.poisoned_labels(y[poisoned], ctx.num_classes)
-        return ImageData(x, y), {"poisoned_indices": poisoned}
+        return ImageData(x, y), {"poisoned_indices": poisoned, **state}
 
     def evaluate(self, model, test, ctx, state):
         self._check_target(ctx.num_classes)
         if self.all_to_all:
-            predictions = predict(model, self.apply_trigger(test.x), ctx)
+            predictions = predict(model, self.triggered(test.x, state), ctx)
             targets = self.poisoned_labels(test.y, ctx.num_classes)
             hits = (predictions == targets).float().mean().item() if len(test.y) else float("nan")
             kept = (predictions == test.y).float().mean().item() if len(test.y) else float("nan")
             return {"asr": hits, "ra": kept}
         target = self.options.target_class
         others = test.y != target
-        predictions = predict(model, self.apply_trigger(test.x[others]), ctx)
+        predictions = predict(model, self.triggered(test.x[others], state), ctx)
         labels = test.y[others]
         return {
             "asr": backdoor_success_rate(predictions, labels, target),
