@@ -537,10 +537,21 @@ def _missing_lines(ok: list[dict], planned: dict[str, tuple[str, list[str]]]) ->
 
 
 def _metric_columns(members: list[dict]) -> list[tuple[str, dict]]:
-    """(key, info) of every metric these results report, in first-seen order; info gains the
-    defaults of results stored before metrics had a kind."""
+    """(key, info) of every metric these results report, in first-seen order over the rows taken
+    `none` first, then by defense label, bonafide size and seed (never by job key, a hash: the
+    columns must not move when an option is added); info gains the defaults of results stored
+    before metrics had a kind."""
     columns: dict[str, dict] = {}
-    for r in members:
+    order = sorted(
+        members,
+        key=lambda r: (
+            r.get("defense", "") != "none",
+            r.get("defense_label", ""),
+            r.get("bonafide_size", 0),
+            r["seed"],
+        ),
+    )
+    for r in order:
         for key, info in r["metric_info"].items():
             columns.setdefault(key, {"kind": "percent", "diagnostic": False, **info})
     return list(columns.items())

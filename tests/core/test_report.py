@@ -604,3 +604,44 @@ def test_the_figures_draw_the_same_means_and_intervals_as_the_tables(tmp_path, m
         assert mean == pytest.approx(100 * cells[size]["mean"])
         assert half == pytest.approx(100 * (cells[size]["ci_high"] - cells[size]["mean"]))
     assert "±" in out.read_text()
+
+
+def test_the_columns_do_not_move_when_the_job_keys_change(tmp_path, monkeypatch):
+    """Job keys are hashes of the configs: adding an option to a plugin changes every key, and
+    with it the store's row order; the leaderboard's columns must stay where they were."""
+    rendered = []
+    for name, prefix in (("a.db", "0"), ("b.db", "z")):
+        with ResultStore(tmp_path / name) as store:
+            for index, (defense, value) in enumerate(
+                (("zeta_defense", "zeta_value"), ("alpha_defense", "alpha_value"))
+            ):
+                job = fake_job(defense, 0, 100)
+                job.key = (prefix if index == 0 else "5") + job.key  # the two orders differ between the stores
+                info = {
+                    **INFO,
+                    value: {"label": value, "higher_is_better": None, "kind": "number", "diagnostic": False},
+                }
+                metrics = {
+                    "clean_acc": 0.9,
+                    "asr": 0.2,
+                    "clean_acc_before": 0.9,
+                    "asr_before": 1.0,
+                    "der": 0.9,
+                    value: 1.0,
+                }
+                store.record(
+                    job,
+                    Outcome(
+                        status="ok",
+                        metrics=metrics,
+                        metric_info=info,
+                        device="cpu (test)",
+                        versions={"robustness-bench": "0.1.0"},
+                        started_at="2026-11-23T10:00:00",
+                        finished_at="2026-11-23T10:01:00",
+                    ),
+                )
+        rendered.append(render_report(tmp_path / name))
+    headers = [next(line for line in text.splitlines() if line.startswith("| Rank")) for text in rendered]
+    assert headers[0] == headers[1]
+    assert headers[0].index("alpha_value") < headers[0].index("zeta_value")
