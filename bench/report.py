@@ -557,6 +557,9 @@ def _metric_columns(members: list[dict]) -> list[tuple[str, dict]]:
     return list(columns.items())
 
 
+TRAIN = "attacked_model_train_seconds"  # a job's note: what building its attacked model took
+
+
 def _before_line(members: list[dict]) -> list[str]:
     columns = [(k, i) for k, i in _metric_columns(members) if not i["diagnostic"]]
     parts = []
@@ -570,7 +573,15 @@ def _before_line(members: list[dict]) -> list[str]:
         elif values:
             parts.append(f"{md(info['label'])} {_cell(values, info['kind'])}")
     seeds = f"{len(by_seed)} seed{'s' if len(by_seed) != 1 else ''}"
-    return [f"Attacked model, before any defense ({seeds}): " + ", ".join(parts)] if parts else []
+    lines = [f"Attacked model, before any defense ({seeds}): " + ", ".join(parts)] if parts else []
+    trained = [r["notes"][TRAIN] for r in by_seed.values() if TRAIN in r["notes"]]
+    if trained:
+        lines += [
+            "",
+            f"Attacked model training: {_cell(trained, 'seconds')} s per model, the attack's own networks "
+            "included (wall-clock, when the model was built; not counted as defense time)",
+        ]
+    return lines
 
 
 _SAFE_LINK = re.compile(r"https://[A-Za-z0-9./?=_%&#:+~-]+")

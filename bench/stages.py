@@ -224,7 +224,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
         splits = load_dataset(job, env.device)
     ctx = make_context(job, env, splits)
     with timed(timings, env, "train"):
-        model, attack_state, model_hit, _ = attacked_model(job, job.seed, splits, env)
+        model, attack_state, model_hit, model_seconds = attacked_model(job, job.seed, splits, env)
     withheld = [attack_state[k] for k in ("poisoned_indices", "reserved_indices") if k in attack_state]
     bonafide, evaluation = split_bonafide(
         splits, torch.cat(withheld) if withheld else None, job.bonafide_source, job.bonafide_size, job.seed
@@ -265,6 +265,7 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
     caches = {"model_cache": model_hit, "evaluation_cache": before_hit}
     caches["defended_model_cache"] = cached_seconds is not None
     notes = _job_notes(job, attack, defense, splits, env, caches, len(bonafide), len(evaluation), further)
+    notes["attacked_model_train_seconds"] = round(model_seconds, 4)  # the attack's cost, stored with the model
     return Outcome(
         status="ok",
         metrics=metrics,

@@ -29,11 +29,15 @@ def table_cells(text: str) -> dict[tuple[str, str], list[float]]:
 
 
 def comparable(text: str) -> list[str]:
-    """The report without what no rerun reproduces: the run dates and the wall-clock defense
-    times (a column of every table)."""
+    """The report without what no rerun reproduces: the run dates and the wall-clock times (the
+    defense-time column of every table, the attacked models' training-time line)."""
     lines, drop = [], None
     for line in text.splitlines():
         if line.startswith("- Run:"):
+            continue
+        if line.startswith("Attacked model training:"):
+            if lines and lines[-1] == "":
+                lines.pop()  # and the blank line that sets it apart
             continue
         if line.startswith("|"):
             cells = line.split("|")

@@ -645,3 +645,25 @@ def test_the_columns_do_not_move_when_the_job_keys_change(tmp_path, monkeypatch)
     headers = [next(line for line in text.splitlines() if line.startswith("| Rank")) for text in rendered]
     assert headers[0] == headers[1]
     assert headers[0].index("alpha_value") < headers[0].index("zeta_value")
+
+
+def test_the_attacked_models_training_time_is_shown_per_attack_and_not_as_defense_time(tmp_path):
+    with ResultStore(tmp_path / "r.db") as store:
+        for seed, seconds in ((0, 10.0), (1, 14.0)):
+            store.record(
+                fake_job("finetune", seed, 100),
+                Outcome(
+                    status="ok",
+                    metrics={"clean_acc": 0.9, "asr": 0.2, "clean_acc_before": 0.9, "asr_before": 1.0, "der": 0.9},
+                    metric_info=INFO,
+                    timings={"defense": 3.0},
+                    device="cpu (test)",
+                    versions={"robustness-bench": "0.1.0"},
+                    notes={"attacked_model_train_seconds": seconds},
+                    started_at="2026-11-23T10:00:00",
+                    finished_at="2026-11-23T10:01:00",
+                ),
+            )
+    text = render_report(tmp_path / "r.db")
+    assert "Attacked model training: 12.00 ± 25.41 s per model" in text
+    assert "| 3.00 ± 0.00 " in text  # the defense time is the defense's alone
