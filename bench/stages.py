@@ -259,13 +259,11 @@ def run_job(job: Job, env: JobEnvironment) -> Outcome:
                 measured = measure(point_model, f"defense '{job.defense.label}': the model at {coordinates}")
                 series.setdefault(name, []).append({**coordinates, **measured})
     metrics, info = _job_metrics(job, attack, defense, before, after, result.values)
-    if result.removed_training_indices is not None and "poisoned_indices" in attack_state:
-        metrics.update(detection_rates(result.removed_training_indices, attack_state["poisoned_indices"], splits))
-        info.update({m.key: m.info() for m in DETECTION_METRICS if m.key in metrics})
+    _add_detection_rates(metrics, info, result, attack_state, splits)
     caches = {"model_cache": model_hit, "evaluation_cache": before_hit}
     caches["defended_model_cache"] = cached_seconds is not None
-    notes = _job_notes(job, attack, defense, splits, env, caches, len(bonafide), len(evaluation), further)
-    notes["attacked_model_train_seconds"] = round(model_seconds, 4)  # the attack's cost, stored with the model
+    sizes = (len(bonafide), len(evaluation))
+    notes = _job_notes(job, attack, defense, splits, env, caches, sizes, further, model_seconds)
     return Outcome(
         status="ok",
         metrics=metrics,
@@ -295,6 +293,13 @@ def _defend(job: Job, defense, model, bonafide, splits, env: JobEnvironment, ctx
     return result, unchanged, cached_seconds
 
 
+def _add_detection_rates(metrics: dict, info: dict, result, attack_state: dict, splits) -> None:
+    """For a filtering defense, its detection rates against the attack's poisoned images."""
+    if result.removed_training_indices is not None and "poisoned_indices" in attack_state:
+        metrics.update(detection_rates(result.removed_training_indices, attack_state["poisoned_indices"], splits))
+        info.update({m.key: m.info() for m in DETECTION_METRICS if m.key in metrics})
+
+
 def detection_rates(removed: torch.Tensor, poisoned: torch.Tensor, splits) -> dict[str, float]:
     """TPR, FPR and precision of the removed training images against the poisoned ones; a rate
     with nothing to divide by (no poisoned image, nothing removed) is left out, not NaN."""
@@ -315,15 +320,16 @@ def detection_rates(removed: torch.Tensor, poisoned: torch.Tensor, splits) -> di
 
 
 def _job_notes(
-    job: Job, attack, defense, splits, env, caches: dict[str, bool], bonafide: int, evaluation: int, further
+    job: Job, attack, defense, splits, env, caches: dict[str, bool], sizes: tuple[int, int], further, model_seconds
 ) -> dict[str, Any]:
     """What the store keeps beside a job's numbers: cache hits, data, machine, protocol, methods."""
     return {
         **{key: "hit" if hit else "miss" for key, hit in caches.items()},
         "data_source": splits.source,
         "machine": machine_description(env.device),
-        "bonafide_images": bonafide,
-        "evaluation_images": evaluation,
+        "bonafide_images": sizes[0],
+        "evaluation_images": sizes[1],
+        "attacked_model_train_seconds": round(model_seconds, 4),  # the attack's cost, stored with the model
         "attack_protocol": attack.describe_protocol(),
         "extra_models_trained": len(defense.other_attacked_seeds(job.seed)),
         "defender_data": defense.defender_data.value,
