@@ -154,6 +154,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _enable_wal(db: sqlite3.Connection, patience: float = 60.0) -> None:
+    """Switch to write-ahead logging. Two processes opening a new store at once can find it locked
+    while the other switches (SQLite answers that pragma without waiting for the busy timeout):
+    retry for up to `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class ResultStore:
     """The store; `read_only` opens an existing one for reports, never changing it."""
 
@@ -169,7 +184,7 @@ class ResultStore:
         check_store_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(self._db)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._check_version()

@@ -249,3 +249,28 @@ def test_strings_from_suites_are_inert_in_the_markdown(tmp_path, registry):
     assert row.replace("\\|", "").count("|") == header.count("|")  # no extra column
     assert "<script>" not in text and "&lt;script&gt;" in row
     assert "\n## heading" not in text and "\\[x\\]" in row
+
+
+def test_a_store_opened_while_another_process_switches_it_to_wal_waits_instead_of_failing():
+    """SQLite answers `PRAGMA journal_mode=WAL` with "database is locked" at once, without the
+    busy timeout, while another connection switches the same new store: the store retries."""
+    import sqlite3
+
+    from bench.store import _enable_wal
+
+    class Busy:
+        def __init__(self, failures, message="database is locked"):
+            self.failures, self.message, self.calls = failures, message, 0
+
+        def execute(self, sql):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise sqlite3.OperationalError(self.message)
+
+    db = Busy(3)
+    _enable_wal(db)
+    assert db.calls == 4
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        _enable_wal(Busy(1, "disk I/O error"))  # anything else is not waited out
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _enable_wal(Busy(10**6), patience=0.2)  # nor a lock that outlasts the patience
