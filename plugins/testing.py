@@ -82,7 +82,6 @@ def trained_digits_model(epochs: int = 3, width: int = 8, seed: int = 0):
 
     import torch
 
-    from bench.context import DefenseContext
     from bench.expansion import plugin_specs
     from bench.models import Classifier, InputShape
     from bench.training import train_classifier
@@ -96,7 +95,18 @@ def trained_digits_model(epochs: int = 3, width: int = 8, seed: int = 0):
     net = network.instantiate().build(InputShape(1, 8, 8, splits.num_classes))
     model = Classifier(net, splits.mean, splits.std)
     recipe = dataclasses.replace(network.cls.recipe, epochs=epochs)
-    ctx = DefenseContext(
+    ctx = _cpu_context(splits, recipe, seed)
+    train_classifier(model, splits.train, recipe, ctx, flip=False)
+    return model.eval(), splits, ctx
+
+
+def _cpu_context(splits, recipe, seed: int):
+    """A quiet `bench.DefenseContext` on the CPU for the digits test helpers."""
+    import torch
+
+    from bench.context import DefenseContext
+
+    return DefenseContext(
         device=torch.device("cpu"),
         seed=seed,
         num_classes=splits.num_classes,
@@ -104,8 +114,6 @@ def trained_digits_model(epochs: int = 3, width: int = 8, seed: int = 0):
         show_progress=False,
         recipe=recipe,
     )
-    train_classifier(model, splits.train, recipe, ctx, flip=False)
-    return model.eval(), splits, ctx
 
 
 def run_suite_file(
@@ -177,7 +185,6 @@ def backdoored_digits_model(
     import torch
 
     from bench.bonafide import split_bonafide
-    from bench.context import DefenseContext
     from bench.expansion import plugin_specs
     from bench.jobs import BonafideSource
     from bench.models import Classifier, InputShape
@@ -190,14 +197,7 @@ def backdoored_digits_model(
     (attack_spec,) = plugin_specs(attack or TINY_ATTACK, "attack", "backdoored_digits_model", registry)
     splits = dataset.instantiate().load()
     recipe = dataclasses.replace(network.cls.recipe, epochs=epochs)
-    ctx = DefenseContext(
-        device=torch.device("cpu"),
-        seed=seed,
-        num_classes=splits.num_classes,
-        horizontal_flip=False,
-        show_progress=False,
-        recipe=recipe,
-    )
+    ctx = _cpu_context(splits, recipe, seed)
     attack_plugin = attack_spec.instantiate()
     poisoned, state = attack_plugin.poison(splits.train, ctx)
     torch.manual_seed(seed)
