@@ -30,7 +30,11 @@ PLUGIN_MODULES = [p for p in sorted((ROOT / "plugins").rglob("*.py")) if p != RO
 
 @pytest.mark.parametrize(
     "path",
-    PLUGIN_MODULES + [ROOT / "examples" / "bench-median-filter" / "bench_median_filter.py"],
+    PLUGIN_MODULES
+    + [
+        ROOT / "examples" / "bench-median-filter" / "bench_median_filter.py",
+        ROOT / "examples" / "bench-example-attacks" / "bench_example_attacks.py",
+    ],
     ids=lambda p: p.name,
 )
 def test_plugins_import_only_the_public_api(path):
