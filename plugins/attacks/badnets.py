@@ -50,6 +50,7 @@ class BadNets(TriggerBackdoor):
     name = "badnets"
     description = "BadNets backdoor: square trigger patch, poisoned images relabelled to one target class"
     paper = "https://arxiv.org/abs/1708.06733"
+    code = "https://github.com/SCLBD/BackdoorBench/blob/main/attack/badnet.py"
 
     @dataclass(frozen=True)
     class Options:

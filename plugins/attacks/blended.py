@@ -59,6 +59,7 @@ class Blended(TriggerBackdoor):
     name = "blended"
     description = "Blended backdoor: a trigger image alpha-blended over the whole input, relabelled to one class"
     paper = "https://arxiv.org/abs/1712.05526"
+    code = "https://github.com/SCLBD/BackdoorBench/blob/main/attack/blended.py"
 
     @dataclass(frozen=True)
     class Options:

@@ -138,6 +138,8 @@ def _logits_from_owner(model: nn.Module, param: nn.Parameter, x: torch.Tensor):
 class ErrorInjection(bench.Attack):
     name = "error_injection"
     description = "Fault sneaking: one weight tensor tuned so chosen images get wrong labels, others unchanged"
+    paper = "https://arxiv.org/abs/1905.12032"
+    code = "https://github.com/IBM/model-sanitization"  # its error-injection/ folder
     stage = bench.Stage.POST_TRAINING
     metrics = (
         bench.Metric(

@@ -180,3 +180,9 @@ def test_every_option_of_an_attack_that_makes_its_model_changes_the_models_cache
         assert model_key(dataclasses.replace(job, attack=spec), job.seed, splits, torch.device("cpu")) != base, (
             field.name
         )
+
+
+@pytest.mark.parametrize("name", attacks_that_make_their_model())
+def test_every_attack_that_makes_its_model_links_its_paper_and_code(name, registry):
+    cls = registry.get("attack", name).cls
+    assert cls.paper.startswith("https://") and cls.code.startswith("https://"), name
