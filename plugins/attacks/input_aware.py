@@ -92,16 +92,8 @@ from torch import nn
 
 import bench
 from bench import Attack, ImageData, Metric, MetricKind, Stage
-from bench.toolkit import (
-    backdoor_robust_accuracy,
-    backdoor_success_rate,
-    channel_stats,
-    check_target_class,
-    derived_seed,
-    eval_mode,
-    to_model_input,
-)
-from bench_plugins.attacks.trigger_backdoor import TargetMode
+from bench.toolkit import channel_stats, derived_seed, eval_mode, to_model_input
+from bench_plugins.attacks.trigger_backdoor import TargetMode, TargetModes, batch_shares, check_batch_shares
 
 NETWORKS_STREAM = "input_aware_networks"
 MASK_STREAM = "input_aware_mask"
@@ -221,7 +213,7 @@ class LiveGenerator:
         self.gate = random.Random(derived_seed(ctx.seed, GATE_STREAM))  # host draws: no device sync
 
 
-class InputAware(Attack):
+class InputAware(TargetModes, Attack):
     name = "input_aware"
     description = "Input-aware dynamic backdoor: a generator makes each image's own trigger, trained with the model"
     paper = "https://arxiv.org/abs/2010.08138"
@@ -275,29 +267,11 @@ class InputAware(Attack):
         )
 
         def __post_init__(self):
-            if self.poison_rate * (1 + self.cross_ratio) > 1:
-                raise ValueError(
-                    f"poison_rate {self.poison_rate} with cross_ratio {self.cross_ratio} asks for "
-                    f"{self.poison_rate * (1 + self.cross_ratio):.3g} of every batch; at most 1"
-                )
+            check_batch_shares(self.poison_rate, self.cross_ratio)
 
     def __init__(self, options=None):
         super().__init__(options)
         self._live: LiveGenerator | None = None
-
-    @property
-    def all_to_all(self) -> bool:
-        return self.options.target_mode is TargetMode.ALL_TO_ALL
-
-    def poisoned_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """The labels triggered images get: the target, or all-to-all the next class (y + 1) mod K."""
-        if self.all_to_all:
-            return (y + 1) % num_classes
-        return torch.full_like(y, self.options.target_class)
-
-    def _check_target(self, num_classes: int) -> None:
-        if not self.all_to_all:
-            check_target_class(self.name, self.options.target_class, num_classes)
 
     def check_dataset(self, splits):
         self._check_target(splits.num_classes)
@@ -348,13 +322,8 @@ class InputAware(Attack):
         mask.eval().requires_grad_(False)
 
     def batch_counts(self, batch_size: int) -> tuple[int, int, bool]:
-        """(triggered, cross, gated) for a batch: the reference's int(pratio * B) and
-        int(that * cross_ratio); `gated` when pratio * B < 1 (one image, triggered by chance)."""
-        expected = self.options.poison_rate * batch_size
-        gated = 0 < expected < 1
-        triggered = 1 if gated else int(expected)
-        cross = min(int(triggered * self.options.cross_ratio), batch_size - triggered)
-        return triggered, cross, gated
+        """(triggered, cross, gated) for a batch (see `batch_shares`)."""
+        return batch_shares(self.options.poison_rate, self.options.cross_ratio, batch_size)
 
     def live_generator(self, state: dict[str, Any], shape: tuple[int, ...], ctx) -> LiveGenerator:
         """The G being trained for this state (made on the first batch of a training)."""
@@ -453,23 +422,8 @@ class InputAware(Attack):
         partner[order] = order.roll(-1)
         crossed = self._predict(model, networks, test.x, test.x[partner], ctx)
         cross_accuracy = float("nan") if empty else (crossed == test.y).float().mean().item()
-        if self.all_to_all:
-            predictions = self._predict(model, networks, test.x, test.x, ctx)
-            targets = self.poisoned_labels(test.y, ctx.num_classes)
-            return {
-                "asr": float("nan") if empty else (predictions == targets).float().mean().item(),
-                "ra": float("nan") if empty else (predictions == test.y).float().mean().item(),
-                "cross_accuracy": cross_accuracy,
-            }
-        target = self.options.target_class
-        others = test.y != target
-        predictions = self._predict(model, networks, test.x[others], test.x[others], ctx)
-        labels = test.y[others]
-        return {
-            "asr": backdoor_success_rate(predictions, labels, target),
-            "ra": backdoor_robust_accuracy(predictions, labels, target),
-            "cross_accuracy": cross_accuracy,
-        }
+        scores = self.scored(lambda images: self._predict(model, networks, images, images, ctx), test, ctx.num_classes)
+        return {**scores, "cross_accuracy": cross_accuracy}
 
 
 @bench.hookimpl

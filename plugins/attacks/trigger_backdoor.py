@@ -21,7 +21,8 @@ image is refused. At test time the trigger is put on images of the other classes
 from __future__ import annotations
 
 import enum
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,7 +35,72 @@ class TargetMode(enum.Enum):
     ALL_TO_ALL = "all_to_all"
 
 
-class TriggerBackdoor(Attack):
+class TargetModes:
+    """The targets of a backdoor whose `Options` have `target_class` (and `target_mode`, a
+    `TargetMode`, to offer all-to-all): relabelling, the target check, and ASR/RA scoring."""
+
+    name: ClassVar[str]
+    options: Any
+
+    @property
+    def all_to_all(self) -> bool:
+        return getattr(self.options, "target_mode", TargetMode.ALL_TO_ONE) is TargetMode.ALL_TO_ALL
+
+    def poisoned_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The labels triggered images get: the target, or all-to-all the next class (y + 1) mod K."""
+        if self.all_to_all:
+            return (y + 1) % num_classes
+        return torch.full_like(y, self.options.target_class)
+
+    def _check_target(self, num_classes: int) -> None:
+        if not self.all_to_all:
+            check_target_class(self.name, self.options.target_class, num_classes)
+
+    def scored(
+        self, predict_triggered: Callable[[torch.Tensor], torch.Tensor], test: ImageData, num_classes: int
+    ) -> dict[str, float]:
+        """ASR and RA from `predict_triggered(images)` (the classes predicted for the triggered
+        versions of uint8 test images): all-to-one over the non-target images (ASR: classified as
+        the target, RA: still as their class); all-to-all over every image, against (y + 1) mod K."""
+        if self.all_to_all:
+            if not len(test):
+                return {"asr": float("nan"), "ra": float("nan")}
+            predictions = predict_triggered(test.x)
+            return {
+                "asr": (predictions == (test.y + 1) % num_classes).float().mean().item(),
+                "ra": (predictions == test.y).float().mean().item(),
+            }
+        target = self.options.target_class
+        others = test.y != target
+        predictions, labels = predict_triggered(test.x[others]), test.y[others]
+        return {
+            "asr": backdoor_success_rate(predictions, labels, target),
+            "ra": backdoor_robust_accuracy(predictions, labels, target),
+        }
+
+
+def batch_shares(poison_rate: float, cross_ratio: float, batch_size: int) -> tuple[int, int, bool]:
+    """(triggered, cross, gated) images of a batch for an attack that controls training: the
+    references' int(poison_rate * B) and int(that * cross_ratio); `gated` when poison_rate * B
+    < 1 (then one image, triggered by chance with probability poison_rate * B: BackdoorBench's
+    `generalize_to_lower_pratio`)."""
+    expected = poison_rate * batch_size
+    gated = 0 < expected < 1
+    triggered = 1 if gated else int(expected)
+    return triggered, min(int(triggered * cross_ratio), batch_size - triggered), gated
+
+
+def check_batch_shares(poison_rate: float, cross_ratio: float) -> None:
+    """Raise `ValueError` (from an `Options.__post_init__`: a one-line suite error) when the
+    triggered and cross shares of a batch add up to more than the batch."""
+    if poison_rate * (1 + cross_ratio) > 1:
+        raise ValueError(
+            f"poison_rate {poison_rate} with cross_ratio {cross_ratio} asks for "
+            f"{poison_rate * (1 + cross_ratio):.3g} of every batch; at most 1"
+        )
+
+
+class TriggerBackdoor(TargetModes, Attack):
     """Subclasses define `apply_trigger(x)` for uint8 [N, C, H, W] images on any device, and an
     `Options` dataclass with at least `poison_rate` and `target_class` (and `target_mode`, a
     `TargetMode`, to offer all-to-all)."""
@@ -59,14 +125,6 @@ class TriggerBackdoor(Attack):
         """A triggered copy of uint8 images, given the attack state (default: `apply_trigger`)."""
         return self.apply_trigger(x)
 
-    @property
-    def all_to_all(self) -> bool:
-        return getattr(self.options, "target_mode", TargetMode.ALL_TO_ONE) is TargetMode.ALL_TO_ALL
-
-    def _check_target(self, num_classes: int) -> None:
-        if not self.all_to_all:
-            check_target_class(self.name, self.options.target_class, num_classes)
-
     def candidates(self, train: ImageData) -> torch.Tensor:
         """Indices of the training images the attack may poison."""
         if self.all_to_all:
@@ -82,12 +140,6 @@ class TriggerBackdoor(Attack):
                 f"images, but only {available} training images are outside the target class"
             )
         return count
-
-    def poisoned_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """The labels the poisoned images get (all-to-all: the next class)."""
-        if self.all_to_all:
-            return (y + 1) % num_classes
-        return torch.full_like(y, self.options.target_class)
 
     def check_dataset(self, splits):
         self._check_target(splits.num_classes)
@@ -111,20 +163,7 @@ class TriggerBackdoor(Attack):
 
     def evaluate(self, model, test, ctx, state):
         self._check_target(ctx.num_classes)
-        if self.all_to_all:
-            predictions = predict(model, self.triggered(test.x, state), ctx)
-            targets = self.poisoned_labels(test.y, ctx.num_classes)
-            hits = (predictions == targets).float().mean().item() if len(test.y) else float("nan")
-            kept = (predictions == test.y).float().mean().item() if len(test.y) else float("nan")
-            return {"asr": hits, "ra": kept}
-        target = self.options.target_class
-        others = test.y != target
-        predictions = predict(model, self.triggered(test.x[others], state), ctx)
-        labels = test.y[others]
-        return {
-            "asr": backdoor_success_rate(predictions, labels, target),
-            "ra": backdoor_robust_accuracy(predictions, labels, target),
-        }
+        return self.scored(lambda x: predict(model, self.triggered(x, state), ctx), test, ctx.num_classes)
 
 
 AllToOneBackdoor = TriggerBackdoor  # the earlier name (all-to-one was its only mode)

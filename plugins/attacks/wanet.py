@@ -47,14 +47,8 @@ import torch.nn.functional as F
 
 import bench
 from bench import Attack, ImageData, Metric, MetricKind, Stage
-from bench.toolkit import (
-    backdoor_robust_accuracy,
-    backdoor_success_rate,
-    check_target_class,
-    eval_mode,
-    to_model_input,
-)
-from bench_plugins.attacks.trigger_backdoor import TargetMode
+from bench.toolkit import eval_mode, to_model_input
+from bench_plugins.attacks.trigger_backdoor import TargetMode, TargetModes, batch_shares, check_batch_shares
 
 GRID_STREAM = "wanet"
 EVAL_NOISE_STREAM = "wanet_noise_eval"
@@ -103,7 +97,7 @@ def noisy_grid(grid: torch.Tensor, count: int, generator: torch.Generator) -> to
     return (grid + noise / scale).clamp(-1, 1)
 
 
-class WaNet(Attack):
+class WaNet(TargetModes, Attack):
     name = "wanet"
     description = "WaNet: a fixed smooth warp of the whole image as trigger, trained with noise-mode warps"
     paper = "https://arxiv.org/abs/2102.10369"
@@ -146,25 +140,7 @@ class WaNet(Attack):
         )
 
         def __post_init__(self):
-            if self.poison_rate * (1 + self.cross_ratio) > 1:
-                raise ValueError(
-                    f"poison_rate {self.poison_rate} with cross_ratio {self.cross_ratio} asks for "
-                    f"{self.poison_rate * (1 + self.cross_ratio):.3g} of every batch; at most 1"
-                )
-
-    @property
-    def all_to_all(self) -> bool:
-        return self.options.target_mode is TargetMode.ALL_TO_ALL
-
-    def poisoned_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """The labels warped images get: the target, or all-to-all the next class (y + 1) mod K."""
-        if self.all_to_all:
-            return (y + 1) % num_classes
-        return torch.full_like(y, self.options.target_class)
-
-    def _check_target(self, num_classes: int) -> None:
-        if not self.all_to_all:
-            check_target_class(self.name, self.options.target_class, num_classes)
+            check_batch_shares(self.poison_rate, self.cross_ratio)
 
     def check_dataset(self, splits):
         self._check_target(splits.num_classes)
@@ -182,13 +158,8 @@ class WaNet(Attack):
         return train, state
 
     def batch_counts(self, batch_size: int) -> tuple[int, int, bool]:
-        """(warped, noise-mode, gated) for a batch: the reference's int(pratio * B) and
-        int(that * cross_ratio); `gated` when pratio * B < 1 (one image, poisoned by chance)."""
-        expected = self.options.poison_rate * batch_size
-        gated = 0 < expected < 1
-        warped = 1 if gated else int(expected)
-        noise = min(int(warped * self.options.cross_ratio), batch_size - warped)
-        return warped, noise, gated
+        """(warped, noise-mode, gated) for a batch (see `batch_shares`)."""
+        return batch_shares(self.options.poison_rate, self.options.cross_ratio, batch_size)
 
     def training_batch(self, model, x, y, generator, ctx, state):
         warped, noise, gated = self.batch_counts(len(x))
@@ -223,24 +194,8 @@ class WaNet(Attack):
         grid = state["grid"].to(test.x.device)
         noisy = self._predict(model, test.x, noisy_grid(grid, len(test), ctx.generator(EVAL_NOISE_STREAM)), ctx)
         noise_accuracy = (noisy == test.y).float().mean().item() if len(test) else float("nan")
-        if self.all_to_all:
-            predictions = self._predict(model, test.x, grid, ctx)
-            targets = self.poisoned_labels(test.y, ctx.num_classes)
-            empty = not len(test)
-            return {
-                "asr": float("nan") if empty else (predictions == targets).float().mean().item(),
-                "ra": float("nan") if empty else (predictions == test.y).float().mean().item(),
-                "noise_accuracy": noise_accuracy,
-            }
-        target = self.options.target_class
-        others = test.y != target
-        predictions = self._predict(model, test.x[others], grid, ctx)
-        labels = test.y[others]
-        return {
-            "asr": backdoor_success_rate(predictions, labels, target),
-            "ra": backdoor_robust_accuracy(predictions, labels, target),
-            "noise_accuracy": noise_accuracy,
-        }
+        scores = self.scored(lambda images: self._predict(model, images, grid, ctx), test, ctx.num_classes)
+        return {**scores, "noise_accuracy": noise_accuracy}
 
 
 @bench.hookimpl
