@@ -1,7 +1,7 @@
 """The README's reference tables, generated from the code: the CLI (every command's usage and
 summary, from click) and the built-in plugins (kind, name, description, options with their
 defaults and docs). `python -m bench.docs --write` rewrites the blocks between the markers in
-README.md; `--check` (and a test) fails when they are stale."""
+README.md; without `--write` it only checks, and exits 1 (as a test fails) when they are stale."""
 
 from __future__ import annotations
 
