@@ -71,6 +71,9 @@ Deviations:
   inputs1[:n] with inputs2[n:2n] (which equal the cross images only when cross_ratio is 1).
   lambda_div multiplies M's diversity term once (the reference twice: the same at 1).
 - `poison_rate * (1 + cross_ratio)` may not exceed 1 (checked when the suite is read).
+- The generators upsample bilinearly, as the reference; on CUDA that op's backward has no
+  deterministic kernel, so torch warns (a run's deterministic mode is warn-only) and a GPU rerun
+  of an Input-aware model may differ in the last digits. On the CPU runs are exact.
 
 Cost: M's training is `mask_epochs` passes over the training set with two forward passes and
 one backward pass of M per batch (M at width 32 is about 15% of a PreAct-ResNet-18's forward

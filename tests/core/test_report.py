@@ -525,7 +525,7 @@ def test_bench_migrate_adds_descriptions_to_rows_stored_before_metrics_had_them(
     assert info["der"]["headline"] is True and info["asr"]["doc"] == "attack success rate"
     migrated = render_report(tmp_path / "r.db")
     assert "ASR: attack success rate" in migrated
-    assert "Methods: badnets ([paper](https://arxiv.org/abs/1708.06733))" in migrated  # links stored too
+    assert "Methods: badnets ([paper](https://arxiv.org/abs/1708.06733), [code](" in migrated  # links stored too
     assert "0 row(s) updated" in CliRunner().invoke(main, ["migrate", str(tmp_path / "r.db")]).output
 
 
