@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported where used: the store and the report read jobs without loading torch
     from bench.models import TrainRecipe
 
+ATTACK_TRAINING_NOTE = "attacked_model_train_seconds"  # a job note: what building its attacked model took (s)
+
 
 class BonafideSource(enum.Enum):
     """Where the defender's clean images come from."""

@@ -24,6 +24,7 @@ from bench.statistics import (
     tied_ranks,
 )
 
+from bench.jobs import ATTACK_TRAINING_NOTE
 from bench.store import ResultStore
 
 SIGNIFICANCE = 0.05  # family-wise level of the paired comparisons under each table
@@ -557,9 +558,6 @@ def _metric_columns(members: list[dict]) -> list[tuple[str, dict]]:
     return list(columns.items())
 
 
-TRAIN = "attacked_model_train_seconds"  # a job's note: what building its attacked model took
-
-
 def _before_line(members: list[dict]) -> list[str]:
     columns = [(k, i) for k, i in _metric_columns(members) if not i["diagnostic"]]
     parts = []
@@ -574,7 +572,7 @@ def _before_line(members: list[dict]) -> list[str]:
             parts.append(f"{md(info['label'])} {_cell(values, info['kind'])}")
     seeds = f"{len(by_seed)} seed{'s' if len(by_seed) != 1 else ''}"
     lines = [f"Attacked model, before any defense ({seeds}): " + ", ".join(parts)] if parts else []
-    trained = [r["notes"][TRAIN] for r in by_seed.values() if TRAIN in r["notes"]]
+    trained = [r["notes"][ATTACK_TRAINING_NOTE] for r in by_seed.values() if ATTACK_TRAINING_NOTE in r["notes"]]
     if trained:
         lines += [
             "",

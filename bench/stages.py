@@ -33,7 +33,7 @@ from bench.context import DefenseContext, RunContext
 from bench.data import ImageData
 from bench.errors import BenchError
 from bench.evaluation import clean_accuracy, to_model_input
-from bench.jobs import AnalysisJob, BonafideSource, Job, Outcome, content_hash
+from bench.jobs import ATTACK_TRAINING_NOTE, AnalysisJob, BonafideSource, Job, Outcome, content_hash
 from bench.locations import cache_root, using_cache_root
 from bench.metrics import defense_effectiveness_rating
 
@@ -329,7 +329,7 @@ def _job_notes(
         "machine": machine_description(env.device),
         "bonafide_images": sizes[0],
         "evaluation_images": sizes[1],
-        "attacked_model_train_seconds": round(model_seconds, 4),  # the attack's cost, stored with the model
+        ATTACK_TRAINING_NOTE: round(model_seconds, 4),  # the attack's cost, stored with the model
         "attack_protocol": attack.describe_protocol(),
         "extra_models_trained": len(defense.other_attacked_seeds(job.seed)),
         "defender_data": defense.defender_data.value,

@@ -21,8 +21,8 @@ What is here:
   `Norm`, EOT), `dlr_loss`, `robust_accuracy` (per-image `PassCounts` of an attack, a
   `PerturbFn`), `worst_case`, `attack_success_rate`. The built-in attack families build on
   these in plugin modules a third party may subclass: `bench_plugins.attacks.trigger_backdoor`
-  (`AllToOneBackdoor`) and `bench_plugins.attacks.evasion_protocol` (`EvasionAttack`,
-  `ProtocolOptions`, the masking checks);
+  (`TriggerBackdoor`, `CleanLabelBackdoor`, `TargetModes`) and
+  `bench_plugins.attacks.evasion_protocol` (`EvasionAttack`, `ProtocolOptions`, the masking checks);
 - models: `Classifier` (a network behind a fixed normalisation, taking images in [0, 1]: the
   form every model has; for a plugin that builds a network of its own), `GridAvgPool`;
 - plugins using plugins: `build_plugin` (an installed plugin by kind, name and options, validated

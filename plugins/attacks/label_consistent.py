@@ -41,7 +41,6 @@ initialised from the job seed and every draw comes from the job's generators).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -50,16 +49,8 @@ from torch import nn
 
 import bench
 from bench import BenchError
-from bench.toolkit import (
-    Classifier,
-    Norm,
-    build_plugin,
-    channel_stats,
-    eval_mode,
-    pgd_attack,
-    to_model_input,
-    train_classifier,
-)
+from bench.toolkit import Norm, eval_mode, pgd_attack, to_model_input
+from bench_plugins.attacks._own_models import BatchPerturbation, model_plugin, train_own_model
 from bench_plugins.attacks.trigger_backdoor import CleanLabelBackdoor
 
 # The reference's all-corners block for the top-left (and bottom-left) corner; the right corners
@@ -128,8 +119,7 @@ class LabelConsistent(CleanLabelBackdoor):
         return raised.round_().clamp_(0, 255).to(torch.uint8)
 
     def model_plugin(self):
-        o = self.options
-        return build_plugin("model", o.robust_model, **({"width": o.robust_width} if o.robust_width else {}))
+        return model_plugin(self.options.robust_model, self.options.robust_width)
 
     def check_dataset(self, splits):
         super().check_dataset(splits)
@@ -139,40 +129,33 @@ class LabelConsistent(CleanLabelBackdoor):
         """A fresh `robust_model`, PGD-adversarially trained on `train` (initialised from the
         job seed without disturbing the global generator's state for what follows)."""
         o = self.options
-        plugin = self.model_plugin()
-        channels, height, width = train.x.shape[1:]
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            ctx.seed_global_rng("label_consistent_robust_model")
-            net = plugin.build(bench.InputShape(channels, height, width, ctx.num_classes))
-        model = ctx.prepare(Classifier(net, *channel_stats(train.x)))
-        recipe = plugin.recipe if not o.robust_epochs else dataclasses.replace(plugin.recipe, epochs=o.robust_epochs)
 
-        def adversarial(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-            # Built in train mode, as Madry et al. and the `adversarial_training` defense do.
-            return pgd_attack(
-                model,
-                x,
-                y,
-                eps=o.robust_eps,
-                step=o.robust_step,
-                steps=o.robust_steps,
-                norm=Norm.LINF,
-                generator=generator,
-                autocast=ctx.autocast,
-            )
+        def adversary(model: nn.Module) -> BatchPerturbation:
+            def adversarial(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+                # Built in train mode, as Madry et al. and the `adversarial_training` defense do.
+                return pgd_attack(
+                    model,
+                    x,
+                    y,
+                    eps=o.robust_eps,
+                    step=o.robust_step,
+                    steps=o.robust_steps,
+                    norm=Norm.LINF,
+                    generator=generator,
+                    autocast=ctx.autocast,
+                )
 
-        train_classifier(
-            model,
+            return adversarial
+
+        return train_own_model(
+            self.model_plugin(),
             train,
-            recipe,
             ctx,
-            flip=ctx.horizontal_flip,
             stream="label_consistent_robust_model",
             desc=f"label_consistent: adversarial training of {o.robust_model}",
-            perturb=adversarial,
+            epochs=o.robust_epochs,
+            adversary=adversary,
         )
-        return model.eval()
 
     def poison(self, train, ctx):
         self._check_target(ctx.num_classes)

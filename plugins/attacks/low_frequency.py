@@ -72,7 +72,6 @@ under 1%); at epsilon 0.6, 20-25%.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,12 +81,7 @@ from torch import nn
 
 import bench
 from bench import ImageData
-from bench.toolkit import (
-    Classifier,
-    build_plugin,
-    channel_stats,
-    train_classifier,
-)
+from bench_plugins.attacks._own_models import model_plugin, train_own_model
 from bench_plugins.attacks.trigger_backdoor import TriggerBackdoor
 
 
@@ -186,8 +180,7 @@ class LowFrequency(TriggerBackdoor):
         )
 
     def surrogate_plugin(self):
-        o = self.options
-        return build_plugin("model", o.surrogate_model, **({"width": o.surrogate_width} if o.surrogate_width else {}))
+        return model_plugin(self.options.surrogate_model, self.options.surrogate_width)
 
     def check_dataset(self, splits):
         self._check_target(splits.num_classes)
@@ -196,27 +189,14 @@ class LowFrequency(TriggerBackdoor):
 
     def train_surrogate(self, train: ImageData, ctx) -> nn.Module:
         """A clean model trained on `train` with the surrogate plugin's recipe, in eval mode."""
-        plugin = self.surrogate_plugin()
-        recipe = plugin.recipe
-        if self.options.surrogate_epochs:
-            recipe = dataclasses.replace(recipe, epochs=self.options.surrogate_epochs)
-        channels, height, width = train.x.shape[1:]
-        mean, std = channel_stats(train.x)
-        # the core's global generator (seeded for the attacked model's weights) is left as it was
-        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-            ctx.seed_global_rng(f"{self.name}.surrogate")
-            net = plugin.build(bench.InputShape(channels, height, width, ctx.num_classes))
-            model = ctx.prepare(Classifier(net, mean, std))
-            train_classifier(
-                model,
-                train,
-                recipe,
-                ctx,
-                flip=ctx.horizontal_flip,
-                stream=f"{self.name}.surrogate",
-                desc=f"{self.name} surrogate",
-            )
-        return model.eval()
+        return train_own_model(
+            self.surrogate_plugin(),
+            train,
+            ctx,
+            stream=f"{self.name}.surrogate",
+            desc=f"{self.name} surrogate",
+            epochs=self.options.surrogate_epochs,
+        )
 
     def trigger(self, train: ImageData, ctx) -> dict[str, Any]:
         """The trigger searched on a surrogate trained on `train`, with the surrogate's target
