@@ -185,10 +185,17 @@ class AntiBackdoorLearning(bench.Defense):
         finetuning_epochs: int = bench.option(
             60, "epochs of ordinary training on the non-isolated images (0: none)", min=0
         )
-        unlearning_epochs: int = bench.option(20, "epochs of gradient ascent on the isolated images", min=0)
+        unlearning_epochs: int = bench.option(20, "epochs of gradient ascent on the isolated images (0: none)", min=0)
         unlearning_lr: float = bench.option(
             1e-4, "unlearning learning rate, constant (BackdoorBench's schedule)", min=0, min_exclusive=True
         )
+
+        def __post_init__(self):
+            if self.isolation_ratio >= 1:
+                raise ValueError(
+                    f"isolation_ratio {self.isolation_ratio} isolates every training image and leaves none to "
+                    "fine-tune on; it must be below 1"
+                )
 
     def apply(self, model, train, ctx):
         o = self.options

@@ -275,7 +275,12 @@ class NeuralCleanse(bench.Defense):
         mask_lr: float = bench.option(
             0.1, "Adam learning rate of mask and pattern (betas 0.5, 0.9)", min=0, min_exclusive=True
         )
-        init_cost: float = bench.option(1e-3, "initial weight of the mask's L1 norm in the loss", min=0)
+        init_cost: float = bench.option(
+            1e-3,
+            "initial weight of the mask's L1 norm in the loss (0 would stay 0: the schedule multiplies it)",
+            min=0,
+            min_exclusive=True,
+        )
         cost_multiplier: float = bench.option(
             2.0,
             "the cost is multiplied by this going up and divided by its 1.5th power going down",

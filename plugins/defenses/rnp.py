@@ -98,6 +98,7 @@ class Rnp(bench.Defense):
         alpha: float = bench.option(
             0.2, "weight of the recovering loss (scales its gradient)", min=0, min_exclusive=True
         )
+
         unlearning_samples_per_epoch: int = bench.option(
             0,
             "samples per unlearning epoch, after each of which the stopping rule is checked; "
@@ -111,6 +112,14 @@ class Rnp(bench.Defense):
             min=0,
         )
         batch_size: int = bench.option(128, "images per step (the authors' 128)", min=1)
+
+        def __post_init__(self):
+            if any(m < 1 for m in self.unlearning_milestones) or self.unlearning_milestones != sorted(
+                self.unlearning_milestones
+            ):
+                raise ValueError(
+                    f"unlearning_milestones {self.unlearning_milestones} must be epochs (1 or more) in increasing order"
+                )
 
     def check_model(self, model, sample):
         neuron_layers(model)

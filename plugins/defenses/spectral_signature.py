@@ -56,6 +56,13 @@ class SpectralSignature(bench.Defense):
             1.5, "the share removed per class is eps_multiplier x expected_pp_poison (ART's default)", min=0
         )
 
+        def __post_init__(self):
+            if self.eps_multiplier * self.expected_pp_poison >= 1:
+                raise ValueError(
+                    f"eps_multiplier {self.eps_multiplier} x expected_pp_poison {self.expected_pp_poison} removes "
+                    "every image of every class; their product must be below 1"
+                )
+
     def check_model(self, model, sample):
         classification_head(model, sample, self.name)
 

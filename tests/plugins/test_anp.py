@@ -109,21 +109,26 @@ def test_a_mask_of_one_changes_nothing_and_a_mask_of_zero_prunes_the_neuron(back
         assert not torch.allclose(masked, plain, atol=1e-3)
 
 
-def test_the_lowest_masks_mark_the_neurons_that_carry_the_backdoor(backdoored, defended):
-    b = backdoored
+def assert_lowest_masks_carry_the_backdoor(b, defended, counts: tuple[int, ...]) -> None:
+    """Pruning the `count` neurons with the lowest learned masks leaves a low ASR, far below what
+    pruning 20 random sets of as many neurons leaves (ANP's and RNP's claim)."""
     masks = torch.tensor([row["mask"] for row in defended.series["neuron_masks"]])
     model = copy.deepcopy(b.model)
     pruner = Pruner([m for _, m in neuron_layers(model)])
     generator = torch.Generator().manual_seed(0)
-    for count in (4, 5):
+    for count in counts:
         pruner.prune(masks.argsort()[:count])
         lowest = b.asr(model)
         random_asr = []
         for _ in range(20):
             pruner.prune(torch.randperm(len(masks), generator=generator)[:count])
             random_asr.append(b.asr(model))
-        # observed: 0.22 and 0.24 against a mean of 0.81 and 0.77 over 20 random sets
         assert lowest < 0.35 and lowest < sum(random_asr) / len(random_asr) - 0.35, (count, lowest, random_asr)
+
+
+def test_the_lowest_masks_mark_the_neurons_that_carry_the_backdoor(backdoored, defended):
+    # observed: 0.22 and 0.24 against a mean of 0.81 and 0.77 over 20 random sets
+    assert_lowest_masks_carry_the_backdoor(backdoored, defended, (4, 5))
 
 
 def test_anp_removes_most_of_the_backdoor_and_keeps_clean_accuracy(backdoored, defended):

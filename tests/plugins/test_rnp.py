@@ -14,9 +14,10 @@ import torch
 import bench
 from bench.toolkit import clean_accuracy, predict, to_model_input
 from bench_plugins.defenses import rnp
-from bench_plugins.defenses._neuron_masks import Pruner, neuron_layers, split_held_out
+from bench_plugins.defenses._neuron_masks import neuron_layers, split_held_out
 from bench_plugins.defenses.rnp import Rnp, recover_masks, unlearn
 from bench_plugins.testing import backdoored_digits_model
+from test_anp import assert_lowest_masks_carry_the_backdoor
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -64,19 +65,7 @@ def test_unlearning_stops_after_the_first_epoch_at_the_clean_threshold_and_keeps
 
 
 def test_the_lowest_recovered_masks_mark_the_neurons_that_carry_the_backdoor(backdoored, defended):
-    b = backdoored
-    masks = torch.tensor([row["mask"] for row in defended.series["neuron_masks"]])
-    model = copy.deepcopy(b.model)
-    pruner = Pruner([m for _, m in neuron_layers(model)])
-    generator = torch.Generator().manual_seed(0)
-    for count in (5, 8):
-        pruner.prune(masks.argsort()[:count])
-        lowest = b.asr(model)
-        random_asr = []
-        for _ in range(20):
-            pruner.prune(torch.randperm(len(masks), generator=generator)[:count])
-            random_asr.append(b.asr(model))
-        assert lowest < 0.35 and lowest < sum(random_asr) / len(random_asr) - 0.35, (count, lowest, random_asr)
+    assert_lowest_masks_carry_the_backdoor(backdoored, defended, (5, 8))
 
 
 def test_rnp_removes_most_of_the_backdoor_and_keeps_clean_accuracy(backdoored, defended):
