@@ -95,7 +95,7 @@ from torch import nn
 
 import bench
 from bench import Attack, ImageData, Metric, MetricKind, Stage
-from bench.toolkit import channel_stats, derived_seed, eval_mode, to_model_input
+from bench.toolkit import accuracy, channel_stats, derived_seed, eval_mode, to_model_input
 from bench_plugins.attacks.trigger_backdoor import TargetMode, TargetModes, batch_shares, check_batch_shares
 
 NETWORKS_STREAM = "input_aware_networks"
@@ -185,8 +185,10 @@ class TriggerNetworks:
         channels, height, image_width = shape
         device = state["mean"].device
         self.mean, self.std = state["mean"].view(1, -1, 1, 1), state["std"].view(1, -1, 1, 1)
-        self.pattern = trigger_network(channels, channels, width, (height, image_width)).to(device)
-        self.mask = trigger_network(channels, 1, width, (height, image_width)).to(device)
+        # their initial weights are overwritten at once: built aside so the global generator is left as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.pattern = trigger_network(channels, channels, width, (height, image_width)).to(device)
+            self.mask = trigger_network(channels, 1, width, (height, image_width)).to(device)
         self.pattern.load_state_dict(state["generator"])
         self.mask.load_state_dict(state["mask_network"])
         self.mask.eval().requires_grad_(False)
@@ -418,13 +420,12 @@ class InputAware(TargetModes, Attack):
     def evaluate(self, model, test: ImageData, ctx, state):
         self._check_target(ctx.num_classes)
         networks = self.networks(state, tuple(test.x.shape[1:]))
-        empty = not len(test)
         # cross pairing: one random cycle through the test set, so no image is its own partner
         order = torch.randperm(len(test), device=test.x.device, generator=ctx.generator(CROSS_EVAL_STREAM))
         partner = torch.empty_like(order)
         partner[order] = order.roll(-1)
         crossed = self._predict(model, networks, test.x, test.x[partner], ctx)
-        cross_accuracy = float("nan") if empty else (crossed == test.y).float().mean().item()
+        cross_accuracy = accuracy(crossed, test.y)
         scores = self.scored(lambda images: self._predict(model, networks, images, images, ctx), test, ctx.num_classes)
         return {**scores, "cross_accuracy": cross_accuracy}
 

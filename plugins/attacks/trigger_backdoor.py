@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from bench import Attack, BenchError, ImageData, Metric, Stage
-from bench.toolkit import backdoor_robust_accuracy, backdoor_success_rate, check_target_class, predict
+from bench.toolkit import accuracy, backdoor_robust_accuracy, backdoor_success_rate, check_target_class, predict
 
 
 class TargetMode(enum.Enum):
@@ -63,13 +63,8 @@ class TargetModes:
         versions of uint8 test images): all-to-one over the non-target images (ASR: classified as
         the target, RA: still as their class); all-to-all over every image, against (y + 1) mod K."""
         if self.all_to_all:
-            if not len(test):
-                return {"asr": float("nan"), "ra": float("nan")}
             predictions = predict_triggered(test.x)
-            return {
-                "asr": (predictions == (test.y + 1) % num_classes).float().mean().item(),
-                "ra": (predictions == test.y).float().mean().item(),
-            }
+            return {"asr": accuracy(predictions, (test.y + 1) % num_classes), "ra": accuracy(predictions, test.y)}
         target = self.options.target_class
         others = test.y != target
         predictions, labels = predict_triggered(test.x[others]), test.y[others]
@@ -157,9 +152,15 @@ class TriggerBackdoor(TargetModes, Attack):
         order = torch.randperm(len(candidates), device=candidates.device, generator=ctx.generator(self.name))
         poisoned = candidates[order[:count]].sort().values
         x, y = train.x.clone(), train.y.clone()
-        x[poisoned] = self.triggered(x[poisoned], state)
-        y[poisoned] = self.poisoned_labels(y[poisoned], ctx.num_classes)
+        if count:
+            x[poisoned] = self.triggered(self.prepare(x[poisoned], ctx), state)
+            y[poisoned] = self.poisoned_labels(y[poisoned], ctx.num_classes)
         return ImageData(x, y), {"poisoned_indices": poisoned, **state}
+
+    def prepare(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """The chosen training images before the trigger is added (as they are by default;
+        label-consistent's adversarial perturbation changes them)."""
+        return x
 
     def evaluate(self, model, test, ctx, state):
         self._check_target(ctx.num_classes)
@@ -171,8 +172,7 @@ AllToOneBackdoor = TriggerBackdoor  # the earlier name (all-to-one was its only 
 
 class CleanLabelBackdoor(TriggerBackdoor):
     """Poisons `poison_rate` of the target class's training images (labels kept); subclasses
-    define `apply_trigger`, and may override `prepare(x, ctx)` to change the chosen images before
-    the trigger (label-consistent's adversarial perturbation)."""
+    define `apply_trigger`, and may override `prepare(x, ctx)` (see `TriggerBackdoor`)."""
 
     def candidates(self, train: ImageData) -> torch.Tensor:
         return (train.y == self.options.target_class).nonzero().squeeze(1)
@@ -189,17 +189,3 @@ class CleanLabelBackdoor(TriggerBackdoor):
 
     def poisoned_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         return y  # clean-label: the labels stay true
-
-    def prepare(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        """The chosen target-class images before the trigger is added (as they are by default)."""
-        return x
-
-    def poison(self, train, ctx):
-        self._check_target(ctx.num_classes)
-        count = self._poison_count(train)
-        candidates = self.candidates(train)
-        order = torch.randperm(len(candidates), device=candidates.device, generator=ctx.generator(self.name))
-        poisoned = candidates[order[:count]].sort().values
-        x = train.x.clone()
-        x[poisoned] = self.apply_trigger(self.prepare(x[poisoned], ctx))
-        return ImageData(x, train.y.clone()), {"poisoned_indices": poisoned}

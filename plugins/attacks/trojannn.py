@@ -19,7 +19,8 @@ A post-training attack: `tamper` receives the model trained on clean data and ch
 3. Retraining. The whole model is fine-tuned on the training set in which `poison_rate` of the
    images (drawn from the classes other than `target_class`, a share of the whole set as in
    `badnets`) carry the trigger and the target label: BackdoorBench's training settings (SGD with
-   momentum 0.9, no Nesterov, weight decay 5e-4, lr 0.01 annealed per epoch by a cosine, batch
+   momentum 0.9, no Nesterov, weight decay 5e-4 (here, as in every `train_classifier` run, on
+   weights only, not on biases and norm parameters), lr 0.01 annealed per epoch by a cosine, batch
    128, random crop with 4 pixels of padding and, where the dataset allows, flips) for
    `retrain_epochs` epochs.
 At test time the patch is stamped on every test image of another class: ASR is the share

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 import bench
 from bench import Attack, ImageData, Metric, MetricKind, Stage
-from bench.toolkit import eval_mode, to_model_input
+from bench.toolkit import accuracy, eval_mode, to_model_input
 from bench_plugins.attacks.trigger_backdoor import TargetMode, TargetModes, batch_shares, check_batch_shares
 
 GRID_STREAM = "wanet"
@@ -133,7 +133,10 @@ class WaNet(TargetModes, Attack):
         )
         k: int = bench.option(4, "control grid size k x k (BackdoorBench and the paper: 4)", min=2)
         s: float = bench.option(
-            0.5, "warp strength: offsets are s / image size grid units per unit of control grid (0.5)", min=0
+            0.5,
+            "warp strength: offsets are s / image size grid units per unit of control grid (0.5)",
+            min=0,
+            min_exclusive=True,
         )
         grid_rescale: float = bench.option(
             1.0, "factor on the warped grid before clamping (BackdoorBench 1)", min=0, min_exclusive=True
@@ -193,7 +196,7 @@ class WaNet(TargetModes, Attack):
         self._check_target(ctx.num_classes)
         grid = state["grid"].to(test.x.device)
         noisy = self._predict(model, test.x, noisy_grid(grid, len(test), ctx.generator(EVAL_NOISE_STREAM)), ctx)
-        noise_accuracy = (noisy == test.y).float().mean().item() if len(test) else float("nan")
+        noise_accuracy = accuracy(noisy, test.y)
         scores = self.scored(lambda images: self._predict(model, images, grid, ctx), test, ctx.num_classes)
         return {**scores, "noise_accuracy": noise_accuracy}
 

@@ -127,3 +127,12 @@ def test_label_consistent_runs_through_the_pipeline(tmp_path, one_cpu_thread):
     assert row["status"] == "ok", row["error"]
     assert row["metrics"]["asr"] > 0.9
     assert row["metrics"]["clean_acc"] > 0.8
+
+
+def test_rate_zero_poisons_nothing_and_trains_no_robust_model(monkeypatch):
+    # the control row of a rate sweep: the training set as it is, and no adversarial training
+    train = Digits().load().train
+    monkeypatch.setattr(LabelConsistent, "train_robust_model", lambda *a: pytest.fail("trained a robust model"))
+    poisoned, state = LabelConsistent(LabelConsistent.Options(poison_rate=0.0)).poison(train, CPU)
+    assert torch.equal(poisoned.x, train.x) and torch.equal(poisoned.y, train.y)
+    assert len(state["poisoned_indices"]) == 0
